@@ -1,0 +1,98 @@
+# streamfs build. `make` builds ./streamfs; `make check` runs unit and
+# integration tests; `make check-asan` does the same under ASan/UBSan.
+PREFIX ?= /usr/local
+DESTDIR ?=
+CC ?= cc
+PKGS := fuse3 libcurl zlib
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS))
+PKG_LIBS := $(shell pkg-config --libs $(PKGS))
+CMOCKA_LIBS := $(shell pkg-config --libs cmocka 2>/dev/null || echo -lcmocka)
+
+OPT ?= -O2 -g
+SANITIZE ?=
+CFLAGS_ALL = $(OPT) -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wshadow \
+	-D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -pthread -Iinclude $(PKG_CFLAGS) $(SANITIZE) $(CFLAGS)
+LDFLAGS_ALL = -pthread $(SANITIZE) $(LDFLAGS)
+
+BUILD ?= build
+LIB_SRCS := $(wildcard fetch/*.c) $(wildcard formats/*.c) $(wildcard util/*.c) \
+	$(filter-out fusefs/main.c,$(wildcard fusefs/*.c))
+FUSE_SRCS := fusefs/main.c
+LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/%.o)
+FUSE_OBJS := $(FUSE_SRCS:%.c=$(BUILD)/%.o)
+UNIT_SRCS := $(wildcard tests/test-*.c)
+UNIT_BINS := $(UNIT_SRCS:tests/%.c=$(BUILD)/tests/%)
+HELPER_SRCS := $(wildcard tests/helpers/*.c)
+HELPER_BINS := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
+
+.PHONY: all check check-unit check-shell check-asan check-long clean install uninstall demo bench format format-check fuzz
+
+all: streamfs
+
+$(BUILD)/%.o: %.c $(wildcard include/*.h) $(wildcard */*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -c -o $@ $<
+
+$(BUILD)/libstreamfs.a: $(LIB_OBJS)
+	rm -f $@; ar rcs $@ $^
+
+streamfs: $(FUSE_OBJS) $(BUILD)/libstreamfs.a
+	$(CC) -o $@ $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
+
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libstreamfs.a $(wildcard tests/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -Itests -o $@ $< $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS) $(CMOCKA_LIBS)
+
+$(BUILD)/tests/helpers/%: tests/helpers/%.c $(BUILD)/libstreamfs.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -Itests -o $@ $< $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
+
+check-unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; MALLOC_PERTURB_=165 $$t; done
+
+check-shell: streamfs $(HELPER_BINS)
+	@STREAMFS=$(CURDIR)/streamfs HELPERS=$(CURDIR)/$(BUILD)/tests/helpers tests/run-shell-tests.sh
+
+check: format-check check-unit check-shell
+
+# The same suites under AddressSanitizer + UBSan, in a separate build tree.
+check-asan:
+	$(MAKE) BUILD=build-asan OPT="-O1 -g -fno-omit-frame-pointer" \
+		SANITIZE="-fsanitize=address,undefined -fno-sanitize-recover=undefined" \
+		STREAMFS_BIN=streamfs-asan check-unit
+	$(MAKE) BUILD=build-asan OPT="-O1 -g -fno-omit-frame-pointer" \
+		SANITIZE="-fsanitize=address,undefined -fno-sanitize-recover=undefined" streamfs-asan
+	STREAMFS=$(CURDIR)/streamfs-asan HELPERS=$(CURDIR)/build-asan/tests/helpers \
+		ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 tests/run-shell-tests.sh
+
+streamfs-asan: $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(HELPER_BINS)
+	$(CC) -o $@ $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
+
+check-long: streamfs $(HELPER_BINS)
+	@STREAMFS=$(CURDIR)/streamfs HELPERS=$(CURDIR)/$(BUILD)/tests/helpers LONG=1 tests/run-shell-tests.sh
+
+demo: streamfs
+	./demo.sh
+
+bench: streamfs
+	bench/run.sh
+
+format:
+	clang-format -i $(wildcard */*.c */*.h tests/*/*.c)
+
+format-check:
+	@out=$$(for f in $(wildcard */*.c */*.h tests/*/*.c); do \
+		clang-format --dry-run -Werror $$f >/dev/null 2>&1 || echo $$f; done); \
+	if [ -n "$$out" ]; then echo "not clang-formatted (run make format):"; echo "$$out"; exit 1; fi
+
+install: streamfs
+	install -D -m 755 streamfs $(DESTDIR)$(PREFIX)/bin/streamfs
+	install -D -m 644 man/streamfs.1 $(DESTDIR)$(PREFIX)/share/man/man1/streamfs.1
+	ln -sf streamfs $(DESTDIR)$(PREFIX)/bin/mount.fuse.streamfs 2>/dev/null || true
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/streamfs $(DESTDIR)$(PREFIX)/bin/mount.fuse.streamfs \
+		$(DESTDIR)$(PREFIX)/share/man/man1/streamfs.1
+
+clean:
+	rm -rf build build-asan streamfs streamfs-asan

@@ -1,0 +1,167 @@
+/* streamfs: generic byte-source layer. Picks a fetch_ops by scheme, checks
+ * bounds so the sources can trust their arguments, and keeps statistics.
+ *
+ * THREAD MODEL: stateless apart from the atomic counters in each source and
+ * the process-wide options, which are set once before any source is opened.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fetch.h"
+#include "util.h"
+
+static struct fetch_options fetch_opts;
+
+void fetch_set_options(const struct fetch_options *opts)
+{
+	fetch_opts = *opts;
+}
+
+const struct fetch_options *fetch_get_options(void)
+{
+	return &fetch_opts;
+}
+
+static const struct fetch_ops *fetch_pick(const char *uri)
+{
+	if (sfs_is_url(uri))
+		return &fetch_http_ops;
+	if (strncmp(uri, "mem:", 4) == 0)
+		return &fetch_mem_ops;
+	return &fetch_file_ops;
+}
+
+int fetch_open(const char *uri, int flags, struct fetch_source **out)
+{
+	const struct fetch_ops *ops = fetch_pick(uri);
+	struct fetch_source *s;
+	int r;
+
+	if (strstr(uri, "://") && !sfs_is_url(uri) && strncmp(uri, "file://", 7) != 0) {
+		sfs_error("%s: unsupported URL scheme (only file paths, http:// and https://)",
+			  uri);
+		return -EPROTONOSUPPORT;
+	}
+	if (strncmp(uri, "json:", 5) == 0) {
+		sfs_error("%s: json: pseudo-URLs are not supported", uri);
+		return -EPROTONOSUPPORT;
+	}
+	if ((flags & FETCH_RDWR) && !ops->pwrite) {
+		sfs_error("%s: %s sources are read-only", uri, ops->scheme);
+		return -EROFS;
+	}
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->ops = ops;
+	s->flags = flags;
+	s->uri = strdup(uri);
+	if (!s->uri) {
+		free(s);
+		return -ENOMEM;
+	}
+	if (ops->priv_size) {
+		s->priv = calloc(1, ops->priv_size);
+		if (!s->priv) {
+			free(s->uri);
+			free(s);
+			return -ENOMEM;
+		}
+	}
+	r = ops->open(s, flags);
+	if (r < 0) {
+		free(s->priv);
+		free(s->uri);
+		free(s);
+		return r;
+	}
+	*out = s;
+	return 0;
+}
+
+void fetch_close(struct fetch_source *s)
+{
+	if (!s)
+		return;
+	s->ops->close(s);
+	free(s->priv);
+	free(s->uri);
+	free(s);
+}
+
+int fetch_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off)
+{
+	uint64_t end;
+	int r;
+
+	if (len == 0)
+		return 0;
+	if (!sfs_add_ok(off, len, &end) || end > fetch_size(s)) {
+		sfs_error("%s: read of %zu bytes at offset %llu is past the end of the file "
+			  "(%llu bytes): truncated or corrupt image",
+			  s->uri, len, (unsigned long long)off,
+			  (unsigned long long)fetch_size(s));
+		atomic_fetch_add(&s->stats.errors, 1);
+		return -EIO;
+	}
+	r = s->ops->pread(s, buf, len, off);
+	if (r < 0) {
+		atomic_fetch_add(&s->stats.errors, 1);
+		return r;
+	}
+	atomic_fetch_add(&s->stats.bytes_read, len);
+	atomic_fetch_add(&s->stats.reads, 1);
+	return 0;
+}
+
+int fetch_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t off)
+{
+	uint64_t end, cur;
+	int r;
+
+	if (!(s->flags & FETCH_RDWR) || !s->ops->pwrite)
+		return -EROFS;
+	if (len == 0)
+		return 0;
+	if (!sfs_add_ok(off, len, &end) || end > (1ULL << 62))
+		return -EFBIG;
+	r = s->ops->pwrite(s, buf, len, off);
+	if (r < 0) {
+		atomic_fetch_add(&s->stats.errors, 1);
+		return r;
+	}
+	/* Grow the recorded size monotonically; concurrent appends race here. */
+	cur = atomic_load(&s->size);
+	while (cur < end && !atomic_compare_exchange_weak(&s->size, &cur, end))
+		;
+	atomic_fetch_add(&s->stats.bytes_written, len);
+	atomic_fetch_add(&s->stats.writes, 1);
+	return 0;
+}
+
+int fetch_flush(struct fetch_source *s)
+{
+	int r;
+
+	if (!(s->flags & FETCH_RDWR) || !s->ops->flush)
+		return 0;
+	r = s->ops->flush(s);
+	if (r < 0)
+		atomic_fetch_add(&s->stats.errors, 1);
+	else
+		atomic_fetch_add(&s->stats.flushes, 1);
+	return r;
+}
+
+int fetch_truncate(struct fetch_source *s, uint64_t size)
+{
+	int r;
+
+	if (!(s->flags & FETCH_RDWR) || !s->ops->truncate)
+		return -EROFS;
+	r = s->ops->truncate(s, size);
+	if (r == 0)
+		atomic_store(&s->size, size);
+	return r;
+}

@@ -1,0 +1,191 @@
+/* streamfs: local-file byte source.
+ *
+ * pread/pwrite on one fd (thread-safe by nature), fdatasync for flush.
+ * Locking follows what QEMU expects so the two refuse each other: a writable
+ * open takes an exclusive OFD lock on the whole file (QEMU's shared locks on
+ * its permission bytes 100..299 then fail: "Failed to get shared lock");
+ * a read-only open takes shared locks on byte 100 (consistent read) and 201
+ * (QEMU's "unshare write"), so QEMU cannot open our backing for writing.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fetch.h"
+#include "util.h"
+
+struct file_priv {
+	int fd;
+};
+
+static const char *file_path(const char *uri)
+{
+	return strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri;
+}
+
+static int file_lock_range(int fd, short type, off_t start, off_t len)
+{
+	struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len };
+
+	if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
+		return -errno;
+	return 0;
+}
+
+static int file_open(struct fetch_source *s, int flags)
+{
+	struct file_priv *p = s->priv;
+	const char *path = file_path(s->uri);
+	int oflags = O_CLOEXEC;
+	struct stat st;
+	int r;
+
+	if (flags & FETCH_RDWR)
+		oflags |= O_RDWR;
+	else
+		oflags |= O_RDONLY;
+	if (flags & FETCH_CREATE)
+		oflags |= O_CREAT | O_EXCL;
+	p->fd = open(path, oflags, 0644);
+	if (p->fd < 0) {
+		r = -errno;
+		sfs_error("%s: %s", path, strerror(-r));
+		return r;
+	}
+	if (fstat(p->fd, &st) < 0) {
+		r = -errno;
+		goto fail;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		sfs_error("%s: not a regular file or block device", path);
+		r = -EINVAL;
+		goto fail;
+	}
+	if (S_ISBLK(st.st_mode)) {
+		off_t end = lseek(p->fd, 0, SEEK_END);
+		if (end < 0) {
+			r = -errno;
+			goto fail;
+		}
+		s->size = (uint64_t)end;
+	} else {
+		s->size = (uint64_t)st.st_size;
+	}
+	if (flags & FETCH_LOCK) {
+		if (flags & FETCH_RDWR)
+			r = file_lock_range(p->fd, F_WRLCK, 0, 0);
+		else {
+			r = file_lock_range(p->fd, F_RDLCK, 100, 1);
+			if (r == 0)
+				r = file_lock_range(p->fd, F_RDLCK, 201, 1);
+		}
+		if (r == -EAGAIN || r == -EACCES) {
+			sfs_error("%s: image is in use by another process (streamfs, QEMU or "
+				  "qemu-img hold a lock on it)",
+				  path);
+			r = -EBUSY;
+			goto fail;
+		}
+		if (r < 0 && r != -EINVAL && r != -ENOTSUP) {
+			sfs_error("%s: cannot lock: %s", path, strerror(-r));
+			goto fail;
+		}
+	}
+	return 0;
+fail:
+	if (r != -EBUSY && r != -EINVAL)
+		sfs_error("%s: %s", path, strerror(-r));
+	close(p->fd);
+	return r;
+}
+
+static void file_close(struct fetch_source *s)
+{
+	struct file_priv *p = s->priv;
+
+	close(p->fd);
+}
+
+static int file_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off)
+{
+	struct file_priv *p = s->priv;
+	char *b = buf;
+
+	while (len > 0) {
+		ssize_t n = pread(p->fd, b, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			sfs_error("%s: read at %llu: %s", s->uri, (unsigned long long)off,
+				  strerror(errno));
+			return -errno;
+		}
+		if (n == 0) {
+			sfs_error("%s: unexpected end of file at %llu (file truncated?)", s->uri,
+				  (unsigned long long)off);
+			return -EIO;
+		}
+		b += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t off)
+{
+	struct file_priv *p = s->priv;
+	const char *b = buf;
+
+	while (len > 0) {
+		ssize_t n = pwrite(p->fd, b, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			/* ENOSPC is expected on a full disk; the caller reports it. */
+			if (errno != ENOSPC)
+				sfs_error("%s: write at %llu: %s", s->uri,
+					  (unsigned long long)off, strerror(errno));
+			return -errno;
+		}
+		b += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_flush(struct fetch_source *s)
+{
+	struct file_priv *p = s->priv;
+
+	if (fdatasync(p->fd) < 0) {
+		sfs_error("%s: fdatasync: %s", s->uri, strerror(errno));
+		return -errno;
+	}
+	return 0;
+}
+
+static int file_truncate(struct fetch_source *s, uint64_t size)
+{
+	struct file_priv *p = s->priv;
+
+	if (ftruncate(p->fd, (off_t)size) < 0) {
+		sfs_error("%s: truncate: %s", s->uri, strerror(errno));
+		return -errno;
+	}
+	return 0;
+}
+
+const struct fetch_ops fetch_file_ops = {
+	.scheme = "file",
+	.priv_size = sizeof(struct file_priv),
+	.open = file_open,
+	.close = file_close,
+	.pread = file_pread,
+	.pwrite = file_pwrite,
+	.flush = file_flush,
+	.truncate = file_truncate,
+};

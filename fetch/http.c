@@ -1,0 +1,1265 @@
+/* streamfs: HTTP(S) byte source over libcurl ("http://", "https://").
+ *
+ * Notes on the design
+ *
+ * Every pread is one ranged GET ("Range: bytes=a-b", inclusive end) on a
+ * keep-alive connection taken from a small pool of CURL easy handles (after
+ * nbdkit plugins/curl/pool.c). The callers (image drivers, the disk layer,
+ * the stream job) already ask for large runs, so there is no cache here.
+ * Reads larger than HTTP_SPLIT_MIN are cut into pieces fetched in parallel
+ * on idle pool handles, never waiting for a busy one (waiting for a second
+ * handle while holding one could deadlock two large readers).
+ *
+ * Consistency. open() probes with "Range: bytes=0-0" and requires 206 with
+ * "Content-Range: bytes 0-0/TOTAL"; TOTAL is the size. A server answering
+ * 200 (Range ignored) or "bytes 0-0/ *" is refused (-EOPNOTSUPP): it would
+ * either send the whole file for every read or give no size. The validator
+ * (ETag, else Last-Modified) is recorded, sent back as If-Match (strong ETag)
+ * or If-Unmodified-Since, and compared on every response, together with the
+ * Content-Range (start, end and total must match the request exactly) and
+ * the body length (the write callback refuses a byte more than asked: the
+ * server is not trusted). When the remote file changed (412, another
+ * validator, another total size) the source becomes "changed": that read
+ * and every later one fail with -EIO, and one message says why. Old and new
+ * data are never mixed.
+ *
+ * Faults and the time bound. Transient failures (connect refused/reset,
+ * timeouts, short bodies, 408, 429, 5xx) are retried with exponential
+ * backoff (HTTP_BACKOFF_BASE_MS doubling, capped at HTTP_BACKOFF_MAX_MS);
+ * 429 and 503 honour Retry-After up to HTTP_RETRY_AFTER_MAX_MS. Each attempt
+ * may wait connect_timeout to connect, then is aborted when it moves fewer
+ * than HTTP_LOW_SPEED_LIMIT bytes/s for io_timeout seconds (a stall).
+ * `retries` counts attempts, so a dead or stalled server fails one request in
+ * at most
+ *	retries * (connect_timeout + io_timeout) + (retries - 1) * backoff
+ * with backoff <= HTTP_RETRY_AFTER_MAX_MS (defaults: 5 * (10 + 30) s +
+ * 4 * 30 s = 320 s; a refused connection fails far sooner). A pread may
+ * first wait for a free pool handle held by requests with the same bound.
+ * A server that keeps trickling faster than HTTP_LOW_SPEED_LIMIT is not a
+ * stall. 4xx other than 408/429 fail at once: 404/410 -> -ENOENT,
+ * 401/403/407 -> -EACCES, timeouts -> -ETIMEDOUT, everything else -EIO.
+ *
+ * Security. TLS peer and host verification are always on; the cacert option
+ * sets CAINFO (it replaces the default bundle, like curl --cacert). Only
+ * http and https are allowed, also as redirect targets. Credentials come
+ * only from options->http_auth_file or ~/.netrc, never from the URL (refused
+ * at open), and are never logged; nor is a query string (signed URLs carry
+ * tokens there), nor is CURLOPT_VERBOSE ever set (it would print headers).
+ *
+ * Redirects are resolved once, at open, by hand (at most HTTP_MAX_REDIRECTS,
+ * http/https only) and the final URL is pinned for every read; a redirect
+ * seen later is an error. Doing it by hand rather than with
+ * CURLOPT_FOLLOWLOCATION is what keeps credentials on their origin: libcurl
+ * strips Authorization and Cookie on a cross-host redirect, but not a custom
+ * header such as "Private-Token: ..." from the auth file. So the auth header
+ * and user:password go only to the scheme+host+port of the given URL; once a
+ * redirect leaves that origin they are dropped for good (a redirect to a
+ * pre-signed URL on another host then works without them). Pinning also
+ * keeps every read on the one server whose validator we recorded. The cost:
+ * a pinned URL that expires later fails reads (403 -> -EACCES).
+ *
+ * NOTES ON THE THREAD MODEL
+ * pread is called concurrently from many threads. A CURL easy handle belongs
+ * to one thread at a time: http_get_conn() hands out a handle from the pool
+ * (creating up to pool_size lazily) and blocks on a condition variable when
+ * all are busy; http_put_conn() returns it. The pool, its list and counters
+ * are protected by http_priv.lock. DNS cache and TLS sessions are shared
+ * between the handles of one source through a CURLSH with its own locks.
+ * Everything else in http_priv is written only by open() and is read-only
+ * afterwards, except `changed` (atomic, sticky). curl_global_init() runs once
+ * under pthread_once.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "fetch.h"
+#include "util.h"
+
+#define HTTP_DEFAULT_POOL_SIZE	     4
+#define HTTP_DEFAULT_CONNECT_TIMEOUT 10 /* in seconds */
+#define HTTP_DEFAULT_IO_TIMEOUT	     30 /* in seconds */
+#define HTTP_DEFAULT_ATTEMPTS	     5
+#define HTTP_MAX_POOL_SIZE	     64
+#define HTTP_MAX_REDIRECTS	     5
+#define HTTP_BACKOFF_BASE_MS	     250	  /* first retry delay, doubled each time */
+#define HTTP_BACKOFF_MAX_MS	     8000	  /* cap on the exponential backoff */
+#define HTTP_RETRY_AFTER_MAX_MS	     30000	  /* cap on a server's Retry-After */
+#define HTTP_LOW_SPEED_LIMIT	     1024	  /* in bytes/s: slower for io_timeout = stalled */
+#define HTTP_SPLIT_MIN		     (8u << 20)	  /* in bytes: larger reads are split */
+#define HTTP_SPLIT_PIECE	     (4u << 20)	  /* in bytes: smallest piece of a split read */
+#define HTTP_BUFFER_SIZE	     (512L << 10) /* in bytes: libcurl receive buffer */
+#define HTTP_DISCARD_MAX	     (64u << 10)  /* in bytes of an error body before hanging up */
+#define HTTP_VALIDATOR_MAX	     256	  /* in bytes, ETag / Last-Modified */
+#define HTTP_AUTH_FILE_MAX	     8192	  /* in bytes */
+
+/* Facts from the headers of the last response (reset by each status line,
+ * so 100-continue and the like leave nothing behind). */
+struct http_resp {
+	long status;
+	char content_range[128];
+	char etag[HTTP_VALIDATOR_MAX];
+	char last_modified[HTTP_VALIDATOR_MAX];
+	char content_encoding[64];
+	char location_seen;  /* a Location header was present */
+	long retry_after_ms; /* -1 if absent */
+};
+
+struct http_priv;
+
+/* One request: owned by the thread holding the handle. */
+struct http_req {
+	struct http_priv *p;
+	const char *url;
+	bool creds;   /* send the auth header / user:password */
+	bool probe;   /* open-time probe: learn the total size and validator */
+	uint8_t *buf; /* destination of exactly len bytes */
+	size_t len;
+	uint64_t off;
+	/* Per attempt. */
+	size_t got;
+	size_t discarded;
+	bool checked; /* the headers of a 206 were verified */
+	int err;      /* -errno decided in a callback (fatal) */
+	struct http_resp resp;
+	uint64_t total; /* probe: total size from Content-Range */
+	char why[256];	/* last failure, for the final message */
+};
+
+struct http_conn {
+	CURL *curl;
+	struct http_conn *next; /* protected by http_priv.lock (free list) */
+	char errbuf[CURL_ERROR_SIZE];
+};
+
+struct http_priv {
+	/* Set by open, read-only afterwards. */
+	char *url;     /* pinned URL for every read (after redirects) */
+	char *display; /* URL for messages: no userinfo, no query */
+	char *auth_header;
+	char *userpwd;
+	bool creds; /* credentials go to p->url (same origin as s->uri) */
+	char validator[HTTP_VALIDATOR_MAX];
+	bool validator_is_etag;
+	struct curl_slist *probe_headers; /* auth header only */
+	struct curl_slist *read_headers;  /* auth header (if creds) + If-Match */
+	uint64_t size;
+	unsigned pool_size, attempts;
+	long connect_timeout, io_timeout; /* in seconds */
+	const char *cacert;
+	bool verbose;
+	CURLSH *share;
+	pthread_mutex_t share_lock[CURL_LOCK_DATA_LAST];
+	bool share_locks_init;
+
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool lock_init;
+	struct http_conn *free_conns; /* protected by lock */
+	unsigned nconns;	      /* handles in existence; protected by lock */
+
+	atomic_bool changed; /* sticky: the remote file changed */
+	_Atomic uint64_t requests, retries;
+};
+
+static pthread_once_t http_once = PTHREAD_ONCE_INIT;
+static CURLcode http_global_rc;
+
+static void http_global_init(void)
+{
+	http_global_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+/* ---- Small helpers ---- */
+
+static void http_share_lock(CURL *h, curl_lock_data data, curl_lock_access access, void *opaque)
+{
+	struct http_priv *p = opaque;
+
+	pthread_mutex_lock(&p->share_lock[data]);
+}
+
+static void http_share_unlock(CURL *h, curl_lock_data data, void *opaque)
+{
+	struct http_priv *p = opaque;
+
+	pthread_mutex_unlock(&p->share_lock[data]);
+}
+
+static void http_sleep_ms(long ms)
+{
+	struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+/* Copy value (not NUL-terminated, n bytes) into dst, trimmed of blanks. */
+static void http_copy_trimmed(char *dst, size_t dstlen, const char *v, size_t n)
+{
+	while (n && (*v == ' ' || *v == '\t')) {
+		v++;
+		n--;
+	}
+	while (n && (v[n - 1] == '\r' || v[n - 1] == '\n' || v[n - 1] == ' ' || v[n - 1] == '\t'))
+		n--;
+	if (n >= dstlen)
+		n = dstlen - 1;
+	memcpy(dst, v, n);
+	dst[n] = '\0';
+}
+
+/* Parse decimal digits at *pp into *out; false on no digits or overflow. */
+static bool http_parse_u64(const char **pp, uint64_t *out)
+{
+	const char *q = *pp;
+	uint64_t v = 0;
+
+	if (!isdigit((unsigned char)*q))
+		return false;
+	while (isdigit((unsigned char)*q)) {
+		if (!sfs_mul_ok(v, 10, &v) || !sfs_add_ok(v, (uint64_t)(*q - '0'), &v))
+			return false;
+		q++;
+	}
+	*pp = q;
+	return true;
+}
+
+/* Parse "bytes A-B/T" (T may be "*": *total = UINT64_MAX) or, with
+ * first = NULL, "bytes * /T". Nothing may follow. */
+static bool http_parse_content_range(const char *cr, uint64_t *first, uint64_t *last,
+				     uint64_t *total)
+{
+	const char *q = cr;
+
+	if (strncasecmp(q, "bytes", 5) != 0)
+		return false;
+	q += 5;
+	if (*q != ' ')
+		return false;
+	while (*q == ' ')
+		q++;
+	if (first) {
+		if (!http_parse_u64(&q, first) || *q++ != '-' || !http_parse_u64(&q, last) ||
+		    *last < *first)
+			return false;
+	} else if (*q++ != '*') {
+		return false;
+	}
+	if (*q++ != '/')
+		return false;
+	if (*q == '*' && first) {
+		*total = UINT64_MAX;
+		q++;
+	} else if (!http_parse_u64(&q, total)) {
+		return false;
+	}
+	return *q == '\0';
+}
+
+/* Retry-After: delta-seconds or an HTTP-date. Returns milliseconds or -1. */
+static long http_parse_retry_after(const char *v)
+{
+	const char *q = v;
+	uint64_t secs = 0;
+	time_t when;
+
+	if (http_parse_u64(&q, &secs) && *q == '\0')
+		return secs > HTTP_RETRY_AFTER_MAX_MS / 1000 ? HTTP_RETRY_AFTER_MAX_MS
+							     : (long)secs * 1000;
+	when = curl_getdate(v, NULL);
+	if (when < 0)
+		return -1;
+	when -= time(NULL);
+	if (when <= 0)
+		return 0;
+	return when > HTTP_RETRY_AFTER_MAX_MS / 1000 ? HTTP_RETRY_AFTER_MAX_MS : (long)when * 1000;
+}
+
+/* "scheme://host[:port]/path[?…]": the URL without userinfo, query or
+ * fragment, for messages. Returns a malloc'd string or NULL. */
+static char *http_display_url(const char *url)
+{
+	char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL, *query = NULL;
+	char *out = NULL;
+	CURLU *u = curl_url();
+
+	if (!u)
+		return NULL;
+	if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
+		out = strdup("(unparsable URL)");
+		goto out;
+	}
+	curl_url_get(u, CURLUPART_PORT, &port, 0);
+	curl_url_get(u, CURLUPART_PATH, &path, 0);
+	curl_url_get(u, CURLUPART_QUERY, &query, 0);
+	if (asprintf(&out, "%s://%s%s%s%s%s", scheme, host, port ? ":" : "", port ? port : "",
+		     path ? path : "/", query ? "?…" : "") < 0)
+		out = NULL;
+out:
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(port);
+	curl_free(path);
+	curl_free(query);
+	curl_url_cleanup(u);
+	return out;
+}
+
+/* Parse url into scheme, host and port (default port filled in); checks
+ * the scheme is http or https and that there is no userinfo.
+ * Returns 0 or -errno with *why set. */
+static int http_url_origin(const char *url, char *origin, size_t len, const char **why)
+{
+	char *scheme = NULL, *host = NULL, *port = NULL, *user = NULL, *pass = NULL;
+	CURLU *u = curl_url();
+	int r = 0;
+
+	if (!u)
+		return -ENOMEM;
+	if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK) {
+		*why = "malformed URL";
+		r = -EINVAL;
+		goto out;
+	}
+	if (strcasecmp(scheme, "http") != 0 && strcasecmp(scheme, "https") != 0) {
+		*why = "only http and https URLs are supported";
+		r = -EPROTONOSUPPORT;
+		goto out;
+	}
+	if (curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_PASSWORD, &pass, 0) == CURLUE_OK) {
+		*why =
+		    "credentials in the URL are not accepted (use an HTTP auth file or ~/.netrc)";
+		r = -EINVAL;
+		goto out;
+	}
+	snprintf(origin, len, "%s://%s:%s", scheme, host, port);
+	for (char *c = origin; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+out:
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(port);
+	curl_free(user);
+	curl_free(pass);
+	curl_url_cleanup(u);
+	return r;
+}
+
+/* Read the credentials file: the first line that is neither empty nor a
+ * comment is "Header-Name: value" (a colon then a blank) or "user:password".
+ * Its contents are never logged. */
+static int http_read_auth_file(struct http_priv *p, const char *path)
+{
+	char buf[HTTP_AUTH_FILE_MAX + 1];
+	char *line, *save = NULL, *colon;
+	struct stat st;
+	ssize_t n;
+	int fd, r = 0;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		sfs_error("HTTP auth file %s: %s", path, strerror(-r));
+		return r;
+	}
+	if (fstat(fd, &st) == 0 && (st.st_mode & 0077))
+		sfs_warn("HTTP auth file %s is readable by other users", path);
+	n = read(fd, buf, HTTP_AUTH_FILE_MAX);
+	if (n < 0) {
+		r = -errno;
+		sfs_error("HTTP auth file %s: %s", path, strerror(-r));
+		goto out;
+	}
+	buf[n] = '\0';
+	for (line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		size_t l = strlen(line);
+
+		while (l && (line[l - 1] == '\r' || line[l - 1] == ' ' || line[l - 1] == '\t'))
+			line[--l] = '\0';
+		if (l && line[0] != '#')
+			break;
+	}
+	colon = line ? strchr(line, ':') : NULL;
+	if (!colon || colon == line || strchr(line, '\r')) {
+		sfs_error("HTTP auth file %s: expected a line \"Header-Name: value\" or "
+			  "\"user:password\"",
+			  path);
+		r = -EINVAL;
+		goto out;
+	}
+	if (colon[1] == ' ' || colon[1] == '\t') {
+		for (const char *c = line; c < colon; c++) {
+			if (!isalnum((unsigned char)*c) && *c != '-' && *c != '_') {
+				sfs_error("HTTP auth file %s: bad header name", path);
+				r = -EINVAL;
+				goto out;
+			}
+		}
+		p->auth_header = strdup(line);
+		if (!p->auth_header)
+			r = -ENOMEM;
+	} else {
+		p->userpwd = strdup(line);
+		if (!p->userpwd)
+			r = -ENOMEM;
+	}
+out:
+	explicit_bzero(buf, sizeof(buf));
+	close(fd);
+	return r;
+}
+
+/* ---- libcurl callbacks ---- */
+
+static size_t http_header_cb(char *data, size_t size, size_t nmemb, void *opaque)
+{
+	struct http_req *rq = opaque;
+	struct http_resp *h = &rq->resp;
+	size_t n = size * nmemb;
+	const char *colon;
+	size_t name_len;
+	char tmp[64];
+
+	if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
+		const char *sp = memchr(data, ' ', n);
+
+		memset(h, 0, sizeof(*h));
+		h->retry_after_ms = -1;
+		h->status = sp ? strtol(sp + 1, NULL, 10) : 0;
+		return n;
+	}
+	colon = memchr(data, ':', n);
+	if (!colon)
+		return n;
+	name_len = (size_t)(colon - data);
+	colon++;
+#define HTTP_IS(name) (name_len == strlen(name) && strncasecmp(data, name, name_len) == 0)
+	if (HTTP_IS("Content-Range")) {
+		if (h->content_range[0]) /* two of them: make it unparsable */
+			snprintf(h->content_range, sizeof(h->content_range), "(repeated)");
+		else
+			http_copy_trimmed(h->content_range, sizeof(h->content_range), colon,
+					  n - (size_t)(colon - data));
+	} else if (HTTP_IS("ETag")) {
+		http_copy_trimmed(h->etag, sizeof(h->etag), colon, n - (size_t)(colon - data));
+	} else if (HTTP_IS("Last-Modified")) {
+		http_copy_trimmed(h->last_modified, sizeof(h->last_modified), colon,
+				  n - (size_t)(colon - data));
+	} else if (HTTP_IS("Content-Encoding")) {
+		http_copy_trimmed(h->content_encoding, sizeof(h->content_encoding), colon,
+				  n - (size_t)(colon - data));
+	} else if (HTTP_IS("Retry-After")) {
+		http_copy_trimmed(tmp, sizeof(tmp), colon, n - (size_t)(colon - data));
+		h->retry_after_ms = http_parse_retry_after(tmp);
+	} else if (HTTP_IS("Location")) {
+		h->location_seen = 1;
+	}
+#undef HTTP_IS
+	return n;
+}
+
+/* Mark the source changed (sticky) and say so once. */
+static void http_set_changed(struct http_priv *p, const char *what, const char *old,
+			     const char *new)
+{
+	if (!atomic_exchange(&p->changed, true))
+		sfs_error("%s: URL changed on the server (%s %s -> %s); refusing to mix old and "
+			  "new data, every further read fails",
+			  p->display, what, old, new[0] ? new : "(none)");
+}
+
+/* Check the headers of a 206 before taking any of its body. */
+static int http_check_206(struct http_req *rq)
+{
+	struct http_priv *p = rq->p;
+	struct http_resp *h = &rq->resp;
+	uint64_t first = 0, last = 0, total = 0;
+
+	if (h->content_encoding[0] && strcasecmp(h->content_encoding, "identity") != 0) {
+		snprintf(rq->why, sizeof(rq->why), "server sent Content-Encoding \"%s\"",
+			 h->content_encoding);
+		return -EIO;
+	}
+	if (!http_parse_content_range(h->content_range, &first, &last, &total)) {
+		snprintf(rq->why, sizeof(rq->why), "bad or missing Content-Range \"%s\"",
+			 h->content_range);
+		return -EIO;
+	}
+	if (rq->probe) {
+		if (first != 0 || last != rq->len - 1) {
+			snprintf(rq->why, sizeof(rq->why),
+				 "Content-Range \"%s\" does not match the request",
+				 h->content_range);
+			return -EIO;
+		}
+		rq->total = total;
+		return 0;
+	}
+	if (p->validator_is_etag && strcmp(h->etag, p->validator) != 0) {
+		http_set_changed(p, "ETag", p->validator, h->etag);
+		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
+		return -EIO;
+	}
+	if (!p->validator_is_etag && p->validator[0] &&
+	    strcmp(h->last_modified, p->validator) != 0) {
+		http_set_changed(p, "Last-Modified", p->validator, h->last_modified);
+		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
+		return -EIO;
+	}
+	if (total != p->size) {
+		char a[32], b[32];
+
+		snprintf(a, sizeof(a), "%llu", (unsigned long long)p->size);
+		snprintf(b, sizeof(b), "%llu", (unsigned long long)total);
+		http_set_changed(p, "size", a, total == UINT64_MAX ? "*" : b);
+		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
+		return -EIO;
+	}
+	if (first != rq->off || last != rq->off + rq->len - 1) {
+		snprintf(rq->why, sizeof(rq->why),
+			 "server sent Content-Range \"%s\" for a request of bytes %llu-%llu",
+			 h->content_range, (unsigned long long)rq->off,
+			 (unsigned long long)(rq->off + rq->len - 1));
+		return -EIO;
+	}
+	return 0;
+}
+
+static size_t http_write_cb(char *data, size_t size, size_t nmemb, void *opaque)
+{
+	struct http_req *rq = opaque;
+	size_t n = size * nmemb;
+
+	if (rq->resp.status != 206) {
+		/* An error page, or a 200 with the whole file: never copied.
+		 * Read a small error body to keep the connection, else hang up. */
+		rq->discarded += n;
+		return rq->resp.status == 200 || rq->discarded > HTTP_DISCARD_MAX ? 0 : n;
+	}
+	if (!rq->checked) {
+		rq->checked = true;
+		rq->err = http_check_206(rq);
+	}
+	if (rq->err)
+		return 0;
+	if (n > rq->len - rq->got) {
+		snprintf(rq->why, sizeof(rq->why), "server sent more than the %zu bytes asked for",
+			 rq->len);
+		rq->err = -EIO;
+		return 0;
+	}
+	memcpy(rq->buf + rq->got, data, n);
+	rq->got += n;
+	return n;
+}
+
+/* ---- Pool ---- */
+
+static void http_conn_free(struct http_conn *c)
+{
+	if (!c)
+		return;
+	curl_easy_cleanup(c->curl);
+	free(c);
+}
+
+static struct http_conn *http_conn_new(struct http_priv *p)
+{
+	struct http_conn *c = calloc(1, sizeof(*c));
+	CURLcode rc = CURLE_OK;
+
+	if (!c)
+		return NULL;
+	c->curl = curl_easy_init();
+	if (!c->curl) {
+		free(c);
+		return NULL;
+	}
+#define HTTP_SET(opt, val)                                                                         \
+	do {                                                                                       \
+		if (rc == CURLE_OK)                                                                \
+			rc = curl_easy_setopt(c->curl, opt, val);                                  \
+	} while (0)
+	HTTP_SET(CURLOPT_NOSIGNAL, 1L);
+	HTTP_SET(CURLOPT_ERRORBUFFER, c->errbuf);
+	HTTP_SET(CURLOPT_SHARE, p->share);
+	HTTP_SET(CURLOPT_PROTOCOLS_STR, "http,https");
+	HTTP_SET(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	/* Redirects are resolved by hand at open (see the top of the file). */
+	HTTP_SET(CURLOPT_FOLLOWLOCATION, 0L);
+	HTTP_SET(CURLOPT_MAXREDIRS, (long)HTTP_MAX_REDIRECTS);
+	HTTP_SET(CURLOPT_UNRESTRICTED_AUTH, 0L);
+	HTTP_SET(CURLOPT_SSL_VERIFYPEER, 1L);
+	HTTP_SET(CURLOPT_SSL_VERIFYHOST, 2L);
+	if (p->cacert)
+		HTTP_SET(CURLOPT_CAINFO, p->cacert);
+	HTTP_SET(CURLOPT_NETRC, (long)CURL_NETRC_OPTIONAL);
+	HTTP_SET(CURLOPT_CONNECTTIMEOUT, p->connect_timeout);
+	HTTP_SET(CURLOPT_LOW_SPEED_LIMIT, (long)HTTP_LOW_SPEED_LIMIT);
+	HTTP_SET(CURLOPT_LOW_SPEED_TIME, p->io_timeout);
+	HTTP_SET(CURLOPT_TCP_KEEPALIVE, 1L);
+	HTTP_SET(CURLOPT_BUFFERSIZE, HTTP_BUFFER_SIZE);
+	HTTP_SET(CURLOPT_USERAGENT, "streamfs/" STREAMFS_VERSION);
+	HTTP_SET(CURLOPT_HEADERFUNCTION, http_header_cb);
+	HTTP_SET(CURLOPT_WRITEFUNCTION, http_write_cb);
+#undef HTTP_SET
+	if (rc != CURLE_OK) {
+		sfs_error("%s: libcurl setup: %s", p->display, curl_easy_strerror(rc));
+		http_conn_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+/* Take a handle: an idle one, a new one while fewer than pool_size exist,
+ * or (if wait) the next one returned. NULL if none (or out of memory). */
+static struct http_conn *http_get_conn(struct http_priv *p, bool wait)
+{
+	struct http_conn *c = NULL;
+
+	pthread_mutex_lock(&p->lock);
+	for (;;) {
+		if (p->free_conns) {
+			c = p->free_conns;
+			p->free_conns = c->next;
+			break;
+		}
+		if (p->nconns < p->pool_size) {
+			p->nconns++;
+			pthread_mutex_unlock(&p->lock);
+			c = http_conn_new(p);
+			if (!c) {
+				pthread_mutex_lock(&p->lock);
+				p->nconns--;
+				pthread_cond_signal(&p->cond);
+				pthread_mutex_unlock(&p->lock);
+			}
+			return c;
+		}
+		if (!wait)
+			break;
+		pthread_cond_wait(&p->cond, &p->lock);
+	}
+	pthread_mutex_unlock(&p->lock);
+	return c;
+}
+
+static void http_put_conn(struct http_priv *p, struct http_conn *c)
+{
+	pthread_mutex_lock(&p->lock);
+	c->next = p->free_conns;
+	p->free_conns = c;
+	pthread_cond_signal(&p->cond);
+	pthread_mutex_unlock(&p->lock);
+}
+
+/* ---- Requests ---- */
+
+static bool http_curl_transient(CURLcode rc)
+{
+	switch (rc) {
+	case CURLE_COULDNT_RESOLVE_HOST:
+	case CURLE_COULDNT_CONNECT:
+	case CURLE_OPERATION_TIMEDOUT:
+	case CURLE_SEND_ERROR:
+	case CURLE_RECV_ERROR:
+	case CURLE_GOT_NOTHING:
+	case CURLE_PARTIAL_FILE:
+	case CURLE_SSL_CONNECT_ERROR:
+	case CURLE_HTTP2:
+	case CURLE_HTTP2_STREAM:
+	case CURLE_HTTP3:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static int http_curl_errno(CURLcode rc)
+{
+	switch (rc) {
+	case CURLE_OPERATION_TIMEDOUT:
+		return -ETIMEDOUT;
+	case CURLE_COULDNT_CONNECT:
+		return -ECONNREFUSED;
+	case CURLE_COULDNT_RESOLVE_HOST:
+		return -EHOSTUNREACH;
+	case CURLE_OUT_OF_MEMORY:
+		return -ENOMEM;
+	case CURLE_UNSUPPORTED_PROTOCOL:
+		return -EPROTONOSUPPORT;
+	case CURLE_URL_MALFORMAT:
+		return -EINVAL;
+	default:
+		return -EIO;
+	}
+}
+
+/* One attempt of rq on c. Returns 0 when the whole body arrived (or, for a
+ * probe, whenever a response came: the caller reads rq->resp.status), else
+ * -errno with rq->why set; *transient says whether to try again and
+ * *retry_after_ms what the server asked for (-1 if nothing). */
+static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_req *rq,
+			bool *transient, long *retry_after_ms)
+{
+	char range[64];
+	CURLcode rc = CURLE_OK;
+	long status;
+	uint64_t t0;
+
+	*transient = false;
+	*retry_after_ms = -1;
+	rq->got = 0;
+	rq->discarded = 0;
+	rq->checked = false;
+	rq->err = 0;
+	memset(&rq->resp, 0, sizeof(rq->resp));
+	rq->resp.retry_after_ms = -1;
+	c->errbuf[0] = '\0';
+	snprintf(range, sizeof(range), "%llu-%llu", (unsigned long long)rq->off,
+		 (unsigned long long)(rq->off + rq->len - 1));
+
+#define HTTP_SET(opt, val)                                                                         \
+	do {                                                                                       \
+		if (rc == CURLE_OK)                                                                \
+			rc = curl_easy_setopt(c->curl, opt, val);                                  \
+	} while (0)
+	HTTP_SET(CURLOPT_URL, rq->url);
+	HTTP_SET(CURLOPT_RANGE, range);
+	if (rq->probe)
+		HTTP_SET(CURLOPT_HTTPHEADER, rq->creds ? p->probe_headers : NULL);
+	else
+		HTTP_SET(CURLOPT_HTTPHEADER, p->read_headers);
+	HTTP_SET(CURLOPT_USERPWD, rq->creds ? p->userpwd : NULL);
+	HTTP_SET(CURLOPT_HEADERDATA, rq);
+	HTTP_SET(CURLOPT_WRITEDATA, rq);
+#undef HTTP_SET
+	if (rc != CURLE_OK) {
+		snprintf(rq->why, sizeof(rq->why), "libcurl setup: %s", curl_easy_strerror(rc));
+		return -EIO;
+	}
+
+	t0 = sfs_now_ns();
+	rc = curl_easy_perform(c->curl);
+	atomic_fetch_add(&p->requests, 1);
+	if (curl_easy_getinfo(c->curl, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
+		status = 0;
+	if (p->verbose)
+		sfs_info("%s: GET bytes=%s -> %ld, %zu bytes in %.1f ms%s%s", p->display, range,
+			 status, rq->got, (double)(sfs_now_ns() - t0) / 1e6,
+			 rc != CURLE_OK ? ", " : "", rc != CURLE_OK ? curl_easy_strerror(rc) : "");
+
+	if (rq->err) /* decided by a callback: never worth retrying */
+		return rq->err;
+	if (status == 0 || (rc != CURLE_OK && status == 206)) {
+		/* No response, or the body broke off. */
+		snprintf(rq->why, sizeof(rq->why), "%s",
+			 c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc));
+		if (rc == CURLE_OK)
+			snprintf(rq->why, sizeof(rq->why), "no HTTP status");
+		*transient = rc == CURLE_OK || http_curl_transient(rc);
+		return rc == CURLE_OK ? -EIO : http_curl_errno(rc);
+	}
+	/* The probe interprets these itself: size 0, Range ignored, redirects. */
+	if (rq->probe && (status == 200 || status == 416 || (status >= 300 && status <= 399)))
+		return 0;
+
+	switch (status) {
+	case 206:
+		if (!rq->checked) { /* empty body: the headers were not seen yet */
+			rq->checked = true;
+			int r = http_check_206(rq);
+			if (r < 0)
+				return r;
+		}
+		if (rq->got != rq->len) {
+			snprintf(rq->why, sizeof(rq->why), "short body: %zu of %zu bytes", rq->got,
+				 rq->len);
+			*transient = true;
+			return -EIO;
+		}
+		return 0;
+	case 200:
+		if (p->validator_is_etag && strcmp(rq->resp.etag, p->validator) != 0) {
+			http_set_changed(p, "ETag", p->validator, rq->resp.etag);
+			snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
+		} else if (!p->validator_is_etag && p->validator[0] &&
+			   strcmp(rq->resp.last_modified, p->validator) != 0) {
+			http_set_changed(p, "Last-Modified", p->validator, rq->resp.last_modified);
+			snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
+		} else {
+			snprintf(rq->why, sizeof(rq->why),
+				 "server ignored the Range request (200 instead of 206)");
+		}
+		return -EIO;
+	case 412:
+		http_set_changed(p, p->validator_is_etag ? "ETag" : "Last-Modified", p->validator,
+				 "(precondition failed)");
+		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
+		return -EIO;
+	case 416: {
+		uint64_t total;
+
+		if (http_parse_content_range(rq->resp.content_range, NULL, NULL, &total) &&
+		    total != p->size) {
+			char a[32], b[32];
+
+			snprintf(a, sizeof(a), "%llu", (unsigned long long)p->size);
+			snprintf(b, sizeof(b), "%llu", (unsigned long long)total);
+			http_set_changed(p, "size", a, b);
+		}
+		snprintf(rq->why, sizeof(rq->why), "HTTP 416 (range not satisfiable)");
+		return -EIO;
+	}
+	case 404:
+	case 410:
+		snprintf(rq->why, sizeof(rq->why), "HTTP %ld (not found)", status);
+		return -ENOENT;
+	case 401:
+	case 403:
+	case 407:
+		snprintf(rq->why, sizeof(rq->why), "HTTP %ld (access denied)", status);
+		return -EACCES;
+	case 408:
+	case 429:
+		break;
+	default:
+		if (status >= 500 && status <= 599)
+			break;
+		if (status >= 300 && status <= 399)
+			snprintf(rq->why, sizeof(rq->why),
+				 "unexpected redirect (HTTP %ld) after open", status);
+		else
+			snprintf(rq->why, sizeof(rq->why), "unexpected HTTP status %ld", status);
+		return -EIO;
+	}
+	/* 408, 429, 5xx */
+	snprintf(rq->why, sizeof(rq->why), "HTTP %ld", status);
+	*transient = true;
+	*retry_after_ms = rq->resp.retry_after_ms;
+	return status == 408 || status == 504 ? -ETIMEDOUT : -EIO;
+}
+
+/* Run rq on c with retries. Logs the final failure once. */
+static int http_request(struct http_priv *p, struct http_conn *c, struct http_req *rq)
+{
+	unsigned attempt;
+	bool transient = false;
+	long wait_ms;
+	int r = -EIO;
+
+	for (attempt = 1;; attempt++) {
+		long delay;
+
+		if (atomic_load(&p->changed)) {
+			snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
+			return -EIO; /* said once, when detected */
+		}
+		r = http_attempt(p, c, rq, &transient, &wait_ms);
+		if (r == 0 || !transient || attempt >= p->attempts)
+			break;
+		delay = HTTP_BACKOFF_BASE_MS << SFS_MIN(attempt - 1, 16u);
+		if (delay > HTTP_BACKOFF_MAX_MS)
+			delay = HTTP_BACKOFF_MAX_MS;
+		delay += (long)(sfs_now_ns() % (uint64_t)(delay / 4 + 1)); /* jitter */
+		if (wait_ms > delay)
+			delay = SFS_MIN(wait_ms, (long)HTTP_RETRY_AFTER_MAX_MS);
+		atomic_fetch_add(&p->retries, 1);
+		sfs_info("%s: bytes %llu-%llu: %s; retrying in %ld ms (attempt %u of %u)",
+			 p->display, (unsigned long long)rq->off,
+			 (unsigned long long)(rq->off + rq->len - 1), rq->why, delay, attempt + 1,
+			 p->attempts);
+		http_sleep_ms(delay);
+	}
+	if (r < 0 && !atomic_load(&p->changed))
+		sfs_error("%s: reading bytes %llu-%llu: %s%s", p->display,
+			  (unsigned long long)rq->off, (unsigned long long)(rq->off + rq->len - 1),
+			  rq->why, transient ? " (giving up after retries)" : "");
+	return r;
+}
+
+/* ---- Open ---- */
+
+/* Probe rq->url (following redirects by hand, see the top of the file) and
+ * fill the size, validator and pinned URL. Uses the handle c. */
+static int http_probe(struct fetch_source *s, struct http_conn *c)
+{
+	struct http_priv *p = s->priv;
+	char origin[512], hop_origin[512];
+	const char *why = NULL;
+	char *url = NULL;
+	uint8_t byte;
+	struct http_req rq = {
+	    .p = p, .probe = true, .buf = &byte, .len = 1, .off = 0, .creds = true};
+	unsigned hops;
+	int r;
+
+	r = http_url_origin(s->uri, origin, sizeof(origin), &why);
+	if (r < 0) {
+		sfs_error("%s: %s", p->display, why);
+		return r;
+	}
+	url = strdup(s->uri);
+	if (!url)
+		return -ENOMEM;
+	for (hops = 0;; hops++) {
+		char *loc = NULL;
+
+		rq.url = url;
+		r = http_request(p, c, &rq);
+		if (r < 0)
+			goto out;
+		if (rq.resp.status < 300 || rq.resp.status > 399 || rq.resp.status == 304)
+			break;
+		if (curl_easy_getinfo(c->curl, CURLINFO_REDIRECT_URL, &loc) != CURLE_OK || !loc) {
+			sfs_error("%s: HTTP %ld without a usable Location", p->display,
+				  rq.resp.status);
+			r = -EIO;
+			goto out;
+		}
+		if (hops >= HTTP_MAX_REDIRECTS) {
+			sfs_error("%s: more than %d redirects", p->display, HTTP_MAX_REDIRECTS);
+			r = -ELOOP;
+			goto out;
+		}
+		r = http_url_origin(loc, hop_origin, sizeof(hop_origin), &why);
+		if (r < 0) {
+			char *d = http_display_url(loc);
+
+			sfs_error("%s: redirect to %s refused: %s", p->display, d ? d : "?", why);
+			free(d);
+			goto out;
+		}
+		if (rq.creds && (p->auth_header || p->userpwd) && strcmp(origin, hop_origin) != 0) {
+			sfs_info("%s: redirected to another origin; not sending credentials there",
+				 p->display);
+			rq.creds = false;
+		}
+		free(url);
+		url = strdup(loc);
+		if (!url)
+			return -ENOMEM;
+	}
+
+	switch (rq.resp.status) {
+	case 206:
+		if (rq.total == UINT64_MAX) {
+			sfs_error(
+			    "%s: server does not give the file size in Content-Range (\"%s\")",
+			    p->display, rq.resp.content_range);
+			r = -EOPNOTSUPP;
+			goto out;
+		}
+		p->size = rq.total;
+		break;
+	case 200:
+		sfs_error("%s: server ignores Range requests (200 instead of 206); streamfs needs "
+			  "byte ranges",
+			  p->display);
+		r = -EOPNOTSUPP;
+		goto out;
+	case 416:
+		/* An empty file: "bytes * /0". */
+		if (http_parse_content_range(rq.resp.content_range, NULL, NULL, &p->size) &&
+		    p->size == 0)
+			break;
+		sfs_error("%s: HTTP 416 for bytes=0-0 (Content-Range \"%s\")", p->display,
+			  rq.resp.content_range);
+		r = -EIO;
+		goto out;
+	default:
+		sfs_error("%s: unexpected HTTP status %ld when probing", p->display,
+			  rq.resp.status);
+		r = -EIO;
+		goto out;
+	}
+
+	if (rq.resp.etag[0]) {
+		snprintf(p->validator, sizeof(p->validator), "%s", rq.resp.etag);
+		p->validator_is_etag = true;
+	} else if (rq.resp.last_modified[0]) {
+		snprintf(p->validator, sizeof(p->validator), "%s", rq.resp.last_modified);
+	} else {
+		sfs_warn("%s: server sends neither ETag nor Last-Modified: a change of the file on "
+			 "the server is only detected if its size changes",
+			 p->display);
+	}
+	p->creds = rq.creds;
+	p->url = url;
+	url = NULL;
+	r = 0;
+out:
+	free(url);
+	return r;
+}
+
+static int http_build_headers(struct http_priv *p)
+{
+	struct curl_slist *l;
+	char buf[HTTP_VALIDATOR_MAX + 32];
+
+	if (p->auth_header) {
+		p->probe_headers = curl_slist_append(NULL, p->auth_header);
+		if (!p->probe_headers)
+			return -ENOMEM;
+	}
+	if (p->auth_header && p->creds) {
+		p->read_headers = curl_slist_append(NULL, p->auth_header);
+		if (!p->read_headers)
+			return -ENOMEM;
+	}
+	/* If-Match compares strongly: a weak ETag would always fail it. */
+	buf[0] = '\0';
+	if (p->validator_is_etag && strncmp(p->validator, "W/", 2) != 0)
+		snprintf(buf, sizeof(buf), "If-Match: %s", p->validator);
+	else if (!p->validator_is_etag && p->validator[0])
+		snprintf(buf, sizeof(buf), "If-Unmodified-Since: %s", p->validator);
+	if (buf[0]) {
+		l = curl_slist_append(p->read_headers, buf);
+		if (!l)
+			return -ENOMEM;
+		p->read_headers = l;
+	}
+	return 0;
+}
+
+static void http_close(struct fetch_source *s)
+{
+	struct http_priv *p = s->priv;
+	struct http_conn *c;
+
+	if (!p)
+		return;
+	if (p->verbose)
+		sfs_info("%s: %llu HTTP requests, %llu retries", p->display ? p->display : "?",
+			 (unsigned long long)atomic_load(&p->requests),
+			 (unsigned long long)atomic_load(&p->retries));
+	while ((c = p->free_conns)) {
+		p->free_conns = c->next;
+		http_conn_free(c);
+	}
+	if (p->share)
+		curl_share_cleanup(p->share);
+	if (p->share_locks_init)
+		for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
+			pthread_mutex_destroy(&p->share_lock[i]);
+	if (p->lock_init) {
+		pthread_mutex_destroy(&p->lock);
+		pthread_cond_destroy(&p->cond);
+	}
+	curl_slist_free_all(p->probe_headers);
+	curl_slist_free_all(p->read_headers);
+	if (p->auth_header)
+		explicit_bzero(p->auth_header, strlen(p->auth_header));
+	if (p->userpwd)
+		explicit_bzero(p->userpwd, strlen(p->userpwd));
+	free(p->auth_header);
+	free(p->userpwd);
+	free(p->url);
+	free(p->display);
+	memset(p, 0, sizeof(*p));
+}
+
+static int http_open(struct fetch_source *s, int flags)
+{
+	struct http_priv *p = s->priv;
+	const struct fetch_options *o = fetch_get_options();
+	const char *env = getenv("STREAMFS_HTTP_DEBUG");
+	struct http_conn *c;
+	int r;
+
+	pthread_once(&http_once, http_global_init);
+	if (http_global_rc != CURLE_OK) {
+		sfs_error("libcurl initialisation failed: %s", curl_easy_strerror(http_global_rc));
+		return -EIO;
+	}
+	p->display = http_display_url(s->uri);
+	if (!p->display)
+		return -ENOMEM;
+	if (flags & (FETCH_RDWR | FETCH_CREATE)) {
+		sfs_error("%s: HTTP sources are read-only", p->display);
+		r = -EROFS;
+		goto fail;
+	}
+	p->pool_size =
+	    o->pool_size ? SFS_MIN(o->pool_size, HTTP_MAX_POOL_SIZE) : HTTP_DEFAULT_POOL_SIZE;
+	p->attempts = o->retries ? o->retries : HTTP_DEFAULT_ATTEMPTS;
+	p->connect_timeout =
+	    o->connect_timeout ? (long)o->connect_timeout : HTTP_DEFAULT_CONNECT_TIMEOUT;
+	p->io_timeout = o->io_timeout ? (long)o->io_timeout : HTTP_DEFAULT_IO_TIMEOUT;
+	p->cacert = o->cacert;
+	p->verbose = o->verbose || (env && strcmp(env, "1") == 0);
+	atomic_init(&p->changed, false);
+
+	if (o->http_auth_file) {
+		r = http_read_auth_file(p, o->http_auth_file);
+		if (r < 0)
+			goto fail;
+	}
+
+	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
+		pthread_mutex_init(&p->share_lock[i], NULL);
+	p->share_locks_init = true;
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->cond, NULL);
+	p->lock_init = true;
+	p->share = curl_share_init();
+	if (!p->share) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	if (curl_share_setopt(p->share, CURLSHOPT_LOCKFUNC, http_share_lock) != CURLSHE_OK ||
+	    curl_share_setopt(p->share, CURLSHOPT_UNLOCKFUNC, http_share_unlock) != CURLSHE_OK ||
+	    curl_share_setopt(p->share, CURLSHOPT_USERDATA, p) != CURLSHE_OK ||
+	    curl_share_setopt(p->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK ||
+	    curl_share_setopt(p->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) !=
+		CURLSHE_OK) {
+		sfs_error("%s: libcurl share setup failed", p->display);
+		r = -EIO;
+		goto fail;
+	}
+	if (p->auth_header) {
+		/* Probe headers (auth only) are needed before the probe. */
+		p->probe_headers = curl_slist_append(NULL, p->auth_header);
+		if (!p->probe_headers) {
+			r = -ENOMEM;
+			goto fail;
+		}
+	}
+
+	c = http_get_conn(p, true);
+	if (!c) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	r = http_probe(s, c);
+	http_put_conn(p, c);
+	if (r < 0)
+		goto fail;
+	curl_slist_free_all(p->probe_headers);
+	p->probe_headers = NULL;
+	r = http_build_headers(p);
+	if (r < 0)
+		goto fail;
+	s->size = p->size;
+	if (p->verbose)
+		sfs_info("%s: %llu bytes, %s %s, %u connections, %u attempts per request",
+			 p->display, (unsigned long long)p->size,
+			 p->validator_is_etag ? "ETag" : "Last-Modified",
+			 p->validator[0] ? p->validator : "(none)", p->pool_size, p->attempts);
+	return 0;
+fail:
+	http_close(s);
+	return r;
+}
+
+/* ---- Read ---- */
+
+struct http_piece {
+	struct http_priv *p;
+	struct http_conn *c;
+	struct http_req rq;
+	pthread_t thread;
+	bool threaded;
+	int r;
+};
+
+static void *http_piece_run(void *opaque)
+{
+	struct http_piece *pc = opaque;
+
+	pc->r = http_request(pc->p, pc->c, &pc->rq);
+	return NULL;
+}
+
+static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off)
+{
+	struct http_priv *p = s->priv;
+	struct http_piece pieces[HTTP_MAX_POOL_SIZE];
+	struct http_conn *c;
+	unsigned n = 1, i;
+	size_t piece_len;
+	int r = 0;
+
+	if (atomic_load(&p->changed))
+		return -EIO; /* logged when detected */
+	c = http_get_conn(p, true);
+	if (!c)
+		return -ENOMEM;
+	pieces[0].c = c;
+	/* Split a large read over idle handles; never wait for one. */
+	if (len > HTTP_SPLIT_MIN) {
+		unsigned want = (unsigned)SFS_MIN(len / HTTP_SPLIT_PIECE, (size_t)p->pool_size);
+
+		while (n < want && (pieces[n].c = http_get_conn(p, false)))
+			n++;
+	}
+	piece_len = SFS_ALIGN_UP(SFS_DIV_ROUND_UP(len, n), 65536);
+	for (i = 0; i < n; i++) {
+		size_t start = SFS_MIN((size_t)i * piece_len, len);
+		struct http_piece *pc = &pieces[i];
+
+		pc->p = p;
+		pc->threaded = false;
+		pc->r = 0;
+		memset(&pc->rq, 0, sizeof(pc->rq));
+		pc->rq.p = p;
+		pc->rq.url = p->url;
+		pc->rq.creds = p->creds;
+		pc->rq.buf = (uint8_t *)buf + start;
+		pc->rq.len = SFS_MIN(piece_len, len - start);
+		pc->rq.off = off + start;
+	}
+	for (i = 1; i < n; i++) {
+		if (pieces[i].rq.len == 0)
+			continue;
+		pieces[i].threaded =
+		    pthread_create(&pieces[i].thread, NULL, http_piece_run, &pieces[i]) == 0;
+	}
+	http_piece_run(&pieces[0]);
+	for (i = 1; i < n; i++) {
+		if (pieces[i].threaded)
+			pthread_join(pieces[i].thread, NULL);
+		else if (pieces[i].rq.len)
+			http_piece_run(&pieces[i]);
+	}
+	for (i = 0; i < n; i++) {
+		if (pieces[i].r < 0 && r == 0)
+			r = pieces[i].r;
+		http_put_conn(p, pieces[i].c);
+	}
+	if (r == 0 && atomic_load(&p->changed))
+		r = -EIO; /* a piece saw the change: don't return a mix */
+	return r;
+}
+
+const struct fetch_ops fetch_http_ops = {
+    .scheme = "http",
+    .priv_size = sizeof(struct http_priv),
+    .open = http_open,
+    .close = http_close,
+    .pread = http_pread,
+    .pwrite = NULL,
+    .flush = NULL,
+    .truncate = NULL,
+};

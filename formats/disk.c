@@ -1,0 +1,556 @@
+/* streamfs: the guest-facing disk (see include/disk.h).
+ *
+ * NOTES ON THE THREAD MODEL
+ * - Any number of FUSE worker threads and the stream job call in at once.
+ * - chain_lock is read-held by every operation and write-held only by
+ *   disk_rebase() while it swaps the backing chain.
+ * - Allocating operations hold a range lock on the cluster-aligned guest
+ *   range they may allocate in, and re-map that range under it. Plain reads
+ *   of allocated data take no lock: an allocated cluster never moves.
+ * - Copy-on-read and the stream job read the backing chain BEFORE taking the
+ *   range lock (backing images are immutable), so the lock is held only
+ *   while the overlay is written; a guest request waits at most for that.
+ *   Under the lock, clusters that became allocated meanwhile (a racing guest
+ *   write) are left alone and their current data is returned instead.
+ *
+ * Bounce buffers are per thread and grow to the largest request seen, so
+ * the hot path does not allocate.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "disk.h"
+#include "rangelock.h"
+#include "util.h"
+
+/* A per-thread bounce buffer, reused across requests. */
+static __thread uint8_t *disk_bounce_buf;
+static __thread size_t disk_bounce_len;
+
+static void disk_bounce_free(void *unused)
+{
+	free(disk_bounce_buf);
+	disk_bounce_buf = NULL;
+	disk_bounce_len = 0;
+}
+
+static pthread_key_t disk_bounce_key;
+static pthread_once_t disk_bounce_once = PTHREAD_ONCE_INIT;
+
+static void disk_bounce_init(void)
+{
+	pthread_key_create(&disk_bounce_key, disk_bounce_free);
+}
+
+static uint8_t *disk_bounce(size_t len)
+{
+	if (len > disk_bounce_len) {
+		uint8_t *n;
+
+		pthread_once(&disk_bounce_once, disk_bounce_init);
+		n = realloc(disk_bounce_buf, len);
+		if (!n)
+			return NULL;
+		disk_bounce_buf = n;
+		disk_bounce_len = len;
+		/* Only to have the destructor run at thread exit. */
+		pthread_setspecific(disk_bounce_key, n);
+	}
+	return disk_bounce_buf;
+}
+
+int disk_new(struct image *top, bool copy_on_read, bool read_only, struct disk **out)
+{
+	struct disk *d = calloc(1, sizeof(*d));
+
+	if (!d)
+		return -ENOMEM;
+	d->locks = rangelock_new();
+	if (!d->locks) {
+		free(d);
+		return -ENOMEM;
+	}
+	d->top = top;
+	d->read_only = read_only || top->read_only;
+	d->copy_on_read = copy_on_read && !d->read_only && top->drv->alloc_write;
+	pthread_rwlock_init(&d->chain_lock, NULL);
+	pthread_mutex_init(&d->flush_lock, NULL);
+	*out = d;
+	return 0;
+}
+
+int disk_close(struct disk *d)
+{
+	int r = 0;
+
+	if (!d)
+		return 0;
+	if (!d->read_only)
+		r = disk_flush(d);
+	image_close_chain(d->top);
+	rangelock_free(d->locks);
+	pthread_rwlock_destroy(&d->chain_lock);
+	pthread_mutex_destroy(&d->flush_lock);
+	free(d);
+	return r;
+}
+
+/* Current guest contents of a run of the top that is not EXT_DATA. */
+static int disk_fill(struct disk *d, const struct extent *ext, void *buf, size_t len,
+		     uint64_t off)
+{
+	struct image *top = d->top, *b = top->backing;
+
+	switch (ext->type) {
+	case EXT_ZERO:
+		memset(buf, 0, len);
+		return 0;
+	case EXT_COMPRESSED:
+		if (!top->drv->read_compressed)
+			return -EIO;
+		return top->drv->read_compressed(top, off, ext, buf, len);
+	case EXT_UNALLOC:
+		if (b && off < b->size) {
+			size_t in = (size_t)SFS_MIN((uint64_t)len, b->size - off);
+			int r = image_pread(b, buf, in, off);
+			if (in < len)
+				memset((uint8_t *)buf + in, 0, len - in);
+			return r;
+		}
+		memset(buf, 0, len);
+		return 0;
+	case EXT_DATA:
+	default:
+		return fetch_pread(top->file, buf, len, ext->host_off);
+	}
+}
+
+/* Under the range lock on the cluster-aligned [a, a+alen), which the caller
+ * has already filled in bounce[] with the chain's data: allocate every run
+ * still unallocated in the top; runs that became allocated meanwhile are
+ * re-read from the overlay into bounce[] so the caller returns current data.
+ * Called with chain_lock read-held. Adds the bytes allocated to *copied. */
+static int disk_commit_locked(struct disk *d, uint8_t *bounce, uint64_t a, uint64_t alen,
+			      uint64_t *copied)
+{
+	struct image *top = d->top;
+	uint64_t pos = a, end = a + alen;
+
+	while (pos < end) {
+		struct extent ext;
+		uint64_t mlen = SFS_MIN(end, top->size) - pos;
+		int r;
+
+		if (pos >= top->size)
+			break;
+		r = top->drv->map(top, pos, mlen, &ext);
+		if (r < 0)
+			return r;
+		if (ext.len == 0 || ext.len > mlen)
+			return -EIO;
+		if (ext.type == EXT_UNALLOC) {
+			/* Extend to whole clusters: the run may end mid-cluster
+			 * only at the image end. */
+			uint64_t wlen = SFS_ALIGN_UP(ext.len, top->cluster_size);
+			r = top->drv->alloc_write(top, pos, bounce + (pos - a), wlen);
+			if (r < 0)
+				return r;
+			atomic_store(&d->dirty, true);
+			*copied += ext.len;
+		} else {
+			r = disk_fill(d, &ext, bounce + (pos - a), (size_t)ext.len, pos);
+			if (r < 0)
+				return r;
+		}
+		pos += ext.len;
+	}
+	return 0;
+}
+
+/* Copy-on-read of the unallocated run [off, off+len) into buf. */
+static int disk_cor(struct disk *d, uint8_t *buf, size_t len, uint64_t off)
+{
+	struct image *top = d->top;
+	uint32_t cs = top->cluster_size;
+	uint64_t a = SFS_ALIGN_DOWN(off, cs);
+	uint64_t alen = SFS_ALIGN_UP(off + len, cs) - a;
+	uint64_t copied = 0;
+	struct extent ext = { .type = EXT_UNALLOC };
+	uint8_t *bounce = disk_bounce(alen);
+	int slot, r;
+
+	if (!bounce)
+		return -ENOMEM;
+	/* Backing data first, unlocked (immutable); zero-pad past the end. */
+	memset(bounce + alen - cs, 0, cs);
+	r = disk_fill(d, &ext, bounce, (size_t)(SFS_MIN(a + alen, top->size) - a), a);
+	if (r < 0)
+		return r;
+	slot = rangelock_lock(d->locks, a, alen);
+	if (slot < 0)
+		return slot;
+	r = disk_commit_locked(d, bounce, a, alen, &copied);
+	rangelock_unlock(d->locks, slot);
+	if (r < 0)
+		return r;
+	atomic_fetch_add(&d->stats.cor_bytes, copied);
+	memcpy(buf, bounce + (off - a), len);
+	return 0;
+}
+
+int disk_read(struct disk *d, void *buf, size_t len, uint64_t off)
+{
+	struct image *top = d->top;
+	uint8_t *b = buf;
+	uint64_t end;
+	int r = 0;
+
+	if (!sfs_add_ok(off, len, &end) || end > top->size)
+		return -EINVAL;
+	atomic_fetch_add(&d->stats.guest_inflight, 1);
+	pthread_rwlock_rdlock(&d->chain_lock);
+	while (len > 0) {
+		struct extent ext;
+
+		r = top->drv->map(top, off, len, &ext);
+		if (r < 0)
+			break;
+		if (ext.len == 0 || ext.len > len) {
+			r = -EIO;
+			break;
+		}
+		if (ext.type == EXT_UNALLOC && d->copy_on_read && top->backing)
+			r = disk_cor(d, b, (size_t)ext.len, off);
+		else
+			r = disk_fill(d, &ext, b, (size_t)ext.len, off);
+		if (r < 0)
+			break;
+		b += ext.len;
+		off += ext.len;
+		len -= (size_t)ext.len;
+	}
+	pthread_rwlock_unlock(&d->chain_lock);
+	atomic_fetch_sub(&d->stats.guest_inflight, 1);
+	atomic_fetch_add(&d->stats.guest_ops, 1);
+	if (r == 0)
+		atomic_fetch_add(&d->stats.guest_read, (uint64_t)(b - (uint8_t *)buf));
+	return r;
+}
+
+/* Write [off, off+len) under the range lock on its cluster-aligned cover. */
+static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uint64_t off,
+			     uint64_t a, uint64_t alen)
+{
+	struct image *top = d->top;
+	uint32_t cs = top->cluster_size;
+	uint64_t pos = a, end = a + alen;
+
+	while (pos < end) {
+		struct extent ext;
+		uint64_t mlen = SFS_MIN(end, top->size) - pos;
+		uint64_t rend, wa, wb;
+		int r;
+
+		if (pos >= top->size)
+			break;
+		r = top->drv->map(top, pos, mlen, &ext);
+		if (r < 0)
+			return r;
+		if (ext.len == 0 || ext.len > mlen)
+			return -EIO;
+		rend = pos + ext.len;
+		/* The part of this run the guest writes: [wa, wb). */
+		wa = SFS_MAX(pos, off);
+		wb = SFS_MIN(rend, off + len);
+		if (ext.type == EXT_DATA) {
+			if (wb > wa) {
+				r = fetch_pwrite(top->file, buf + (wa - off), (size_t)(wb - wa),
+						 ext.host_off + (wa - pos));
+				if (r < 0)
+					return r;
+			}
+		} else {
+			/* Whole clusters: old contents around the write, then the write. */
+			uint64_t clen = SFS_ALIGN_UP(ext.len, cs);
+			uint8_t *bounce = disk_bounce(clen);
+
+			if (!bounce)
+				return -ENOMEM;
+			memset(bounce + clen - cs, 0, cs);
+			if (wa > pos) {
+				r = disk_fill(d, &ext, bounce, (size_t)(wa - pos), pos);
+				if (r < 0)
+					return r;
+			}
+			if (rend > wb) {
+				struct extent tail = ext;
+
+				if (tail.type == EXT_DATA)
+					tail.host_off += wb - pos;
+				r = disk_fill(d, &tail, bounce + (wb - pos), (size_t)(rend - wb),
+					      wb);
+				if (r < 0)
+					return r;
+			}
+			memcpy(bounce + (wa - pos), buf + (wa - off), (size_t)(wb - wa));
+			r = top->drv->alloc_write(top, pos, bounce, clen);
+			if (r < 0)
+				return r;
+			atomic_store(&d->dirty, true);
+		}
+		pos = rend;
+	}
+	return 0;
+}
+
+int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
+{
+	struct image *top = d->top;
+	uint32_t cs = top->cluster_size;
+	uint64_t end, a, alen;
+	int slot, r;
+
+	if (d->read_only)
+		return -EROFS;
+	if (!sfs_add_ok(off, len, &end) || end > top->size)
+		return -ENOSPC;
+	if (len == 0)
+		return 0;
+	if (!top->drv->alloc_write)
+		return -EROFS;
+	a = SFS_ALIGN_DOWN(off, cs);
+	alen = SFS_ALIGN_UP(end, cs) - a;
+	atomic_fetch_add(&d->stats.guest_inflight, 1);
+	pthread_rwlock_rdlock(&d->chain_lock);
+	slot = rangelock_lock(d->locks, a, alen);
+	if (slot < 0) {
+		r = slot;
+	} else {
+		r = disk_write_locked(d, buf, len, off, a, alen);
+		rangelock_unlock(d->locks, slot);
+	}
+	pthread_rwlock_unlock(&d->chain_lock);
+	atomic_fetch_sub(&d->stats.guest_inflight, 1);
+	atomic_fetch_add(&d->stats.guest_ops, 1);
+	if (r == 0)
+		atomic_fetch_add(&d->stats.guest_written, len);
+	return r;
+}
+
+int disk_flush(struct disk *d)
+{
+	int r;
+
+	if (d->read_only)
+		return 0;
+	pthread_mutex_lock(&d->flush_lock);
+	atomic_store(&d->dirty, false);
+	r = d->top->drv->flush(d->top);
+	if (r < 0)
+		atomic_store(&d->dirty, true);
+	pthread_mutex_unlock(&d->flush_lock);
+	return r;
+}
+
+/* Populate one run of at most bufsize bytes starting at pos (cluster-
+ * aligned), known to hold data above base in layer 'depth' > 0. */
+static int disk_populate_run(struct disk *d, uint64_t pos, uint64_t n, uint8_t *buf,
+			     uint64_t *copied)
+{
+	struct image *top = d->top;
+	uint32_t cs = top->cluster_size;
+	uint64_t alen = SFS_ALIGN_UP(n, cs);
+	struct extent ext = { .type = EXT_UNALLOC };
+	int slot, r;
+
+	if (alen > n)
+		memset(buf + alen - cs, 0, cs);
+	r = disk_fill(d, &ext, buf, (size_t)n, pos);
+	if (r < 0)
+		return r;
+	slot = rangelock_lock(d->locks, pos, alen);
+	if (slot < 0)
+		return slot;
+	r = disk_commit_locked(d, buf, pos, alen, copied);
+	rangelock_unlock(d->locks, slot);
+	return r;
+}
+
+/* Make [pos, pos+n) read as zeros in the top, unless the guest got there
+ * first. Used when the chain above base has zeros over base data. */
+static int disk_populate_zero(struct disk *d, uint64_t pos, uint64_t n, uint8_t *buf,
+			      size_t bufsize)
+{
+	struct image *top = d->top;
+	uint32_t cs = top->cluster_size;
+	uint64_t alen = SFS_ALIGN_UP(n, cs), done = 0;
+	struct extent ext;
+	int slot, r;
+
+	slot = rangelock_lock(d->locks, pos, alen);
+	if (slot < 0)
+		return slot;
+	r = top->drv->map(top, pos, n, &ext);
+	if (r == 0 && ext.type == EXT_UNALLOC) {
+		alen = SFS_ALIGN_UP(ext.len, cs);
+		r = top->drv->zero_clusters ? top->drv->zero_clusters(top, pos, alen) : -ENOTSUP;
+		if (r == -ENOTSUP) {
+			/* qcow2 v2 has no zero clusters: write zeros as data. */
+			r = 0;
+			memset(buf, 0, SFS_MIN(bufsize, alen));
+			while (r == 0 && done < alen) {
+				uint64_t c = SFS_MIN((uint64_t)bufsize, alen - done);
+				r = top->drv->alloc_write(top, pos + done, buf, c);
+				done += c;
+			}
+		}
+		if (r == 0)
+			atomic_store(&d->dirty, true);
+	}
+	rangelock_unlock(d->locks, slot);
+	return r;
+}
+
+int disk_populate(struct disk *d, struct image *base, uint64_t off, uint64_t len, void *vbuf,
+		  size_t bufsize, uint64_t *copied)
+{
+	struct image *top = d->top;
+	uint8_t *buf = vbuf;
+	uint64_t end = SFS_MIN(off + len, top->size);
+	uint32_t cs = top->cluster_size;
+	int r = 0;
+
+	*copied = 0;
+	if (off % cs || bufsize < cs || bufsize % cs)
+		return -EINVAL;
+	if (d->read_only)
+		return -EROFS;
+	pthread_rwlock_rdlock(&d->chain_lock);
+	while (off < end) {
+		uint64_t pnum, n = SFS_MIN(end - off, (uint64_t)bufsize);
+		enum extent_type type;
+		int depth;
+
+		r = image_block_status(top, base, off, n, &pnum, &depth, &type);
+		if (r < 0)
+			break;
+		/* Lower layers may have smaller clusters or end mid-cluster: work
+		 * in whole top clusters, copying a cluster of mixed state. */
+		if (off + pnum < end)
+			pnum = SFS_ALIGN_DOWN(pnum, cs);
+		if (pnum == 0) {
+			pnum = SFS_MIN((uint64_t)cs, end - off);
+			depth = 1;
+			type = EXT_DATA;
+		}
+		if (depth == 0 || depth == -2) {
+			atomic_fetch_add(&d->stats.stream_present, pnum);
+		} else if (depth == -1 || type == EXT_ZERO) {
+			/* Zeros above base: they must hide base's data after the
+			 * rebase. Without a base, a hole is simply left a hole. */
+			if (base && top->backing != base) {
+				r = disk_populate_zero(d, off, pnum, buf, bufsize);
+				if (r < 0)
+					break;
+			}
+			atomic_fetch_add(&d->stats.stream_zero, pnum);
+		} else {
+			uint64_t c = 0;
+
+			r = disk_populate_run(d, off, pnum, buf, &c);
+			if (r < 0)
+				break;
+			*copied += c;
+			atomic_fetch_add(&d->stats.stream_copied, c);
+		}
+		off += pnum;
+	}
+	pthread_rwlock_unlock(&d->chain_lock);
+	return r;
+}
+
+/* The name to record for base in the top's header: relative to the top's
+ * directory when base lives there or below (so the pair can be moved
+ * together, as qemu-img does), else base's resolved path or URL. */
+static char *disk_backing_name_for(struct image *top, struct image *base)
+{
+	const char *slash = strrchr(top->filename, '/');
+	size_t dirlen;
+
+	if (top->backing == base && top->backing_name)
+		return strdup(top->backing_name);
+	if (!slash || sfs_is_url(base->filename))
+		return strdup(base->filename);
+	dirlen = (size_t)(slash - top->filename) + 1;
+	if (strncmp(base->filename, top->filename, dirlen) == 0)
+		return strdup(base->filename + dirlen);
+	return strdup(base->filename);
+}
+
+int disk_rebase(struct disk *d, struct image *base)
+{
+	struct image *top = d->top, *cur, *next;
+	char *name = NULL;
+	int r;
+
+	if (d->read_only)
+		return -EROFS;
+	if (!top->drv->set_backing)
+		return -ENOTSUP;
+	pthread_rwlock_wrlock(&d->chain_lock);
+	if (base) {
+		name = disk_backing_name_for(top, base);
+		if (!name) {
+			r = -ENOMEM;
+			goto out;
+		}
+	}
+	pthread_mutex_lock(&d->flush_lock);
+	r = top->drv->set_backing(top, name, base ? base->drv->name : NULL);
+	pthread_mutex_unlock(&d->flush_lock);
+	if (r < 0)
+		goto out;
+	/* The header no longer references the layers between top and base:
+	 * close them so the daemon never touches them again. */
+	for (cur = top->backing; cur && cur != base; cur = next) {
+		next = cur->backing;
+		cur->backing = NULL;
+		image_close_chain(cur);
+	}
+	top->backing = base;
+	for (cur = top; cur && cur->backing; cur = cur->backing)
+		cur->backing->depth = cur->depth + 1;
+out:
+	pthread_rwlock_unlock(&d->chain_lock);
+	free(name);
+	return r;
+}
+
+static bool disk_same_file(const char *a, const char *b)
+{
+	struct stat sa, sb;
+
+	if (sfs_is_url(a) || sfs_is_url(b))
+		return strcmp(a, b) == 0;
+	if (strncmp(a, "file://", 7) == 0)
+		a += 7;
+	if (strncmp(b, "file://", 7) == 0)
+		b += 7;
+	if (stat(a, &sa) < 0 || stat(b, &sb) < 0)
+		return strcmp(a, b) == 0;
+	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+struct image *disk_find_layer(struct disk *d, const char *name)
+{
+	struct image *parent, *cur;
+
+	for (parent = d->top; (cur = parent->backing); parent = cur) {
+		if (disk_same_file(cur->filename, name) ||
+		    (parent->backing_name && strcmp(parent->backing_name, name) == 0))
+			return cur;
+	}
+	return NULL;
+}

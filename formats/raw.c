@@ -1,0 +1,48 @@
+/* streamfs: raw format driver. The guest view is the file itself; there is
+ * no allocation metadata, so everything is EXT_DATA (a raw image never has a
+ * backing file and is never the writable overlay). */
+#include <errno.h>
+
+#include "image.h"
+#include "util.h"
+
+/* Nominal allocation unit used for alignment when a raw image is the top. */
+#define RAW_CLUSTER_SIZE (64 * 1024) /* in bytes */
+
+static int raw_probe(const uint8_t *buf, size_t len)
+{
+	return 1; /* anything is raw, as a last resort */
+}
+
+static int raw_open(struct image *img)
+{
+	img->size = fetch_size(img->file);
+	img->cluster_size = RAW_CLUSTER_SIZE;
+	return 0;
+}
+
+static void raw_close(struct image *img)
+{
+}
+
+static int raw_map(struct image *img, uint64_t off, uint64_t len, struct extent *ext)
+{
+	ext->type = EXT_DATA;
+	ext->len = len;
+	ext->host_off = off;
+	return 0;
+}
+
+static int raw_flush(struct image *img)
+{
+	return fetch_flush(img->file);
+}
+
+const struct image_driver image_raw_driver = {
+	.name = "raw",
+	.probe = raw_probe,
+	.open = raw_open,
+	.close = raw_close,
+	.map = raw_map,
+	.flush = raw_flush,
+};

@@ -1,0 +1,401 @@
+/* streamfs: control files (see control.h).
+ *
+ * Every readable file except events is rendered once at open into a
+ * private buffer, so a reader sees one consistent snapshot whatever its
+ * read sizes. The format is "key: value" lines, units in the key; see
+ * man/streamfs.1 for the list, which is an API.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "control.h"
+#include "util.h"
+
+#define CONTROL_CMD_MAX 4096 /* longest command accepted, in bytes */
+
+const struct control_info control_files[CTL_COUNT] = {
+	[CTL_STATUS] = { "status", 0444 },     [CTL_PROGRESS] = { "progress", 0444 },
+	[CTL_SPEED] = { "speed", 0644 },       [CTL_STREAM] = { "stream", 0644 },
+	[CTL_ABORT] = { "abort", 0200 },       [CTL_PULL] = { "pull", 0200 },
+	[CTL_EVENTS] = { "events", 0444 },     [CTL_MAP] = { "map", 0444 },
+};
+
+int control_lookup(const char *name)
+{
+	for (int i = 0; i < CTL_COUNT; i++)
+		if (strcmp(control_files[i].name, name) == 0)
+			return i;
+	return -ENOENT;
+}
+
+/* A growable text buffer. */
+struct control_buf {
+	char *s;
+	size_t len, cap;
+	int err;
+};
+
+static void cb_printf(struct control_buf *b, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void cb_printf(struct control_buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	if (b->err)
+		return;
+	for (;;) {
+		size_t room = b->cap - b->len;
+		va_start(ap, fmt);
+		n = vsnprintf(b->s ? b->s + b->len : NULL, room, fmt, ap);
+		va_end(ap);
+		if (n < 0) {
+			b->err = -EIO;
+			return;
+		}
+		if ((size_t)n < room) {
+			b->len += (size_t)n;
+			return;
+		}
+		size_t cap = SFS_MAX(b->cap * 2, b->len + (size_t)n + 256);
+		char *s = realloc(b->s, cap);
+		if (!s) {
+			b->err = -ENOMEM;
+			return;
+		}
+		b->s = s;
+		b->cap = cap;
+	}
+}
+
+static void control_render_chain(struct control_buf *b, struct disk *d)
+{
+	struct image *img;
+
+	cb_printf(b, "chain:");
+	for (img = d->top; img; img = img->backing)
+		cb_printf(b, "%s %s (%s)", img == d->top ? "" : " <-", img->filename,
+			  img->drv->name);
+	cb_printf(b, "\n");
+}
+
+static uint64_t control_network_bytes(struct disk *d)
+{
+	uint64_t n = 0;
+
+	for (struct image *img = d->top->backing; img; img = img->backing)
+		if (sfs_is_url(img->filename))
+			n += atomic_load(&img->file->stats.bytes_read);
+	return n;
+}
+
+static void control_render_status(struct control_buf *b, struct control_ctx *c)
+{
+	struct stream_status st;
+	struct disk_stats *ds = &c->disk->stats;
+	double pct;
+
+	stream_get_status(c->job, &st);
+	pct = st.length ? 100.0 * (double)st.offset / (double)st.length : 100.0;
+	pthread_rwlock_rdlock(&c->disk->chain_lock);
+	cb_printf(b, "state: %s\n", stream_state_name(st.state));
+	cb_printf(b, "offset: %llu\n", (unsigned long long)st.offset);
+	cb_printf(b, "length: %llu\n", (unsigned long long)st.length);
+	cb_printf(b, "percent: %.1f\n", pct);
+	cb_printf(b, "speed_limit_bytes_per_s: %llu\n", (unsigned long long)st.speed);
+	cb_printf(b, "rate_bytes_per_s: %llu\n", (unsigned long long)st.rate);
+	cb_printf(b, "avg_rate_bytes_per_s: %llu\n", (unsigned long long)st.avg_rate);
+	if (st.state == STREAM_RUNNING && st.rate > 0)
+		cb_printf(b, "eta_s: %llu\n",
+			  (unsigned long long)((st.length - st.offset) / st.rate));
+	else
+		cb_printf(b, "eta_s: %s\n", st.state == STREAM_COMPLETED ? "0" : "-");
+	cb_printf(b, "elapsed_s: %.1f\n", st.elapsed);
+	cb_printf(b, "resumed_from: %llu\n", (unsigned long long)st.resumed_from);
+	cb_printf(b, "base: %s\n", st.base[0] ? st.base : "-");
+	cb_printf(b, "on_error: %s\n", st.on_error == STREAM_ON_ERROR_STOP ? "stop" : "report");
+	cb_printf(b, "error: %s\n", st.error[0] ? st.error : "-");
+	cb_printf(b, "overlay: %s\n", c->disk->top->filename);
+	cb_printf(b, "format: %s\n", c->disk->top->drv->name);
+	cb_printf(b, "backing: %s\n",
+		  c->disk->top->backing ? c->disk->top->backing->filename : "-");
+	control_render_chain(b, c->disk);
+	cb_printf(b, "disk_size: %llu\n", (unsigned long long)c->disk->top->size);
+	cb_printf(b, "copy_on_read: %s\n", c->disk->copy_on_read ? "on" : "off");
+	cb_printf(b, "bytes_copied_by_job: %llu\n",
+		  (unsigned long long)atomic_load(&ds->stream_copied));
+	cb_printf(b, "bytes_already_present: %llu\n",
+		  (unsigned long long)atomic_load(&ds->stream_present));
+	cb_printf(b, "bytes_skipped_zero: %llu\n",
+		  (unsigned long long)atomic_load(&ds->stream_zero));
+	cb_printf(b, "bytes_copied_on_read: %llu\n",
+		  (unsigned long long)atomic_load(&ds->cor_bytes));
+	cb_printf(b, "guest_bytes_read: %llu\n",
+		  (unsigned long long)atomic_load(&ds->guest_read));
+	cb_printf(b, "guest_bytes_written: %llu\n",
+		  (unsigned long long)atomic_load(&ds->guest_written));
+	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)control_network_bytes(c->disk));
+	pthread_rwlock_unlock(&c->disk->chain_lock);
+}
+
+static void control_render_map(struct control_buf *b, struct disk *d)
+{
+	struct image *top = d->top;
+	uint64_t off = 0, run_off = 0, run_len = 0;
+	int run_depth = -3;
+	enum extent_type run_type = EXT_UNALLOC;
+
+	pthread_rwlock_rdlock(&d->chain_lock);
+	cb_printf(b, "# offset length depth type file\n");
+	while (off <= top->size && !b->err) {
+		uint64_t pnum = 0;
+		int depth = -3;
+		enum extent_type type = EXT_UNALLOC;
+
+		if (off < top->size &&
+		    image_block_status(top, NULL, off, top->size - off, &pnum, &depth, &type) < 0) {
+			b->err = -EIO;
+			break;
+		}
+		if (type == EXT_COMPRESSED)
+			type = EXT_DATA;
+		if (off == top->size || depth != run_depth || type != run_type) {
+			if (run_len) {
+				struct image *l = run_depth >= 0 ? image_layer(top, run_depth) : NULL;
+				const char *t = run_depth < 0	      ? "hole"
+						: run_type == EXT_ZERO ? "zero"
+								       : "data";
+				cb_printf(b, "%llu %llu %d %s %s\n", (unsigned long long)run_off,
+					  (unsigned long long)run_len, run_depth, t,
+					  l ? l->filename : "-");
+			}
+			run_off = off;
+			run_len = 0;
+			run_depth = depth;
+			run_type = type;
+		}
+		if (off == top->size)
+			break;
+		run_len += pnum;
+		off += pnum;
+	}
+	pthread_rwlock_unlock(&d->chain_lock);
+}
+
+int control_render(struct control_ctx *c, enum control_id id, char **buf, size_t *len)
+{
+	struct control_buf b = { 0 };
+	struct stream_status st;
+
+	switch (id) {
+	case CTL_STATUS:
+		control_render_status(&b, c);
+		break;
+	case CTL_PROGRESS:
+		stream_get_status(c->job, &st);
+		cb_printf(&b, "%llu %llu %.1f%%\n", (unsigned long long)st.offset,
+			  (unsigned long long)st.length,
+			  st.length ? 100.0 * (double)st.offset / (double)st.length : 100.0);
+		break;
+	case CTL_SPEED:
+		stream_get_status(c->job, &st);
+		cb_printf(&b, "%llu\n", (unsigned long long)st.speed);
+		break;
+	case CTL_STREAM:
+		stream_get_status(c->job, &st);
+		cb_printf(&b, "%s\n", stream_state_name(st.state));
+		break;
+	case CTL_MAP:
+		control_render_map(&b, c->disk);
+		break;
+	default:
+		cb_printf(&b, "%s", "");
+		break;
+	}
+	if (b.err) {
+		free(b.s);
+		return b.err;
+	}
+	*buf = b.s;
+	*len = b.len;
+	return 0;
+}
+
+/* Copy one command line into a NUL-terminated buffer: a single trailing
+ * newline is allowed, embedded NULs or newlines are not. */
+static int control_line(const char *text, size_t len, char *out, size_t outlen)
+{
+	if (len > 0 && text[len - 1] == '\n')
+		len--;
+	if (len == 0 || len >= outlen)
+		return -EINVAL;
+	for (size_t i = 0; i < len; i++)
+		if (text[i] == '\0' || text[i] == '\n' || text[i] == '\r')
+			return -EINVAL;
+	memcpy(out, text, len);
+	out[len] = '\0';
+	return 0;
+}
+
+int control_parse_speed(const char *text, size_t len, uint64_t *out)
+{
+	char line[64];
+	char *s;
+
+	if (control_line(text, len, line, sizeof(line)) < 0)
+		return -EINVAL;
+	for (s = line; *s == ' '; s++)
+		;
+	return sfs_parse_size(s, out);
+}
+
+int control_parse_stream(const char *text, size_t len, struct control_stream_cmd *out)
+{
+	char line[CONTROL_CMD_MAX], *save = NULL, *tok;
+	struct control_stream_cmd cmd;
+	bool seen_base = false, seen_speed = false, seen_err = false;
+
+	memset(&cmd, 0, sizeof(cmd));
+	if (control_line(text, len, line, sizeof(line)) < 0)
+		return -EINVAL;
+	tok = strtok_r(line, " \t", &save);
+	if (!tok)
+		return -EINVAL;
+	if (strcmp(tok, "start") == 0)
+		cmd.action = CTL_STREAM_START;
+	else if (strcmp(tok, "pause") == 0)
+		cmd.action = CTL_STREAM_PAUSE;
+	else if (strcmp(tok, "resume") == 0)
+		cmd.action = CTL_STREAM_RESUME;
+	else if (strcmp(tok, "cancel") == 0 || strcmp(tok, "abort") == 0)
+		cmd.action = CTL_STREAM_CANCEL;
+	else
+		return -EINVAL;
+	while ((tok = strtok_r(NULL, " \t", &save))) {
+		if (cmd.action != CTL_STREAM_START)
+			return -EINVAL;
+		if (strncmp(tok, "base=", 5) == 0 && !seen_base) {
+			if (!tok[5] || strlen(tok + 5) >= sizeof(cmd.base))
+				return -EINVAL;
+			strcpy(cmd.base, tok + 5);
+			cmd.params.base = NULL; /* set below, after the copy-out */
+			seen_base = true;
+		} else if (strncmp(tok, "speed=", 6) == 0 && !seen_speed) {
+			if (sfs_parse_size(tok + 6, &cmd.params.speed) < 0)
+				return -EINVAL;
+			cmd.params.speed_set = true;
+			seen_speed = true;
+		} else if (strncmp(tok, "on-error=", 9) == 0 && !seen_err) {
+			if (strcmp(tok + 9, "report") == 0)
+				cmd.params.on_error = STREAM_ON_ERROR_REPORT;
+			else if (strcmp(tok + 9, "stop") == 0)
+				cmd.params.on_error = STREAM_ON_ERROR_STOP;
+			else
+				return -EINVAL;
+			seen_err = true;
+		} else {
+			return -EINVAL;
+		}
+	}
+	*out = cmd;
+	out->params.base = seen_base ? out->base : NULL;
+	return 0;
+}
+
+/* A number: decimal, or 0x hex, with an optional K/M/G/T suffix. */
+static int control_parse_num(const char *s, uint64_t *out)
+{
+	char *end;
+
+	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		if (!isxdigit((unsigned char)s[2]))
+			return -EINVAL;
+		errno = 0;
+		*out = strtoull(s + 2, &end, 16);
+		return errno || *end ? -EINVAL : 0;
+	}
+	return sfs_parse_size(s, out);
+}
+
+int control_parse_pull(const char *text, size_t len, uint64_t *off, uint64_t *plen)
+{
+	char line[128], *save = NULL, *a, *b;
+
+	if (control_line(text, len, line, sizeof(line)) < 0)
+		return -EINVAL;
+	a = strtok_r(line, " \t", &save);
+	b = a ? strtok_r(NULL, " \t", &save) : NULL;
+	if (!a || !b || strtok_r(NULL, " \t", &save))
+		return -EINVAL;
+	if (control_parse_num(a, off) < 0 || control_parse_num(b, plen) < 0 || *plen == 0)
+		return -EINVAL;
+	return 0;
+}
+
+int control_command(struct control_ctx *c, enum control_id id, const char *text, size_t len)
+{
+	struct control_stream_cmd cmd;
+	uint64_t v, off, plen;
+	char line[16];
+	int r;
+
+	switch (id) {
+	case CTL_SPEED:
+		if (control_parse_speed(text, len, &v) < 0)
+			goto bad;
+		return stream_set_speed(c->job, v);
+	case CTL_ABORT:
+		if (control_line(text, len, line, sizeof(line)) < 0 ||
+		    (strcmp(line, "1") != 0 && strcmp(line, "cancel") != 0 &&
+		     strcmp(line, "abort") != 0))
+			goto bad;
+		r = stream_cancel(c->job);
+		if (r == -EINVAL) {
+			sfs_warn("control/abort: no stream job is running");
+			return -EBUSY;
+		}
+		return r;
+	case CTL_PULL:
+		if (control_parse_pull(text, len, &off, &plen) < 0)
+			goto bad;
+		if (!sfs_add_ok(off, plen, &v) || v > c->disk->top->size) {
+			sfs_warn("control/pull: range is past the end of the disk");
+			return -EINVAL;
+		}
+		return stream_pull(c->job, off, plen);
+	case CTL_STREAM:
+		if (control_parse_stream(text, len, &cmd) < 0)
+			goto bad;
+		switch (cmd.action) {
+		case CTL_STREAM_START:
+			return stream_start(c->job, &cmd.params);
+		case CTL_STREAM_PAUSE:
+			r = stream_pause(c->job);
+			break;
+		case CTL_STREAM_RESUME:
+			r = stream_resume(c->job);
+			break;
+		case CTL_STREAM_CANCEL:
+		default:
+			r = stream_cancel(c->job);
+			break;
+		}
+		if (r == -EINVAL) {
+			sfs_warn("control/stream: '%.*s' does not apply in the job's current state",
+				 (int)SFS_MIN(len, 64), text);
+			return -EBUSY;
+		}
+		return r;
+	default:
+		return -EACCES;
+	}
+bad:
+	sfs_warn("control/%s: invalid command '%.*s'", control_files[id].name,
+		 (int)SFS_MIN(len, 64), text);
+	return -EINVAL;
+}

@@ -1,0 +1,505 @@
+/* streamfs: command line and daemon lifecycle.
+ *
+ *   streamfs [-f] [-d] [-o OPTS] OVERLAY MOUNTPOINT   mount (daemonizes unless -f)
+ *   streamfs create [-f FMT] [-b BACKING [-F BFMT]] [-c CLUSTER] OVERLAY [SIZE]
+ *   streamfs status|progress|stream|pause|resume|abort|speed|wait|map MOUNTPOINT ...
+ *
+ * Mount order follows libfuse's example/passthrough_ll.c: parse, open the
+ * image chain (so errors reach the terminal with a non-zero exit status),
+ * fuse_new, mount, daemonize, start threads (after the fork), loop, then tear
+ * down in reverse through one exit ladder.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fusefs.h"
+#include "util.h"
+
+/* Exit codes (documented in man/streamfs.1). */
+#define EXIT_USAGE 1  /* bad command line */
+#define EXIT_IMAGE 2  /* the overlay or its backing chain cannot be opened */
+#define EXIT_MOUNT 3  /* FUSE mount failed */
+#define EXIT_JOB 4    /* wait: the job failed or was cancelled */
+
+struct sfs_opts {
+	int ro;
+	char *copy_on_read; /* "on"/"off" */
+	int stream;
+	char *speed;
+	char *base;
+	char *on_error;
+	char *backing;
+	char *format;
+	char *cacert;
+	char *http_auth_file;
+	unsigned http_pool;
+	unsigned http_timeout;
+	unsigned http_retries;
+	int verbose;
+	unsigned readahead_kb;
+	unsigned max_threads;
+	int show_help;
+	int show_version;
+	int foreground;
+	char *overlay;
+	char *mountpoint;
+};
+
+#define SFS_OPT(t, p, v)                                                                           \
+	{                                                                                          \
+		t, offsetof(struct sfs_opts, p), v                                                 \
+	}
+
+enum { KEY_RO, KEY_FOREGROUND, KEY_DEBUG };
+
+static const struct fuse_opt sfs_opt_spec[] = {
+	SFS_OPT("copy_on_read=%s", copy_on_read, 0),
+	SFS_OPT("stream", stream, 1),
+	SFS_OPT("speed=%s", speed, 0),
+	SFS_OPT("base=%s", base, 0),
+	SFS_OPT("on_error=%s", on_error, 0),
+	SFS_OPT("on-error=%s", on_error, 0),
+	SFS_OPT("backing=%s", backing, 0),
+	SFS_OPT("format=%s", format, 0),
+	SFS_OPT("cacert=%s", cacert, 0),
+	SFS_OPT("http_auth_file=%s", http_auth_file, 0),
+	SFS_OPT("http_pool=%u", http_pool, 0),
+	SFS_OPT("http_timeout=%u", http_timeout, 0),
+	SFS_OPT("http_retries=%u", http_retries, 0),
+	SFS_OPT("verbose", verbose, 1),
+	SFS_OPT("readahead=%u", readahead_kb, 0),
+	SFS_OPT("threads=%u", max_threads, 0),
+	SFS_OPT("-h", show_help, 1),
+	SFS_OPT("--help", show_help, 1),
+	SFS_OPT("-V", show_version, 1),
+	SFS_OPT("--version", show_version, 1),
+	FUSE_OPT_KEY("ro", KEY_RO),
+	FUSE_OPT_KEY("-f", KEY_FOREGROUND),
+	FUSE_OPT_KEY("-d", KEY_DEBUG),
+	FUSE_OPT_KEY("debug", KEY_DEBUG),
+	FUSE_OPT_END,
+};
+
+static void sfs_usage(FILE *f)
+{
+	fprintf(f,
+		"usage: streamfs [options] OVERLAY MOUNTPOINT\n"
+		"       streamfs create [-f qcow2|qed] [-b BACKING [-F FMT]] [-c CLUSTER] "
+		"OVERLAY [SIZE]\n"
+		"       streamfs status|progress|map|events MOUNTPOINT\n"
+		"       streamfs stream MOUNTPOINT [--base B] [--speed S] [--on-error E] [--wait]\n"
+		"       streamfs pause|resume|abort MOUNTPOINT\n"
+		"       streamfs speed MOUNTPOINT SPEED\n"
+		"       streamfs wait MOUNTPOINT\n"
+		"\n"
+		"Mounts OVERLAY (qcow2 or QED, with a local or http(s) backing chain) at\n"
+		"MOUNTPOINT as MOUNTPOINT/disk plus MOUNTPOINT/control/.\n"
+		"\n"
+		"options:\n"
+		"    -f                     stay in the foreground\n"
+		"    -d, -o debug           FUSE debug output (implies -f)\n"
+		"    -o ro                  read-only disk, no copy-on-read, no stream job\n"
+		"    -o copy_on_read=on|off copy data read from the backing into the overlay "
+		"(on)\n"
+		"    -o stream              start the stream job at mount\n"
+		"    -o speed=N[KMG]        stream rate limit in bytes/s (0 = unlimited)\n"
+		"    -o base=IMAGE          stream only images above IMAGE, then rebase onto it\n"
+		"    -o on_error=report|stop  stream job error policy (report)\n"
+		"    -o backing=URI         use this backing instead of the header's, for this mount\n"
+		"    -o format=qcow2|qed    overlay format (probed by default)\n"
+		"    -o cacert=FILE         extra CA certificates for https backings\n"
+		"    -o http_auth_file=FILE credentials for http(s): 'Header: value' or "
+		"'user:password'\n"
+		"    -o http_pool=N         parallel HTTP connections per backing (4)\n"
+		"    -o http_timeout=S      seconds before a stalled HTTP request is retried (30)\n"
+		"    -o http_retries=N      attempts per HTTP request (5)\n"
+		"    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"
+		"    -o threads=N           FUSE worker threads (16)\n"
+		"    -o verbose             log more (requests, job steps)\n"
+		"    -o allow_other, auto_unmount, ...   passed to FUSE (see fuse(8))\n"
+		"    -h, --help             this help\n"
+		"    -V, --version          version\n");
+}
+
+static int sfs_opt_proc(void *data, const char *arg, int key, struct fuse_args *outargs)
+{
+	struct sfs_opts *o = data;
+
+	switch (key) {
+	case KEY_RO:
+		o->ro = 1;
+		return 1; /* also a FUSE mount option */
+	case KEY_FOREGROUND:
+		o->foreground = 1;
+		return 0;
+	case KEY_DEBUG:
+		o->foreground = 1;
+		return 1;
+	case FUSE_OPT_KEY_NONOPT:
+		if (!o->overlay) {
+			o->overlay = strdup(arg);
+			return 0;
+		}
+		if (!o->mountpoint) {
+			o->mountpoint = strdup(arg);
+			return 0;
+		}
+		fprintf(stderr, "streamfs: unexpected argument '%s'\n", arg);
+		return -1;
+	default:
+		return 1;
+	}
+}
+
+/* Is path (resolved) inside dir (resolved)? */
+static bool sfs_path_inside(const char *path, const char *dir)
+{
+	size_t n = strlen(dir);
+
+	if (strcmp(dir, "/") == 0)
+		return true;
+	return strncmp(path, dir, n) == 0 && (path[n] == '/' || path[n] == '\0');
+}
+
+/* Raise the kernel's read-ahead for our mount: FUSE caps it at the bdi's
+ * default (128 KiB), which halves sequential throughput of buffered reads.
+ * Best effort: needs root; finds the bdi from /proc/self/mountinfo so it
+ * never touches the mount itself (the loop is not serving yet). */
+static void sfs_set_readahead(const char *mountpoint, unsigned kb)
+{
+	char line[4096], path[128];
+	FILE *f = fopen("/proc/self/mountinfo", "r");
+	unsigned maj, min;
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f)) {
+		char mnt[PATH_MAX];
+		if (sscanf(line, "%*d %*d %u:%u %*s %4095s", &maj, &min, mnt) != 3)
+			continue;
+		if (strcmp(mnt, mountpoint) != 0)
+			continue;
+		snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb", maj, min);
+		FILE *w = fopen(path, "w");
+		if (w) {
+			fprintf(w, "%u\n", kb);
+			fclose(w);
+		}
+	}
+	fclose(f);
+}
+
+static int sfs_mount_main(int argc, char **argv)
+{
+	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+	struct sfs_opts o = { 0 };
+	struct sfs_mount m = { 0 };
+	struct fetch_options fo = { 0 };
+	struct fuse_loop_config *lc = NULL;
+	struct image *top = NULL;
+	struct disk *disk = NULL;
+	struct fuse *fuse = NULL;
+	char overlay[PATH_MAX], mnt[PATH_MAX];
+	bool cor = true;
+	uint64_t speed = 0;
+	int ret = EXIT_USAGE, r;
+
+	if (fuse_opt_parse(&args, &o, sfs_opt_spec, sfs_opt_proc) < 0)
+		goto out;
+	if (o.show_help) {
+		sfs_usage(stdout);
+		ret = 0;
+		goto out;
+	}
+	if (o.show_version) {
+		printf("streamfs %s (libfuse %d)\n", STREAMFS_VERSION, fuse_version());
+		ret = 0;
+		goto out;
+	}
+	if (!o.overlay || !o.mountpoint) {
+		fprintf(stderr, "streamfs: missing %s\n", !o.overlay ? "OVERLAY" : "MOUNTPOINT");
+		sfs_usage(stderr);
+		goto out;
+	}
+	if (o.verbose)
+		sfs_log_level = SFS_LOG_DEBUG;
+	if (o.copy_on_read) {
+		if (strcmp(o.copy_on_read, "on") == 0)
+			cor = true;
+		else if (strcmp(o.copy_on_read, "off") == 0)
+			cor = false;
+		else {
+			fprintf(stderr, "streamfs: copy_on_read must be on or off\n");
+			goto out;
+		}
+	}
+	if (o.speed && sfs_parse_size(o.speed, &speed) < 0) {
+		fprintf(stderr, "streamfs: invalid speed '%s'\n", o.speed);
+		goto out;
+	}
+	if (o.on_error && strcmp(o.on_error, "report") != 0 && strcmp(o.on_error, "stop") != 0) {
+		fprintf(stderr, "streamfs: on_error must be report or stop\n");
+		goto out;
+	}
+	if (o.ro && o.stream) {
+		fprintf(stderr, "streamfs: -o stream needs a writable overlay (drop -o ro)\n");
+		goto out;
+	}
+	if (!realpath(o.overlay, overlay)) {
+		fprintf(stderr, "streamfs: %s: %s\n", o.overlay, strerror(errno));
+		ret = EXIT_IMAGE;
+		goto out;
+	}
+	if (!realpath(o.mountpoint, mnt)) {
+		fprintf(stderr, "streamfs: %s: %s\n", o.mountpoint, strerror(errno));
+		goto out;
+	}
+	fo.cacert = o.cacert;
+	fo.http_auth_file = o.http_auth_file;
+	fo.pool_size = o.http_pool;
+	fo.io_timeout = o.http_timeout;
+	fo.retries = o.http_retries;
+	fo.verbose = o.verbose;
+	fetch_set_options(&fo);
+
+	r = image_open_chain(overlay, o.format, o.ro ? 0 : IMAGE_RDWR, o.backing, &top);
+	if (r < 0) {
+		fprintf(stderr, "streamfs: cannot open %s: %s\n", overlay, strerror(-r));
+		ret = EXIT_IMAGE;
+		goto out;
+	}
+	for (struct image *l = top; l; l = l->backing) {
+		char real[PATH_MAX];
+		if (sfs_is_url(l->filename) || !realpath(l->filename, real))
+			continue;
+		if (sfs_path_inside(real, mnt)) {
+			fprintf(stderr, "streamfs: %s lies inside the mountpoint %s\n", real, mnt);
+			image_close_chain(top);
+			ret = EXIT_USAGE;
+			goto out;
+		}
+	}
+	if (top->drv == &image_raw_driver && !o.ro)
+		sfs_warn("%s is a raw image: writes go straight into it, there is no overlay",
+			 overlay);
+	r = disk_new(top, cor, o.ro, &disk);
+	if (r < 0) {
+		image_close_chain(top);
+		ret = EXIT_IMAGE;
+		goto out;
+	}
+	m.ctl.disk = disk;
+	m.mountpoint = mnt;
+	m.ctl.events = events_new();
+	if (!m.ctl.events)
+		goto out_disk;
+
+	/* Kernel caching of attributes is safe: nothing else changes them. */
+	fuse_opt_add_arg(&args, "-odefault_permissions");
+	fuse_opt_add_arg(&args, "-ofsname=streamfs");
+	fuse_opt_add_arg(&args, "-osubtype=streamfs");
+	fuse = fuse_new(&args, &sfs_fuse_ops, sizeof(sfs_fuse_ops), &m);
+	if (!fuse) {
+		ret = EXIT_USAGE;
+		goto out_events;
+	}
+	if (fuse_mount(fuse, mnt) != 0) {
+		ret = EXIT_MOUNT;
+		goto out_fuse;
+	}
+	if (fuse_daemonize(o.foreground) != 0) {
+		ret = EXIT_MOUNT;
+		goto out_unmount;
+	}
+	if (!o.foreground)
+		sfs_log_to_syslog(true);
+	if (fuse_set_signal_handlers(fuse_get_session(fuse)) != 0) {
+		ret = EXIT_MOUNT;
+		goto out_unmount;
+	}
+	/* Threads only now: fuse_daemonize() forks. */
+	r = stream_new(disk, m.ctl.events, &m.ctl.job);
+	if (r < 0) {
+		sfs_error("cannot start the stream thread: %s", strerror(-r));
+		ret = EXIT_MOUNT;
+		goto out_signals;
+	}
+	if (!o.ro) {
+		struct stream_params sp = { .speed = speed, .speed_set = true, .base = o.base };
+		sp.on_error = o.on_error && strcmp(o.on_error, "stop") == 0 ? STREAM_ON_ERROR_STOP
+									   : STREAM_ON_ERROR_REPORT;
+		if (o.stream) {
+			r = stream_start(m.ctl.job, &sp);
+			if (r < 0)
+				sfs_error("cannot start the stream job: %s", strerror(-r));
+		} else {
+			stream_set_speed(m.ctl.job, speed);
+		}
+	}
+	if (geteuid() == 0 || o.readahead_kb)
+		sfs_set_readahead(mnt, o.readahead_kb ? o.readahead_kb : 1024);
+
+	lc = fuse_loop_cfg_create();
+	fuse_loop_cfg_set_max_threads(lc, o.max_threads ? o.max_threads : 16);
+	fuse_loop_cfg_set_idle_threads(lc, 4);
+	r = fuse_loop_mt(fuse, lc);
+	ret = r == 0 ? 0 : EXIT_MOUNT;
+	fuse_loop_cfg_destroy(lc);
+
+	stream_free(m.ctl.job);
+out_signals:
+	fuse_remove_signal_handlers(fuse_get_session(fuse));
+out_unmount:
+	fuse_unmount(fuse);
+out_fuse:
+	fuse_destroy(fuse);
+out_events:
+	events_free(m.ctl.events);
+out_disk:
+	r = disk_close(disk);
+	if (r < 0) {
+		sfs_error("%s: final flush failed: %s", overlay, strerror(-r));
+		if (ret == 0)
+			ret = EXIT_IMAGE;
+	}
+out:
+	free(o.overlay);
+	free(o.mountpoint);
+	free(o.copy_on_read);
+	free(o.speed);
+	free(o.base);
+	free(o.on_error);
+	free(o.backing);
+	free(o.format);
+	free(o.cacert);
+	free(o.http_auth_file);
+	fuse_opt_free_args(&args);
+	return ret;
+}
+
+/* streamfs create [-f FMT] [-b BACKING [-F BFMT]] [-c CLUSTER] [-o compat=0.10|1.1]
+ *                 OVERLAY [SIZE] */
+static int sfs_create_main(int argc, char **argv)
+{
+	const char *fmt = "qcow2", *backing = NULL, *bfmt = NULL, *path;
+	struct image_create_opts co = { 0 };
+	uint64_t v;
+	int c, r;
+
+	optind = 1;
+	while ((c = getopt(argc, argv, "f:b:F:c:o:uh")) != -1) {
+		switch (c) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'b':
+			backing = optarg;
+			break;
+		case 'F':
+			bfmt = optarg;
+			break;
+		case 'c':
+			if (sfs_parse_size(optarg, &v) < 0 || v > (64u << 20) || !SFS_IS_POW2(v)) {
+				fprintf(stderr, "streamfs create: bad cluster size '%s'\n", optarg);
+				return EXIT_USAGE;
+			}
+			co.cluster_size = (uint32_t)v;
+			break;
+		case 'o':
+			if (strcmp(optarg, "compat=0.10") == 0 || strcmp(optarg, "compat=v2") == 0)
+				co.version = 2;
+			else if (strcmp(optarg, "compat=1.1") == 0 || strcmp(optarg, "compat=v3") == 0)
+				co.version = 3;
+			else {
+				fprintf(stderr, "streamfs create: unknown option '%s'\n", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'u':
+			break;
+		case 'h':
+			sfs_usage(stdout);
+			return 0;
+		default:
+			return EXIT_USAGE;
+		}
+	}
+	if (optind >= argc) {
+		fprintf(stderr, "streamfs create: missing OVERLAY\n");
+		return EXIT_USAGE;
+	}
+	path = argv[optind];
+	if (optind + 1 < argc) {
+		if (sfs_parse_size(argv[optind + 1], &co.size) < 0 || co.size == 0) {
+			fprintf(stderr, "streamfs create: bad size '%s'\n", argv[optind + 1]);
+			return EXIT_USAGE;
+		}
+	}
+	if (optind + 2 < argc) {
+		fprintf(stderr, "streamfs create: unexpected argument '%s'\n", argv[optind + 2]);
+		return EXIT_USAGE;
+	}
+	if (strcmp(fmt, "qcow2") != 0 && strcmp(fmt, "qed") != 0) {
+		fprintf(stderr, "streamfs create: format must be qcow2 or qed\n");
+		return EXIT_USAGE;
+	}
+	if (backing) {
+		/* Open the chain to learn its size and check it is sane; a
+		 * relative name is relative to the overlay, as in the header. */
+		struct image *b;
+		char *uri = sfs_resolve_backing(path, backing);
+
+		if (!uri)
+			return EXIT_IMAGE;
+		r = image_open_chain(uri, bfmt, 0, NULL, &b);
+		free(uri);
+		if (r < 0) {
+			fprintf(stderr, "streamfs create: cannot open backing '%s': %s\n", backing,
+				strerror(-r));
+			return EXIT_IMAGE;
+		}
+		if (!co.size)
+			co.size = b->size;
+		if (!bfmt)
+			bfmt = b->drv->name; /* always record it: never re-probe */
+		co.backing_name = backing;
+		co.backing_fmt = bfmt;
+		r = image_create(path, fmt, &co);
+		image_close_chain(b);
+	} else {
+		if (!co.size) {
+			fprintf(stderr, "streamfs create: SIZE is needed without -b\n");
+			return EXIT_USAGE;
+		}
+		r = image_create(path, fmt, &co);
+	}
+	if (r < 0) {
+		fprintf(stderr, "streamfs create: %s: %s\n", path, strerror(-r));
+		return EXIT_IMAGE;
+	}
+	printf("Formatting '%s', fmt=%s size=%llu%s%s%s%s\n", path, fmt,
+	       (unsigned long long)co.size, backing ? " backing_file=" : "", backing ? backing : "",
+	       bfmt ? " backing_fmt=" : "", bfmt ? bfmt : "");
+	return 0;
+}
+
+
+int main(int argc, char **argv)
+{
+	if (argc >= 2 && strcmp(argv[1], "create") == 0)
+		return sfs_create_main(argc - 1, argv + 1);
+	if (argc >= 2) {
+		int r = sfs_client_main(argc, argv);
+		if (r >= 0)
+			return r;
+	}
+	return sfs_mount_main(argc, argv);
+}

@@ -1,0 +1,401 @@
+/* streamfs: FUSE operations. Glue only: translate requests on /disk and
+ * /control/<file> into calls on the disk, the stream job and the control
+ * parsers; no format knowledge here.
+ *
+ * NOTES ON THE THREAD MODEL
+ * - libfuse's multithreaded loop calls these in parallel. /disk I/O goes
+ *   straight to disk_read/disk_write, which are thread-safe.
+ * - Each open of a control file gets a private handle (fi->fh) with the
+ *   snapshot rendered at open, or, for events, its own cursor.
+ * - Poll handles of events readers are kept in sfs_polls (under
+ *   sfs_poll_lock) and notified once each from events_post().
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fusefs.h"
+#include <fuse_lowlevel.h>
+#include "util.h"
+
+#define SFS_MAX_IO (1u << 20) /* max_write and the largest read we expect, bytes */
+#define SFS_DISK "/disk"
+#define SFS_CONTROL "/control"
+
+enum sfs_node { NODE_NONE, NODE_ROOT, NODE_DISK, NODE_CONTROL_DIR, NODE_CONTROL };
+
+struct sfs_handle {
+	int ctl;      /* enum control_id */
+	char *buf;    /* rendered snapshot */
+	size_t len;
+	uint64_t cursor; /* events */
+	struct fuse_pollhandle *ph; /* protected by sfs_poll_lock */
+	struct sfs_handle *next_poll; /* protected by sfs_poll_lock */
+	bool polled;		      /* on the sfs_polls list */
+};
+
+static pthread_mutex_t sfs_poll_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sfs_handle *sfs_polls; /* events handles, protected by sfs_poll_lock */
+static time_t sfs_mount_time;
+
+static struct sfs_mount *sfs_ctx(void)
+{
+	return fuse_get_context()->private_data;
+}
+
+static enum sfs_node sfs_resolve(const char *path, int *ctl)
+{
+	if (strcmp(path, "/") == 0)
+		return NODE_ROOT;
+	if (strcmp(path, SFS_DISK) == 0)
+		return NODE_DISK;
+	if (strcmp(path, SFS_CONTROL) == 0)
+		return NODE_CONTROL_DIR;
+	if (strncmp(path, SFS_CONTROL "/", sizeof(SFS_CONTROL)) == 0) {
+		int id = control_lookup(path + sizeof(SFS_CONTROL));
+		if (id >= 0) {
+			*ctl = id;
+			return NODE_CONTROL;
+		}
+	}
+	return NODE_NONE;
+}
+
+/* Notify every poller of control/events (called from events_post). */
+static void sfs_events_notify(void *opaque)
+{
+	struct sfs_handle *h;
+
+	pthread_mutex_lock(&sfs_poll_lock);
+	for (h = sfs_polls; h; h = h->next_poll) {
+		if (h->ph) {
+			fuse_notify_poll(h->ph);
+			fuse_pollhandle_destroy(h->ph);
+			h->ph = NULL;
+		}
+	}
+	pthread_mutex_unlock(&sfs_poll_lock);
+}
+
+static void *sfs_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
+{
+	struct sfs_mount *m = sfs_ctx();
+
+	conn->max_write = SFS_MAX_IO;
+	conn->max_readahead = SFS_MAX_IO;
+	if (conn->capable & FUSE_CAP_ASYNC_DIO)
+		conn->want |= FUSE_CAP_ASYNC_DIO;
+	if (conn->capable & FUSE_CAP_SPLICE_WRITE)
+		conn->want |= FUSE_CAP_SPLICE_WRITE;
+	/* Nothing but us changes the files, so let the kernel cache attributes. */
+	cfg->entry_timeout = 60;
+	cfg->attr_timeout = 60;
+	cfg->negative_timeout = 60;
+	cfg->use_ino = 0;
+	cfg->nullpath_ok = 0;
+	sfs_mount_time = time(NULL);
+	events_set_notify(m->ctl.events, sfs_events_notify, NULL);
+	return m;
+}
+
+static int sfs_getattr(const char *path, struct stat *st, struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+	int ctl = 0;
+
+	memset(st, 0, sizeof(*st));
+	st->st_uid = getuid();
+	st->st_gid = getgid();
+	st->st_atime = st->st_mtime = st->st_ctime = sfs_mount_time;
+	switch (sfs_resolve(path, &ctl)) {
+	case NODE_ROOT:
+	case NODE_CONTROL_DIR:
+		st->st_mode = S_IFDIR | 0755;
+		st->st_nlink = 2;
+		return 0;
+	case NODE_DISK:
+		st->st_mode = S_IFREG | (m->ctl.disk->read_only ? 0444 : 0644);
+		st->st_nlink = 1;
+		st->st_size = (off_t)m->ctl.disk->top->size;
+		st->st_blksize = 65536;
+		st->st_blocks = (blkcnt_t)SFS_DIV_ROUND_UP(m->ctl.disk->top->size, 512);
+		return 0;
+	case NODE_CONTROL:
+		st->st_mode = S_IFREG | control_files[ctl].mode;
+		if (m->ctl.disk->read_only)
+			st->st_mode &= ~(mode_t)0222;
+		st->st_nlink = 1;
+		st->st_size = 0; /* dynamic content: read until EOF */
+		return 0;
+	default:
+		return -ENOENT;
+	}
+}
+
+static int sfs_readdir(const char *path, void *buf, fuse_fill_dir_t fill, off_t off,
+		       struct fuse_file_info *fi, enum fuse_readdir_flags flags)
+{
+	int ctl;
+
+	switch (sfs_resolve(path, &ctl)) {
+	case NODE_ROOT:
+		fill(buf, ".", NULL, 0, 0);
+		fill(buf, "..", NULL, 0, 0);
+		fill(buf, "disk", NULL, 0, 0);
+		fill(buf, "control", NULL, 0, 0);
+		return 0;
+	case NODE_CONTROL_DIR:
+		fill(buf, ".", NULL, 0, 0);
+		fill(buf, "..", NULL, 0, 0);
+		for (int i = 0; i < CTL_COUNT; i++)
+			fill(buf, control_files[i].name, NULL, 0, 0);
+		return 0;
+	case NODE_NONE:
+		return -ENOENT;
+	default:
+		return -ENOTDIR;
+	}
+}
+
+static int sfs_open(const char *path, struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+	int acc = fi->flags & O_ACCMODE, ctl = 0, r;
+	struct sfs_handle *h;
+
+	switch (sfs_resolve(path, &ctl)) {
+	case NODE_DISK:
+		if (acc != O_RDONLY && m->ctl.disk->read_only)
+			return -EROFS;
+		fi->fh = 0;
+		/* The guest view never changes behind the kernel's back. */
+		fi->keep_cache = 1;
+		return 0;
+	case NODE_CONTROL:
+		break;
+	case NODE_NONE:
+		return -ENOENT;
+	default:
+		return -EISDIR;
+	}
+	if (acc != O_RDONLY && !(control_files[ctl].mode & 0200))
+		return -EACCES;
+	if (acc != O_WRONLY && !(control_files[ctl].mode & 0400))
+		return -EACCES;
+	if (acc != O_RDONLY && m->ctl.disk->read_only)
+		return -EROFS;
+	h = calloc(1, sizeof(*h));
+	if (!h)
+		return -ENOMEM;
+	h->ctl = ctl;
+	if (ctl == CTL_EVENTS) {
+		h->cursor = events_cursor(m->ctl.events);
+		fi->nonseekable = 1;
+	} else if (acc != O_WRONLY) {
+		r = control_render(&m->ctl, (enum control_id)ctl, &h->buf, &h->len);
+		if (r < 0) {
+			free(h);
+			return r;
+		}
+	}
+	fi->direct_io = 1;
+	fi->fh = (uint64_t)(uintptr_t)h;
+	return 0;
+}
+
+static int sfs_read(const char *path, char *buf, size_t size, off_t off,
+		    struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+	int r;
+
+	if (!h) {
+		uint64_t disk_size = m->ctl.disk->top->size;
+		if (off < 0)
+			return -EINVAL;
+		if ((uint64_t)off >= disk_size)
+			return 0;
+		size = (size_t)SFS_MIN((uint64_t)size, disk_size - (uint64_t)off);
+		r = disk_read(m->ctl.disk, buf, size, (uint64_t)off);
+		return r < 0 ? r : (int)size;
+	}
+	if (h->ctl == CTL_EVENTS) {
+		for (;;) {
+			size_t n = events_read(m->ctl.events, &h->cursor, buf, size,
+					       (fi->flags & O_NONBLOCK) ? 0 : 250);
+			if (n > 0)
+				return (int)n;
+			if (fi->flags & O_NONBLOCK)
+				return -EAGAIN;
+			if (events_is_shutdown(m->ctl.events) ||
+			    fuse_session_exited(fuse_get_session(fuse_get_context()->fuse)))
+				return 0;
+			if (fuse_interrupted())
+				return -EINTR;
+		}
+	}
+	if (off < 0 || (size_t)off >= h->len)
+		return 0;
+	size = SFS_MIN(size, h->len - (size_t)off);
+	memcpy(buf, h->buf + off, size);
+	return (int)size;
+}
+
+static int sfs_write(const char *path, const char *buf, size_t size, off_t off,
+		     struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+	int r;
+
+	if (!h) {
+		if (off < 0)
+			return -EINVAL;
+		r = disk_write(m->ctl.disk, buf, size, (uint64_t)off);
+		return r < 0 ? r : (int)size;
+	}
+	r = control_command(&m->ctl, (enum control_id)h->ctl, buf, size);
+	return r < 0 ? r : (int)size;
+}
+
+static int sfs_flush(const char *path, struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+
+	/* close() of a writer of /disk: make its writes durable. */
+	if (!fi->fh && (fi->flags & O_ACCMODE) != O_RDONLY)
+		return disk_flush(m->ctl.disk);
+	return 0;
+}
+
+static int sfs_fsync(const char *path, int datasync, struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+
+	if (!fi || !fi->fh)
+		return disk_flush(m->ctl.disk);
+	return 0;
+}
+
+static int sfs_release(const char *path, struct fuse_file_info *fi)
+{
+	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh, **pp;
+
+	if (!h)
+		return 0;
+	pthread_mutex_lock(&sfs_poll_lock);
+	if (h->polled) {
+		for (pp = &sfs_polls; *pp; pp = &(*pp)->next_poll) {
+			if (*pp == h) {
+				*pp = h->next_poll;
+				break;
+			}
+		}
+	}
+	if (h->ph)
+		fuse_pollhandle_destroy(h->ph);
+	pthread_mutex_unlock(&sfs_poll_lock);
+	free(h->buf);
+	free(h);
+	return 0;
+}
+
+static int sfs_poll(const char *path, struct fuse_file_info *fi, struct fuse_pollhandle *ph,
+		    unsigned *reventsp)
+{
+	struct sfs_mount *m = sfs_ctx();
+	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+
+	if (!h || h->ctl != CTL_EVENTS) {
+		if (ph)
+			fuse_pollhandle_destroy(ph);
+		*reventsp |= POLLIN | POLLOUT;
+		return 0;
+	}
+	if (ph) {
+		pthread_mutex_lock(&sfs_poll_lock);
+		if (h->ph)
+			fuse_pollhandle_destroy(h->ph);
+		h->ph = ph;
+		if (!h->polled) {
+			h->next_poll = sfs_polls;
+			sfs_polls = h;
+			h->polled = true;
+		}
+		pthread_mutex_unlock(&sfs_poll_lock);
+	}
+	if (events_ready(m->ctl.events, h->cursor))
+		*reventsp |= POLLIN;
+	return 0;
+}
+
+static int sfs_truncate(const char *path, off_t size, struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+	int ctl;
+
+	switch (sfs_resolve(path, &ctl)) {
+	case NODE_CONTROL:
+		return 0; /* "echo cmd > control/x" truncates first */
+	case NODE_DISK:
+		/* The virtual size is fixed; allow a no-op for tools that set it. */
+		return (uint64_t)size == m->ctl.disk->top->size ? 0 : -EPERM;
+	default:
+		return -EACCES;
+	}
+}
+
+static int sfs_chmod(const char *path, mode_t mode, struct fuse_file_info *fi)
+{
+	return -EPERM;
+}
+
+static int sfs_utimens(const char *path, const struct timespec tv[2], struct fuse_file_info *fi)
+{
+	return 0; /* touch(1) and editors: accept and ignore */
+}
+
+static int sfs_statfs(const char *path, struct statvfs *sv)
+{
+	struct sfs_mount *m = sfs_ctx();
+
+	memset(sv, 0, sizeof(*sv));
+	sv->f_bsize = sv->f_frsize = 4096;
+	sv->f_blocks = SFS_DIV_ROUND_UP(m->ctl.disk->top->size, 4096);
+	sv->f_files = 2 + CTL_COUNT;
+	sv->f_namemax = 255;
+	return 0;
+}
+
+static void sfs_destroy(void *private_data)
+{
+	struct sfs_mount *m = private_data;
+
+	events_set_notify(m->ctl.events, NULL, NULL);
+	events_shutdown(m->ctl.events);
+}
+
+const struct fuse_operations sfs_fuse_ops = {
+	.init = sfs_init,
+	.destroy = sfs_destroy,
+	.getattr = sfs_getattr,
+	.readdir = sfs_readdir,
+	.open = sfs_open,
+	.read = sfs_read,
+	.write = sfs_write,
+	.flush = sfs_flush,
+	.fsync = sfs_fsync,
+	.release = sfs_release,
+	.poll = sfs_poll,
+	.truncate = sfs_truncate,
+	.chmod = sfs_chmod,
+	.utimens = sfs_utimens,
+	.statfs = sfs_statfs,
+};

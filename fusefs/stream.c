@@ -1,0 +1,494 @@
+/* streamfs: the background stream job (see stream.h).
+ *
+ * NOTES ON THE THREAD MODEL
+ * - One job thread per disk; control-file writers (FUSE workers) change its
+ *   wishes (pause, cancel, speed) under j->lock and signal j->cond; the job
+ *   thread acts on them between chunks and acknowledges by changing state,
+ *   so a caller of stream_pause() returns only once no chunk is in flight.
+ * - The job never holds j->lock across I/O.
+ * - Rate limit: a token bucket refilled at 'speed' bytes/s, charged with
+ *   the bytes actually copied; throttled chunks are small (speed/20) so the
+ *   rate is smooth and changes apply within ~50 ms.
+ * - Yielding: when the guest has requests in flight or issued any since the
+ *   last chunk, the job uses small chunks and sleeps as long as the chunk
+ *   took (50% duty cycle), so guest requests rarely queue behind it.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "stream.h"
+#include "util.h"
+
+#define STREAM_CHUNK (8u << 20)	      /* bytes per chunk when the guest is idle */
+#define STREAM_CHUNK_BUSY (1u << 20)  /* bytes per chunk while the guest is active */
+#define STREAM_FLUSH_BYTES (256u << 20) /* flush the overlay after this much copied */
+#define STREAM_FLUSH_NS 2000000000ull /* ... or this long */
+#define STREAM_RATE_WINDOW 8	      /* rate samples kept, STREAM_RATE_NS apart */
+#define STREAM_RATE_NS 250000000ull
+
+struct stream_job {
+	struct disk *d;
+	struct events *ev;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	uint8_t *buf; /* job's scratch buffer, STREAM_CHUNK + a cluster */
+	size_t bufsize;
+	/* All below protected by lock. */
+	enum stream_state state;
+	bool quit, want_pause, want_cancel;
+	uint64_t speed, offset, length, resumed_from;
+	struct image *base;
+	char base_name[1024];
+	char error[512];
+	enum stream_on_error on_error;
+	uint64_t start_ns, run_ns, resume_ns;
+	uint64_t copied;			     /* bytes copied by this job */
+	uint64_t bucket_t0, bucket_bytes;	     /* token bucket origin */
+	uint64_t rate_t[STREAM_RATE_WINDOW], rate_b[STREAM_RATE_WINDOW];
+	unsigned rate_n;
+};
+
+const char *stream_state_name(enum stream_state s)
+{
+	static const char *names[] = { "idle",	    "running",	 "paused",
+				       "completed", "cancelled", "failed" };
+	return (unsigned)s < sizeof(names) / sizeof(names[0]) ? names[s] : "unknown";
+}
+
+/* Wait on the job's condvar for at most ns; called with lock held. */
+static void stream_timedwait(struct stream_job *j, uint64_t ns)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	ns += (uint64_t)ts.tv_nsec;
+	ts.tv_sec += (time_t)(ns / 1000000000ull);
+	ts.tv_nsec = (long)(ns % 1000000000ull);
+	pthread_cond_timedwait(&j->cond, &j->lock, &ts);
+}
+
+/* Record a rate sample; called with lock held. */
+static void stream_rate_sample(struct stream_job *j, uint64_t now, bool force)
+{
+	unsigned last = (j->rate_n + STREAM_RATE_WINDOW - 1) % STREAM_RATE_WINDOW;
+
+	if (!force && j->rate_n && now - j->rate_t[last] < STREAM_RATE_NS)
+		return;
+	j->rate_t[j->rate_n % STREAM_RATE_WINDOW] = now;
+	j->rate_b[j->rate_n % STREAM_RATE_WINDOW] = j->copied;
+	j->rate_n++;
+}
+
+static uint64_t stream_rate(struct stream_job *j, uint64_t now)
+{
+	unsigned n = j->rate_n < STREAM_RATE_WINDOW ? j->rate_n : STREAM_RATE_WINDOW;
+	unsigned oldest = (j->rate_n - n) % STREAM_RATE_WINDOW;
+	uint64_t dt, db;
+
+	if (n == 0 || j->state != STREAM_RUNNING)
+		return 0;
+	dt = now - j->rate_t[oldest];
+	db = j->copied - j->rate_b[oldest];
+	return dt ? (uint64_t)((double)db * 1e9 / (double)dt) : 0;
+}
+
+/* Restart the token bucket (on start, resume, speed change); lock held. */
+static void stream_bucket_reset(struct stream_job *j)
+{
+	j->bucket_t0 = sfs_now_ns();
+	j->bucket_bytes = 0;
+}
+
+/* Called with lock held; returns with it held. Drop into 'st' and post. */
+static void stream_finish(struct stream_job *j, enum stream_state st, const char *event,
+			  const char *detail)
+{
+	uint64_t now = sfs_now_ns();
+
+	if (j->state == STREAM_RUNNING)
+		j->run_ns += now - j->resume_ns;
+	j->state = st;
+	j->want_pause = j->want_cancel = false;
+	pthread_cond_broadcast(&j->cond);
+	events_post(j->ev, event, "%s", detail);
+}
+
+/* The first offset not allocated in the overlay: where a restarted job
+ * really resumes. */
+static uint64_t stream_first_unallocated(struct disk *d)
+{
+	struct image *top = d->top;
+	uint64_t off = 0;
+
+	while (off < top->size) {
+		struct extent ext;
+		if (top->drv->map(top, off, top->size - off, &ext) < 0 || ext.len == 0)
+			break;
+		if (ext.type == EXT_UNALLOC)
+			break;
+		off += ext.len;
+	}
+	return off;
+}
+
+/* Pick the next chunk size and sleep as the throttle and guest yielding
+ * require. Called with lock held; may drop it while waiting. Returns 0 to
+ * go on, or 1 if a wish (pause/cancel/quit) arrived meanwhile. */
+static int stream_pace(struct stream_job *j, uint64_t *chunk, uint64_t last_chunk_ns,
+		       bool guest_active)
+{
+	uint32_t cs = j->d->top->cluster_size;
+	uint64_t c = guest_active ? STREAM_CHUNK_BUSY : STREAM_CHUNK;
+
+	if (guest_active && last_chunk_ns) {
+		stream_timedwait(j, SFS_MIN(last_chunk_ns, 20000000ull));
+		if (j->quit || j->want_pause || j->want_cancel)
+			return 1;
+	}
+	while (j->speed) {
+		uint64_t now = sfs_now_ns();
+		uint64_t due = j->bucket_t0 +
+			       (uint64_t)((double)j->bucket_bytes * 1e9 / (double)j->speed);
+		c = SFS_MIN(c, SFS_MAX(j->speed / 20, 64 * 1024));
+		if (now >= due)
+			break;
+		stream_timedwait(j, due - now);
+		if (j->quit || j->want_pause || j->want_cancel)
+			return 1;
+	}
+	c = SFS_MAX(SFS_ALIGN_DOWN(c, cs), cs);
+	*chunk = SFS_MIN(c, (uint64_t)j->bufsize);
+	return 0;
+}
+
+static void *stream_thread(void *opaque)
+{
+	struct stream_job *j = opaque;
+	struct disk *d = j->d;
+	uint64_t last_ops = 0, last_chunk_ns = 0, flushed_bytes = 0, flushed_ns = sfs_now_ns();
+
+	pthread_mutex_lock(&j->lock);
+	for (;;) {
+		uint64_t pos, chunk, copied = 0, t0, ops;
+		bool guest_active;
+		char msg[600];
+		int r;
+
+		while (!j->quit && j->state != STREAM_RUNNING)
+			pthread_cond_wait(&j->cond, &j->lock);
+		if (j->quit)
+			break;
+		if (j->want_cancel) {
+			pthread_mutex_unlock(&j->lock);
+			disk_flush(d);
+			pthread_mutex_lock(&j->lock);
+			snprintf(msg, sizeof(msg), "offset=%llu length=%llu",
+				 (unsigned long long)j->offset, (unsigned long long)j->length);
+			stream_finish(j, STREAM_CANCELLED, "cancelled", msg);
+			continue;
+		}
+		if (j->want_pause) {
+			j->want_pause = false;
+			j->run_ns += sfs_now_ns() - j->resume_ns;
+			j->state = STREAM_PAUSED;
+			pthread_cond_broadcast(&j->cond);
+			events_post(j->ev, "paused", "offset=%llu", (unsigned long long)j->offset);
+			continue;
+		}
+		if (j->offset >= j->length) {
+			struct image *base = j->base;
+			pthread_mutex_unlock(&j->lock);
+			r = disk_flush(d);
+			if (r == 0)
+				r = disk_rebase(d, base);
+			pthread_mutex_lock(&j->lock);
+			if (r < 0) {
+				snprintf(j->error, sizeof(j->error),
+					 "cannot update the overlay's backing reference: %s",
+					 strerror(-r));
+				stream_finish(j, STREAM_FAILED, "failed", j->error);
+				continue;
+			}
+			events_post(j->ev, "backing-changed", "backing=%s",
+				    base ? j->base_name : "none");
+			stream_rate_sample(j, sfs_now_ns(), true);
+			snprintf(msg, sizeof(msg), "length=%llu copied=%llu",
+				 (unsigned long long)j->length, (unsigned long long)j->copied);
+			stream_finish(j, STREAM_COMPLETED, "completed", msg);
+			continue;
+		}
+		ops = atomic_load(&d->stats.guest_ops);
+		guest_active = ops != last_ops || atomic_load(&d->stats.guest_inflight) > 0;
+		last_ops = ops;
+		if (stream_pace(j, &chunk, last_chunk_ns, guest_active))
+			continue;
+		pos = j->offset;
+		chunk = SFS_MIN(chunk, j->length - pos);
+		pthread_mutex_unlock(&j->lock);
+
+		t0 = sfs_now_ns();
+		r = disk_populate(d, j->base, pos, chunk, j->buf, j->bufsize, &copied);
+		last_chunk_ns = sfs_now_ns() - t0;
+		flushed_bytes += copied;
+		if (r == 0 && (flushed_bytes >= STREAM_FLUSH_BYTES ||
+			       sfs_now_ns() - flushed_ns >= STREAM_FLUSH_NS)) {
+			/* Persist progress: what is copied stays copied after a crash. */
+			r = disk_flush(d);
+			flushed_bytes = 0;
+			flushed_ns = sfs_now_ns();
+		}
+
+		pthread_mutex_lock(&j->lock);
+		j->copied += copied;
+		j->bucket_bytes += copied;
+		stream_rate_sample(j, sfs_now_ns(), false);
+		if (r < 0) {
+			snprintf(j->error, sizeof(j->error), "offset %llu: %s",
+				 (unsigned long long)pos, strerror(-r));
+			if (j->on_error == STREAM_ON_ERROR_STOP) {
+				j->run_ns += sfs_now_ns() - j->resume_ns;
+				j->state = STREAM_PAUSED;
+				j->want_pause = false;
+				pthread_cond_broadcast(&j->cond);
+				events_post(j->ev, "error", "%s", j->error);
+				events_post(j->ev, "paused", "offset=%llu on-error=stop",
+					    (unsigned long long)pos);
+			} else {
+				stream_finish(j, STREAM_FAILED, "failed", j->error);
+			}
+			continue;
+		}
+		j->offset = pos + chunk;
+	}
+	pthread_mutex_unlock(&j->lock);
+	return NULL;
+}
+
+int stream_new(struct disk *d, struct events *ev, struct stream_job **out)
+{
+	struct stream_job *j = calloc(1, sizeof(*j));
+	int r;
+
+	if (!j)
+		return -ENOMEM;
+	j->d = d;
+	j->ev = ev;
+	j->bufsize = STREAM_CHUNK > d->top->cluster_size ? STREAM_CHUNK : d->top->cluster_size;
+	j->buf = malloc(j->bufsize);
+	if (!j->buf) {
+		free(j);
+		return -ENOMEM;
+	}
+	j->length = d->top->size;
+	pthread_mutex_init(&j->lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&j->cond, &ca);
+	pthread_condattr_destroy(&ca);
+	r = -pthread_create(&j->thread, NULL, stream_thread, j);
+	if (r < 0) {
+		free(j->buf);
+		free(j);
+		return r;
+	}
+	*out = j;
+	return 0;
+}
+
+void stream_free(struct stream_job *j)
+{
+	if (!j)
+		return;
+	pthread_mutex_lock(&j->lock);
+	j->quit = true;
+	pthread_cond_broadcast(&j->cond);
+	pthread_mutex_unlock(&j->lock);
+	pthread_join(j->thread, NULL);
+	pthread_mutex_destroy(&j->lock);
+	pthread_cond_destroy(&j->cond);
+	free(j->buf);
+	free(j);
+}
+
+int stream_start(struct stream_job *j, const struct stream_params *p)
+{
+	struct image *base = NULL;
+	uint64_t resumed;
+
+	if (j->d->read_only) {
+		sfs_error("stream: the disk is mounted read-only");
+		return -EROFS;
+	}
+	if (p->base) {
+		base = disk_find_layer(j->d, p->base);
+		if (!base) {
+			sfs_error("stream: base '%s' is not an image of the backing chain",
+				  p->base);
+			return -EINVAL;
+		}
+	}
+	resumed = stream_first_unallocated(j->d);
+	pthread_mutex_lock(&j->lock);
+	if (j->state == STREAM_RUNNING || j->state == STREAM_PAUSED) {
+		pthread_mutex_unlock(&j->lock);
+		sfs_error("stream: a job is already %s on this disk",
+			  stream_state_name(j->state));
+		return -EBUSY;
+	}
+	j->base = base;
+	snprintf(j->base_name, sizeof(j->base_name), "%s", base ? base->filename : "");
+	if (p->speed_set)
+		j->speed = p->speed;
+	j->on_error = p->on_error;
+	j->offset = 0;
+	j->length = j->d->top->size;
+	j->resumed_from = resumed;
+	j->copied = 0;
+	j->error[0] = '\0';
+	j->rate_n = 0;
+	j->run_ns = 0;
+	j->start_ns = j->resume_ns = sfs_now_ns();
+	j->want_pause = j->want_cancel = false;
+	stream_bucket_reset(j);
+	stream_rate_sample(j, j->start_ns, true);
+	j->state = STREAM_RUNNING;
+	events_post(j->ev, "started", "length=%llu resumed-from=%llu speed=%llu base=%s",
+		    (unsigned long long)j->length, (unsigned long long)resumed,
+		    (unsigned long long)j->speed, base ? j->base_name : "none");
+	pthread_cond_broadcast(&j->cond);
+	pthread_mutex_unlock(&j->lock);
+	return 0;
+}
+
+int stream_pause(struct stream_job *j)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&j->lock);
+	if (j->state != STREAM_RUNNING) {
+		r = -EINVAL;
+	} else {
+		j->want_pause = true;
+		pthread_cond_broadcast(&j->cond);
+		/* Return once the job is between chunks, so progress is frozen. */
+		while (j->state == STREAM_RUNNING && j->want_pause)
+			pthread_cond_wait(&j->cond, &j->lock);
+	}
+	pthread_mutex_unlock(&j->lock);
+	return r;
+}
+
+int stream_resume(struct stream_job *j)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&j->lock);
+	if (j->state != STREAM_PAUSED) {
+		r = -EINVAL;
+	} else {
+		j->state = STREAM_RUNNING;
+		j->resume_ns = sfs_now_ns();
+		j->error[0] = '\0';
+		stream_bucket_reset(j);
+		j->rate_n = 0;
+		stream_rate_sample(j, j->resume_ns, true);
+		events_post(j->ev, "resumed", "offset=%llu", (unsigned long long)j->offset);
+		pthread_cond_broadcast(&j->cond);
+	}
+	pthread_mutex_unlock(&j->lock);
+	return r;
+}
+
+int stream_cancel(struct stream_job *j)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&j->lock);
+	if (j->state == STREAM_PAUSED) {
+		/* The thread is idle: finish here. */
+		j->state = STREAM_RUNNING; /* so stream_finish accounts nothing twice */
+		j->resume_ns = sfs_now_ns();
+		j->want_cancel = true;
+		pthread_cond_broadcast(&j->cond);
+	} else if (j->state == STREAM_RUNNING) {
+		j->want_cancel = true;
+		pthread_cond_broadcast(&j->cond);
+	} else {
+		r = -EINVAL;
+	}
+	while (r == 0 && j->state == STREAM_RUNNING)
+		pthread_cond_wait(&j->cond, &j->lock);
+	pthread_mutex_unlock(&j->lock);
+	return r;
+}
+
+int stream_set_speed(struct stream_job *j, uint64_t speed)
+{
+	pthread_mutex_lock(&j->lock);
+	j->speed = speed;
+	stream_bucket_reset(j);
+	pthread_cond_broadcast(&j->cond);
+	pthread_mutex_unlock(&j->lock);
+	return 0;
+}
+
+void stream_get_status(struct stream_job *j, struct stream_status *st)
+{
+	uint64_t now = sfs_now_ns();
+
+	pthread_mutex_lock(&j->lock);
+	st->state = j->state;
+	st->offset = j->offset;
+	st->length = j->length;
+	st->resumed_from = j->resumed_from;
+	st->speed = j->speed;
+	st->rate = stream_rate(j, now);
+	st->elapsed = (double)(j->run_ns + (j->state == STREAM_RUNNING ? now - j->resume_ns : 0)) /
+		      1e9;
+	st->avg_rate = st->elapsed > 0 ? (uint64_t)((double)j->copied / st->elapsed) : 0;
+	snprintf(st->base, sizeof(st->base), "%s", j->base_name);
+	snprintf(st->error, sizeof(st->error), "%s", j->error);
+	st->on_error = j->on_error;
+	pthread_mutex_unlock(&j->lock);
+}
+
+enum stream_state stream_wait(struct stream_job *j)
+{
+	enum stream_state s;
+
+	pthread_mutex_lock(&j->lock);
+	while (j->state == STREAM_RUNNING || j->state == STREAM_PAUSED)
+		pthread_cond_wait(&j->cond, &j->lock);
+	s = j->state;
+	pthread_mutex_unlock(&j->lock);
+	return s;
+}
+
+int stream_pull(struct stream_job *j, uint64_t off, uint64_t len)
+{
+	struct disk *d = j->d;
+	uint32_t cs = d->top->cluster_size;
+	size_t bufsize = SFS_MAX((size_t)(4u << 20), (size_t)cs);
+	uint64_t end, copied = 0;
+	void *buf;
+	int r;
+
+	if (d->read_only)
+		return -EROFS;
+	if (!sfs_add_ok(off, len, &end) || end > d->top->size || len == 0)
+		return -EINVAL;
+	buf = malloc(bufsize);
+	if (!buf)
+		return -ENOMEM;
+	off = SFS_ALIGN_DOWN(off, cs);
+	r = disk_populate(d, NULL, off, SFS_ALIGN_UP(end, cs) - off, buf, bufsize, &copied);
+	free(buf);
+	if (r == 0)
+		r = disk_flush(d);
+	return r;
+}

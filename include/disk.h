@@ -1,0 +1,75 @@
+/* streamfs: the guest-facing disk: copy-on-read, writes with cluster
+ * read-modify-write, in-flight tracking, populate (used by the stream job and
+ * control/pull), rebase. Lives in formats/disk.c, above the format drivers
+ * and below fusefs/, which only translates FUSE requests into these calls.
+ *
+ * In-flight tracking: every operation that allocates in the overlay (guest
+ * write, copy-on-read, stream copy) first locks the cluster-aligned guest
+ * range it touches (formats/rangelock.c), then re-maps it under the lock.
+ * So a copy-on-read that read old backing data never overwrites a guest write
+ * that won the lock first: it sees the cluster allocated and drops its copy.
+ */
+#ifndef STREAMFS_DISK_H
+#define STREAMFS_DISK_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "image.h"
+
+struct rangelock;
+
+/* Counters shown in control/status; all in bytes. */
+struct disk_stats {
+	_Atomic uint64_t guest_read;	  /* bytes read by the guest */
+	_Atomic uint64_t guest_written;	  /* bytes written by the guest */
+	_Atomic uint64_t cor_bytes;	  /* bytes copied into the overlay by guest reads */
+	_Atomic uint64_t stream_copied;	  /* bytes copied by the stream job / pull */
+	_Atomic uint64_t stream_present;  /* bytes the job found already in the overlay */
+	_Atomic uint64_t stream_zero;	  /* bytes the job skipped as holes/zero */
+	_Atomic uint64_t guest_ops;	  /* guest requests seen (for yielding) */
+	_Atomic uint64_t guest_inflight;  /* guest requests in progress */
+};
+
+struct disk {
+	struct image *top;	   /* the writable overlay (or read-only with -o ro) */
+	struct rangelock *locks;   /* in-flight allocating ranges */
+	bool copy_on_read;
+	bool read_only;
+	struct disk_stats stats;
+	pthread_rwlock_t chain_lock; /* write-held while the backing chain is swapped */
+	pthread_mutex_t flush_lock;
+	_Atomic bool dirty;	     /* allocations since the last flush */
+};
+
+/* Wrap an open chain. Takes ownership of top. */
+int disk_new(struct image *top, bool copy_on_read, bool read_only, struct disk **out);
+/* Flush and close everything. Returns the flush result. */
+int disk_close(struct disk *d);
+
+/* Guest read: exactly len bytes (the caller clamps to the size). */
+int disk_read(struct disk *d, void *buf, size_t len, uint64_t off);
+/* Guest write: -ENOSPC past the size, -EROFS when read-only. */
+int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off);
+/* Durable barrier (guest fsync). */
+int disk_flush(struct disk *d);
+
+/* Copy everything in [off, off+len) that lives above 'base' (NULL = the
+ * whole chain) into the overlay; zero regions above base become zero
+ * clusters (or nothing, when no base holds data below them). Uses the same
+ * range locks as guest I/O, so a racing guest write always wins. Sets
+ * *copied to the bytes of data copied. buf is a caller scratch buffer of
+ * bufsize bytes (a multiple of the cluster size). */
+int disk_populate(struct disk *d, struct image *base, uint64_t off, uint64_t len, void *buf,
+		  size_t bufsize, uint64_t *copied);
+
+/* After a complete populate: point the overlay at base (NULL = no backing),
+ * durably, then close the layers that are no longer referenced. */
+int disk_rebase(struct disk *d, struct image *base);
+
+/* Find the layer of the chain whose filename (resolved) or backing name
+ * equals name; NULL if none (the top itself is not a valid base). */
+struct image *disk_find_layer(struct disk *d, const char *name);
+
+#endif /* STREAMFS_DISK_H */

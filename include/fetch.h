@@ -1,0 +1,122 @@
+/* streamfs: byte sources ("fetch" layer).
+ *
+ * A fetch_source is a flat array of bytes named by a URI: a local file
+ * ("/path" or "file:///path") or an HTTP(S) URL. It knows bytes and URLs,
+ * never clusters: image formats (formats/) sit on top of it.
+ *
+ * Each kind of source is one file in fetch/ ending in a designated
+ * initializer of struct fetch_ops; fetch_open() picks one by scheme.
+ *
+ * THREAD MODEL: all ops may be called concurrently from many threads on one
+ * source (FUSE worker threads, the stream job). Implementations protect their
+ * own state. The generic wrappers (fetch_pread & co) check bounds, so ops can
+ * trust their arguments.
+ */
+#ifndef STREAMFS_FETCH_H
+#define STREAMFS_FETCH_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* fetch_open() flags */
+#define FETCH_RDONLY 0x0
+#define FETCH_RDWR 0x1   /* open for writing (local files only) */
+#define FETCH_CREATE 0x2 /* create; fail if it exists (with FETCH_RDWR) */
+#define FETCH_LOCK 0x4   /* take an OFD lock: exclusive with RDWR, shared otherwise;
+			  * refuse with -EBUSY if another process holds a conflicting one */
+
+struct fetch_source;
+
+struct fetch_ops {
+	const char *scheme; /* "file", "http" (also serves "https") */
+	size_t priv_size;   /* bytes of zeroed private state at s->priv */
+	/* Open s->uri; set s->size. Log a clear message and return -errno on failure. */
+	int (*open)(struct fetch_source *s, int flags);
+	void (*close)(struct fetch_source *s);
+	/* Read exactly len bytes at off (off+len <= s->size is guaranteed).
+	 * All or -errno. */
+	int (*pread)(struct fetch_source *s, void *buf, size_t len, uint64_t off);
+	/* Write exactly len bytes at off, extending the source if needed.
+	 * All or -errno. NULL for read-only kinds. */
+	int (*pwrite)(struct fetch_source *s, const void *buf, size_t len, uint64_t off);
+	/* Make all completed writes durable (fdatasync). NULL = nothing to do. */
+	int (*flush)(struct fetch_source *s);
+	/* Set the size (ftruncate). NULL for read-only kinds. */
+	int (*truncate)(struct fetch_source *s, uint64_t size);
+};
+
+/* Statistics kept by the generic wrappers; read with atomic loads. */
+struct fetch_stats {
+	_Atomic uint64_t bytes_read;
+	_Atomic uint64_t bytes_written;
+	_Atomic uint64_t reads;
+	_Atomic uint64_t writes;
+	_Atomic uint64_t flushes;
+	_Atomic uint64_t errors;
+};
+
+struct fetch_source {
+	const struct fetch_ops *ops;
+	char *uri;		/* as given to fetch_open (malloc'd) */
+	_Atomic uint64_t size;	/* current size in bytes; grows with pwrite */
+	int flags;
+	struct fetch_stats stats;
+	void *priv;
+};
+
+/* Options that apply to network sources; set once before opening anything.
+ * All strings may be NULL. */
+struct fetch_options {
+	const char *cacert;	      /* extra CA bundle file for TLS */
+	const char *http_auth_file;   /* file holding "Header: value" or "user:password" */
+	unsigned pool_size;	      /* concurrent HTTP connections per source (0 = default 4) */
+	unsigned connect_timeout;     /* seconds (0 = default 10) */
+	unsigned io_timeout;	      /* seconds a request may stall before retry (0 = default 30) */
+	unsigned retries;	      /* attempts per request for transient errors (0 = default 5) */
+	unsigned fetch_size;	      /* minimum bytes per HTTP request (0 = default 4 MiB) */
+	int verbose;		      /* log every request */
+};
+void fetch_set_options(const struct fetch_options *opts);
+const struct fetch_options *fetch_get_options(void);
+
+/* Open the source named by uri ("/path", "rel/path", "file:///path",
+ * "http://...", "https://..."). Returns 0 and *out, or -errno after logging
+ * a message that names the uri. */
+int fetch_open(const char *uri, int flags, struct fetch_source **out);
+void fetch_close(struct fetch_source *s);
+
+/* Read exactly len bytes at off. A range past the end of the source is an
+ * error (-EIO, logged): image drivers must not read past EOF. */
+int fetch_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off);
+/* Write exactly len bytes at off; -EROFS on read-only sources. */
+int fetch_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t off);
+/* Durable barrier: every completed write is on stable storage on return. */
+int fetch_flush(struct fetch_source *s);
+int fetch_truncate(struct fetch_source *s, uint64_t size);
+
+static inline uint64_t fetch_size(struct fetch_source *s)
+{
+	return atomic_load(&s->size);
+}
+
+/* The kinds of sources, registered in fetch/fetch.c. */
+extern const struct fetch_ops fetch_file_ops;
+extern const struct fetch_ops fetch_http_ops;
+/* In-memory source "mem:NAME" for unit tests and fuzzers (fetch/mem.c). */
+extern const struct fetch_ops fetch_mem_ops;
+
+/* Create or replace the in-memory file NAME with a copy of data[0..len). */
+int fetch_mem_put(const char *name, const void *data, size_t len);
+/* Borrow the current contents of NAME (valid until the next write/put). */
+int fetch_mem_get(const char *name, const void **data, size_t *len);
+/* Fault injection: after 'after' more successful calls of the kinds in
+ * op_mask (FETCH_MEM_READ|WRITE|FLUSH), fail every such call with -err. */
+#define FETCH_MEM_READ 1
+#define FETCH_MEM_WRITE 2
+#define FETCH_MEM_FLUSH 4
+int fetch_mem_fail(const char *name, int op_mask, uint64_t after, int err);
+/* Drop every in-memory file. */
+void fetch_mem_reset(void);
+
+#endif /* STREAMFS_FETCH_H */

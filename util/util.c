@@ -1,0 +1,158 @@
+/* streamfs: shared helpers (logging, size parsing, clocks, backing-name
+ * resolution). No state beyond the log settings. */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <syslog.h>
+#include <time.h>
+
+#include "util.h"
+
+int sfs_log_level = SFS_LOG_WARN;
+static bool sfs_use_syslog;
+
+void sfs_log_to_syslog(bool on)
+{
+	if (on && !sfs_use_syslog)
+		openlog("streamfs", LOG_PID, LOG_DAEMON);
+	sfs_use_syslog = on;
+}
+
+void sfs_log(int level, const char *fmt, ...)
+{
+	static const int prio[] = { LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG };
+	char msg[1024];
+	va_list ap;
+	int saved = errno;
+
+	if (level > sfs_log_level)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (sfs_use_syslog)
+		syslog(prio[level < 0 ? 0 : level > 3 ? 3 : level], "%s", msg);
+	else
+		fprintf(stderr, "streamfs: %s\n", msg);
+	errno = saved;
+}
+
+int sfs_parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+	uint64_t mul = 1, r;
+
+	if (!s || !*s || !isdigit((unsigned char)*s))
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno)
+		return -EINVAL;
+	switch (toupper((unsigned char)*end)) {
+	case 'K':
+		mul = 1ULL << 10;
+		end++;
+		break;
+	case 'M':
+		mul = 1ULL << 20;
+		end++;
+		break;
+	case 'G':
+		mul = 1ULL << 30;
+		end++;
+		break;
+	case 'T':
+		mul = 1ULL << 40;
+		end++;
+		break;
+	default:
+		break;
+	}
+	if (mul > 1 && (*end == 'i' || *end == 'I'))
+		end++;
+	if (*end == 'B' || *end == 'b')
+		end++;
+	while (*end == '\n' || *end == ' ')
+		end++;
+	if (*end)
+		return -EINVAL;
+	if (!sfs_mul_ok(v, mul, &r))
+		return -EINVAL;
+	*out = r;
+	return 0;
+}
+
+char *sfs_fmt_bytes(uint64_t n, char *buf, size_t len)
+{
+	static const char *units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
+	double v = (double)n;
+	int u = 0;
+
+	while (v >= 1024 && u < 5) {
+		v /= 1024;
+		u++;
+	}
+	if (u == 0)
+		snprintf(buf, len, "%llu B", (unsigned long long)n);
+	else
+		snprintf(buf, len, "%.1f %s", v, units[u]);
+	return buf;
+}
+
+uint64_t sfs_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+void sfs_wallclock(char *buf, size_t len)
+{
+	struct timespec ts;
+	struct tm tm;
+	char tmp[32];
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	gmtime_r(&ts.tv_sec, &tm);
+	strftime(tmp, sizeof(tmp), "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(buf, len, "%s.%03ldZ", tmp, ts.tv_nsec / 1000000);
+}
+
+bool sfs_is_url(const char *s)
+{
+	return strncasecmp(s, "http://", 7) == 0 || strncasecmp(s, "https://", 8) == 0;
+}
+
+char *sfs_resolve_backing(const char *parent, const char *name)
+{
+	const char *slash;
+	char *r;
+	size_t dirlen;
+
+	if (name[0] == '/' || sfs_is_url(name) || strncmp(name, "file:", 5) == 0)
+		return strdup(name);
+	slash = strrchr(parent, '/');
+	if (sfs_is_url(parent)) {
+		/* "http://host" has no path: the directory is "http://host/". */
+		const char *host = strstr(parent, "://") + 3;
+		if (!strchr(host, '/')) {
+			if (asprintf(&r, "%s/%s", parent, name) < 0)
+				return NULL;
+			return r;
+		}
+	}
+	if (!slash)
+		return strdup(name);
+	dirlen = (size_t)(slash - parent) + 1;
+	r = malloc(dirlen + strlen(name) + 1);
+	if (!r)
+		return NULL;
+	memcpy(r, parent, dirlen);
+	strcpy(r + dirlen, name);
+	return r;
+}
