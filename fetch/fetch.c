@@ -165,3 +165,19 @@ int fetch_truncate(struct fetch_source *s, uint64_t size)
 		atomic_store(&s->size, size);
 	return r;
 }
+
+int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum)
+{
+	uint64_t size = fetch_size(s);
+
+	*data = true;
+	*pnum = len;
+	if (!s->ops->extent || off >= size)
+		return 0;
+	if (s->ops->extent(s, off, SFS_MIN(len, size - off), data, pnum) < 0 || *pnum == 0 ||
+	    *pnum > len) {
+		*data = true; /* unknown: treat as data, which is always correct */
+		*pnum = len;
+	}
+	return 0;
+}

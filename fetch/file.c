@@ -179,6 +179,33 @@ static int file_truncate(struct fetch_source *s, uint64_t size)
 	return 0;
 }
 
+/* SEEK_DATA/SEEK_HOLE, so a sparse raw backing is streamed as holes. */
+static int file_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data,
+		       uint64_t *pnum)
+{
+	struct file_priv *p = s->priv;
+	off_t d = lseek(p->fd, (off_t)off, SEEK_DATA), h;
+
+	if (d < 0) {
+		if (errno != ENXIO)
+			return -errno;
+		*data = false; /* only a hole up to the end */
+		*pnum = len;
+		return 0;
+	}
+	if ((uint64_t)d > off) {
+		*data = false;
+		*pnum = SFS_MIN(len, (uint64_t)d - off);
+		return 0;
+	}
+	h = lseek(p->fd, (off_t)off, SEEK_HOLE);
+	if (h < 0)
+		return -errno;
+	*data = true;
+	*pnum = SFS_MIN(len, (uint64_t)h - off);
+	return 0;
+}
+
 const struct fetch_ops fetch_file_ops = {
 	.scheme = "file",
 	.priv_size = sizeof(struct file_priv),
@@ -188,4 +215,5 @@ const struct fetch_ops fetch_file_ops = {
 	.pwrite = file_pwrite,
 	.flush = file_flush,
 	.truncate = file_truncate,
+	.extent = file_extent,
 };

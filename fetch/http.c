@@ -235,6 +235,7 @@ static bool http_parse_u64(const char **pp, uint64_t *out)
 		q++;
 	}
 	*pp = q;
+	*out = v;
 	return true;
 }
 
@@ -274,7 +275,7 @@ static bool http_parse_content_range(const char *cr, uint64_t *first, uint64_t *
 static long http_parse_retry_after(const char *v)
 {
 	const char *q = v;
-	uint64_t secs = 0;
+	uint64_t secs;
 	time_t when;
 
 	if (http_parse_u64(&q, &secs) && *q == '\0')
@@ -493,7 +494,7 @@ static int http_check_206(struct http_req *rq)
 {
 	struct http_priv *p = rq->p;
 	struct http_resp *h = &rq->resp;
-	uint64_t first = 0, last = 0, total = 0;
+	uint64_t first, last, total;
 
 	if (h->content_encoding[0] && strcasecmp(h->content_encoding, "identity") != 0) {
 		snprintf(rq->why, sizeof(rq->why), "server sent Content-Encoding \"%s\"",
@@ -891,7 +892,10 @@ static int http_request(struct http_priv *p, struct http_conn *c, struct http_re
 			 p->attempts);
 		http_sleep_ms(delay);
 	}
-	if (r < 0 && !atomic_load(&p->changed))
+	if (r < 0 && rq->probe)
+		sfs_error("%s: %s%s", p->display, rq->why,
+			  transient ? " (giving up after retries)" : "");
+	else if (r < 0 && !atomic_load(&p->changed))
 		sfs_error("%s: reading bytes %llu-%llu: %s%s", p->display,
 			  (unsigned long long)rq->off, (unsigned long long)(rq->off + rq->len - 1),
 			  rq->why, transient ? " (giving up after retries)" : "");

@@ -62,22 +62,22 @@
 #define QCOW2_V3_HEADER_BYTES 104	  /* in bytes, minimum */
 #define QCOW2_OUR_HEADER_LEN  112	  /* in bytes: v3 header with compression_type */
 
-#define QCOW2_MIN_CLUSTER_BITS 9  /* 512 B */
-#define QCOW2_MAX_CLUSTER_BITS 21 /* 2 MiB, QEMU's limit */
+#define QCOW2_MIN_CLUSTER_BITS	 9  /* 512 B */
+#define QCOW2_MAX_CLUSTER_BITS	 21 /* 2 MiB, QEMU's limit */
 #define QCOW2_MAX_REFCOUNT_ORDER 6
-#define QCOW2_MAX_BACKING_NAME 1023		   /* in bytes */
-#define QCOW2_MAX_BACKING_FMT  255		   /* in bytes */
-#define QCOW2_MAX_L1_BYTES     (32u * 1024 * 1024) /* QEMU's limit */
-#define QCOW2_MAX_RCT_BYTES    (8u * 1024 * 1024)  /* QEMU's limit */
-#define QCOW2_MAX_HOST_OFFSET  (1ULL << 56)	   /* in bytes: offset fields are bits 9..55 */
+#define QCOW2_MAX_BACKING_NAME	 1023		     /* in bytes */
+#define QCOW2_MAX_BACKING_FMT	 255		     /* in bytes */
+#define QCOW2_MAX_L1_BYTES	 (32u * 1024 * 1024) /* QEMU's limit */
+#define QCOW2_MAX_RCT_BYTES	 (8u * 1024 * 1024)  /* QEMU's limit */
+#define QCOW2_MAX_HOST_OFFSET	 (1ULL << 56)	     /* in bytes: offset fields are bits 9..55 */
 
 /* Header extension types */
-#define QCOW2_EXT_END	       0x00000000U
-#define QCOW2_EXT_BACKING_FMT  0xe2792acaU
-#define QCOW2_EXT_FEATURES     0x6803f857U
-#define QCOW2_EXT_BITMAPS      0x23852875U
-#define QCOW2_EXT_CRYPTO       0x0537be77U
-#define QCOW2_EXT_DATA_FILE    0x44415441U
+#define QCOW2_EXT_END		  0x00000000U
+#define QCOW2_EXT_BACKING_FMT	  0xe2792acaU
+#define QCOW2_EXT_FEATURES	  0x6803f857U
+#define QCOW2_EXT_BITMAPS	  0x23852875U
+#define QCOW2_EXT_CRYPTO	  0x0537be77U
+#define QCOW2_EXT_DATA_FILE	  0x44415441U
 #define QCOW2_FEATURE_ENTRY_BYTES 48
 
 /* incompatible_features bits */
@@ -101,24 +101,24 @@
 #define QCOW2_HDR_RCT_OFFSET	 48
 #define QCOW2_HDR_AUTOCLEAR	 88
 
-#define QCOW2_CHUNK	   512u		     /* in bytes: dirty-tracking unit of L1/refcount table */
-#define QCOW2_CACHE_RW	   (16u << 20)	     /* in bytes: table cache budget, writable image */
-#define QCOW2_CACHE_RO	   (4u << 20)	     /* in bytes: table cache budget, read-only image */
-#define QCOW2_CACHE_MIN	   8		     /* entries, whatever the cluster size */
-#define QCOW2_ZBUF	   (64u * 1024)	     /* in bytes: compressed-read I/O chunk */
-#define QCOW2_WRITE_CHUNK  (1u << 20)	     /* in bytes: zero-fill chunk in create() */
+#define QCOW2_CHUNK	  512u	       /* in bytes: dirty-tracking unit of L1/refcount table */
+#define QCOW2_CACHE_RW	  (16u << 20)  /* in bytes: table cache budget, writable image */
+#define QCOW2_CACHE_RO	  (4u << 20)   /* in bytes: table cache budget, read-only image */
+#define QCOW2_CACHE_MIN	  8	       /* entries, whatever the cluster size */
+#define QCOW2_ZBUF	  (64u * 1024) /* in bytes: compressed-read I/O chunk */
+#define QCOW2_WRITE_CHUNK (1u << 20)   /* in bytes: zero-fill chunk in create() */
 
 #define qcow2_err(img, fmt, ...) sfs_error("%s: qcow2: " fmt, qcow2_name(img), ##__VA_ARGS__)
 
 /* One cached metadata cluster (L2 table or refcount block). */
 struct qcow2_meta {
-	uint64_t off;		       /* host offset (the key) */
-	uint8_t *buf;		       /* cluster_size bytes, on-disk (big-endian) layout */
-	bool refblock;		       /* refcount block, else L2 table */
-	bool dirty;		       /* on p->dirty, else on p->lru */
-	int pins;		       /* users holding it across a lock drop */
-	uint64_t mod_gen;	       /* bumped on every change (flush compares it) */
-	struct qcow2_meta *hnext;      /* hash chain */
+	uint64_t off;			/* host offset (the key) */
+	uint8_t *buf;			/* cluster_size bytes, on-disk (big-endian) layout */
+	bool refblock;			/* refcount block, else L2 table */
+	bool dirty;			/* on p->dirty, else on p->lru */
+	int pins;			/* users holding it across a lock drop */
+	uint64_t mod_gen;		/* bumped on every change (flush compares it) */
+	struct qcow2_meta *hnext;	/* hash chain */
 	struct qcow2_meta *prev, *next; /* LRU (clean) or dirty list */
 };
 
@@ -131,10 +131,10 @@ struct qcow2_priv {
 	/* Immutable after open. */
 	uint32_t version;
 	uint32_t cluster_bits;
-	uint32_t cs;	     /* cluster size in bytes */
-	uint32_t l2_bits;    /* log2 of L2 entries per table */
+	uint32_t cs;	  /* cluster size in bytes */
+	uint32_t l2_bits; /* log2 of L2 entries per table */
 	uint32_t refcount_order;
-	uint32_t rb_bits;    /* log2 of refcount entries per block */
+	uint32_t rb_bits;     /* log2 of refcount entries per block */
 	uint32_t csize_shift; /* compressed descriptor: sector count position */
 	uint64_t csize_mask;
 	uint64_t coff_mask;
@@ -143,13 +143,14 @@ struct qcow2_priv {
 	uint32_t l1_size; /* entries */
 	uint64_t nb_snapshots;
 
+	bool locks_init;
 	pthread_mutex_t lock;	    /* protects everything below */
 	pthread_mutex_t flush_lock; /* serializes flush and header rewrites */
 
 	uint64_t *l1;	   /* CPU-endian; protected by lock */
 	uint8_t *l1_dirty; /* one flag per QCOW2_CHUNK of the L1 table */
 
-	uint64_t *rct;	    /* refcount table, CPU-endian (writable images only) */
+	uint64_t *rct; /* refcount table, CPU-endian (writable images only) */
 	uint64_t rct_entries;
 	uint64_t rct_offset;
 	uint32_t rct_clusters;
@@ -159,7 +160,7 @@ struct qcow2_priv {
 	uint64_t next_free; /* in bytes: where the next allocation goes */
 
 	struct qcow2_meta **hash;
-	size_t hash_size; /* power of two */
+	size_t hash_size;	 /* power of two */
 	struct qcow2_meta lru;	 /* clean entries, most recent first */
 	struct qcow2_meta dirty; /* dirty entries */
 	size_t n_meta, max_meta, n_dirty;
@@ -396,8 +397,7 @@ static int qcow2_read_meta(struct image *img, uint64_t off, void *buf, size_t le
 
 /* Get the metadata cluster at off, pinned (release with qcow2_cache_put).
  * Called with p->lock held; drops it while reading from the file. */
-static int qcow2_cache_get(struct image *img, uint64_t off, bool refblock,
-			   struct qcow2_meta **out)
+static int qcow2_cache_get(struct image *img, uint64_t off, bool refblock, struct qcow2_meta **out)
 {
 	struct qcow2_priv *p = img->priv;
 	struct qcow2_meta *e;
@@ -414,8 +414,10 @@ static int qcow2_cache_get(struct image *img, uint64_t off, bool refblock,
 		e = qcow2_cache_lookup(p, off);
 		if (e) {
 			if (e->refblock != refblock) {
-				qcow2_err(img, "cluster %#llx is used both as L2 table and refcount block",
-					  (unsigned long long)off);
+				qcow2_err(
+				    img,
+				    "cluster %#llx is used both as L2 table and refcount block",
+				    (unsigned long long)off);
 				return -EIO;
 			}
 			if (!e->dirty) { /* most recently used first */
@@ -626,7 +628,7 @@ static void qcow2_pins_release(struct qcow2_pins *ps)
 static int qcow2_alloc_clusters(struct image *img, uint64_t n, uint64_t *host)
 {
 	struct qcow2_priv *p = img->priv;
-	struct qcow2_pins pins = { 0 };
+	struct qcow2_pins pins = {0};
 	uint64_t s, end, m_rb, m_rct, first_idx, last_idx, idx, c, j;
 	uint64_t mask = (1ULL << p->rb_bits) - 1;
 	int r = 0;
@@ -694,11 +696,12 @@ retry:
 		idx = c >> p->rb_bits;
 		if (idx < p->rct_entries && (p->rct[idx] & QCOW2_RCT_OFFSET_MASK)) {
 			struct qcow2_meta *b =
-				qcow2_cache_lookup(p, p->rct[idx] & QCOW2_RCT_OFFSET_MASK);
+			    qcow2_cache_lookup(p, p->rct[idx] & QCOW2_RCT_OFFSET_MASK);
 
 			if (qcow2_rc_get(p, b->buf, c & mask) != 0) {
-				qcow2_err(img, "cluster %#llx past the end of the file has a "
-					       "refcount; run 'qemu-img check -r all'",
+				qcow2_err(img,
+					  "cluster %#llx past the end of the file has a "
+					  "refcount; run 'qemu-img check -r all'",
 					  (unsigned long long)(c << p->cluster_bits));
 				r = -EIO;
 				goto out;
@@ -811,7 +814,7 @@ static int qcow2_probe(const uint8_t *buf, size_t len)
 
 /* Classify one L2 entry of guest cluster gc; DATA entries are checked
  * against the file. Returns the type, or -EIO after logging. */
-static int qcow2_classify(struct image *img, uint64_t gc, uint64_t entry, uint64_t *host)
+static int qcow2_classify(struct image *img, uint64_t gc, uint64_t entry, uint64_t *host, bool log)
 {
 	struct qcow2_priv *p = img->priv;
 	uint64_t off, need, gstart;
@@ -832,13 +835,16 @@ static int qcow2_classify(struct image *img, uint64_t gc, uint64_t entry, uint64
 	gstart = gc << p->cluster_bits;
 	need = SFS_MIN((uint64_t)p->cs, img->size - gstart);
 	if (off & (p->cs - 1)) {
-		qcow2_err(img, "L2 entry for guest offset %#llx points to unaligned offset %#llx",
-			  (unsigned long long)gstart, (unsigned long long)off);
+		if (log)
+			qcow2_err(
+			    img, "L2 entry for guest offset %#llx points to unaligned offset %#llx",
+			    (unsigned long long)gstart, (unsigned long long)off);
 		return -EIO;
 	}
 	if (off + need > fetch_size(img->file)) {
-		qcow2_err(img, "L2 entry for guest offset %#llx points past the end of the file "
-			       "(%#llx)",
+		qcow2_err(img,
+			  "L2 entry for guest offset %#llx points past the end of the file "
+			  "(%#llx)",
 			  (unsigned long long)gstart, (unsigned long long)off);
 		return -EIO;
 	}
@@ -864,8 +870,11 @@ static int qcow2_map(struct image *img, uint64_t off, uint64_t len, struct exten
 			break;
 		}
 		r = qcow2_get_l2(img, l1i, false, &t);
-		if (r < 0)
+		if (r < 0) {
+			if (type >= 0)
+				r = 0; /* the run so far stands; the error comes on the next call */
 			break;
+		}
 		if (!t) {
 			if (type >= 0 && type != EXT_UNALLOC)
 				goto done;
@@ -879,17 +888,20 @@ static int qcow2_map(struct image *img, uint64_t off, uint64_t len, struct exten
 			uint64_t i = gc & ((1ULL << p->l2_bits) - 1);
 			uint64_t chunk = SFS_MIN(tend, (gc + 1) << p->cluster_bits) - pos;
 			uint64_t host;
-			int t_type = qcow2_classify(img, gc, qcow2_get64(t->buf + 8 * i), &host);
+			int t_type =
+			    qcow2_classify(img, gc, qcow2_get64(t->buf + 8 * i), &host, type < 0);
 
 			if (t_type < 0) {
 				if (type < 0)
-					r = t_type; /* fail this cluster only; a run before it stands */
+					r = t_type; /* fail this cluster only; a run before it
+						       stands */
 				qcow2_cache_put(t);
 				goto done;
 			}
 			if (type < 0) {
 				type = t_type;
-				ext->host_off = host + (pos & (p->cs - 1));
+				ext->host_off =
+				    t_type == EXT_COMPRESSED ? host : host + (pos & (p->cs - 1));
 				next_host = host + p->cs;
 			} else if (t_type != type || type == EXT_COMPRESSED ||
 				   (type == EXT_DATA && host != next_host)) {
@@ -929,8 +941,9 @@ static int qcow2_read_compressed(struct image *img, uint64_t off, const struct e
 		return -EINVAL;
 	qcow2_compressed_range(p, ext->host_off, &coff, &csize);
 	if (coff >= fsize) {
-		qcow2_err(img, "compressed cluster for guest offset %#llx starts past the end of "
-			       "the file (%#llx)",
+		qcow2_err(img,
+			  "compressed cluster for guest offset %#llx starts past the end of "
+			  "the file (%#llx)",
 			  (unsigned long long)off, (unsigned long long)coff);
 		return -EIO;
 	}
@@ -984,7 +997,9 @@ static int qcow2_read_compressed(struct image *img, uint64_t off, const struct e
 		    (produced == 0 && z.avail_in == 0 && consumed >= csize)) {
 			qcow2_err(img, "compressed cluster for guest offset %#llx is corrupt (%s)",
 				  (unsigned long long)off,
-				  zr == Z_STREAM_END ? "too short" : z.msg ? z.msg : "truncated");
+				  zr == Z_STREAM_END ? "too short"
+				  : z.msg	     ? z.msg
+						     : "truncated");
 			r = -EIO;
 			break;
 		}
@@ -1029,27 +1044,11 @@ static void qcow2_close(struct image *img)
 	if (p->n_dirty || p->rct_moved)
 		qcow2_err(img, "closing with unflushed metadata; the image may leak clusters");
 	qcow2_free_tables(p);
-	pthread_mutex_destroy(&p->lock);
-	pthread_mutex_destroy(&p->flush_lock);
-	memset(p, 0, sizeof(*p)); /* img->priv itself belongs to the image layer */
-}
-
-static const char *qcow2_incompat_name(uint32_t bit)
-{
-	switch (bit) {
-	case 0:
-		return "dirty bit";
-	case 1:
-		return "corrupt bit";
-	case 2:
-		return "external data file";
-	case 3:
-		return "compression type";
-	case 4:
-		return "extended L2 entries";
-	default:
-		return NULL;
+	if (p->locks_init) {
+		pthread_mutex_destroy(&p->lock);
+		pthread_mutex_destroy(&p->flush_lock);
 	}
+	memset(p, 0, sizeof(*p)); /* img->priv itself belongs to the image layer */
 }
 
 /* Parsed header extensions. */
@@ -1077,8 +1076,9 @@ static int qcow2_parse_exts(struct image *img, const uint8_t *hdr, uint32_t avai
 		}
 		next = (uint64_t)pos + 8 + SFS_ALIGN_UP((uint64_t)len, 8);
 		if ((uint64_t)pos + 8 + len > limit || (uint64_t)pos + 8 + len > avail) {
-			qcow2_err(img, "header extension %#x at offset %u (length %u) overflows the "
-				       "header area",
+			qcow2_err(img,
+				  "header extension %#x at offset %u (length %u) overflows the "
+				  "header area",
 				  type, pos, len);
 			return -EINVAL;
 		}
@@ -1123,7 +1123,8 @@ static void qcow2_feature_name(const struct qcow2_exts *x, uint32_t bit, char *o
 
 			n = SFS_MIN(n, outlen - 1);
 			for (size_t k = 0; k < n; k++)
-				out[k] = (e[2 + k] >= 0x20 && e[2 + k] < 0x7f) ? (char)e[2 + k] : '?';
+				out[k] =
+				    (e[2 + k] >= 0x20 && e[2 + k] < 0x7f) ? (char)e[2 + k] : '?';
 			out[n] = 0;
 			return;
 		}
@@ -1162,14 +1163,16 @@ static int qcow2_check_features(struct image *img, uint64_t incompat, uint32_t c
 		return -ENOTSUP;
 	}
 	if ((incompat & QCOW2_INCOMPAT_DIRTY) && !img->read_only) {
-		qcow2_err(img, "image is dirty (refcounts may be inaccurate after a crash with lazy "
-			       "refcounts); run 'qemu-img check -r all %s' before writing to it",
+		qcow2_err(img,
+			  "image is dirty (refcounts may be inaccurate after a crash with lazy "
+			  "refcounts); run 'qemu-img check -r all %s' before writing to it",
 			  qcow2_name(img));
 		return -ENOTSUP;
 	}
 	if ((incompat & QCOW2_INCOMPAT_CORRUPT) && !img->read_only) {
-		qcow2_err(img, "image is marked corrupt; it can only be opened read-only (run "
-			       "'qemu-img check -r all %s' to repair it)",
+		qcow2_err(img,
+			  "image is marked corrupt; it can only be opened read-only (run "
+			  "'qemu-img check -r all %s' to repair it)",
 			  qcow2_name(img));
 		return -ENOTSUP;
 	}
@@ -1205,8 +1208,23 @@ static int qcow2_init_cache(struct qcow2_priv *p, bool writable)
 {
 	size_t budget = writable ? QCOW2_CACHE_RW : QCOW2_CACHE_RO;
 
-	if (pthread_mutex_init(&p->lock, NULL) || pthread_mutex_init(&p->flush_lock, NULL))
+	pthread_mutexattr_t attr;
+
+	pthread_mutexattr_init(&attr);
+#ifndef NDEBUG
+	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+#endif
+	if (pthread_mutex_init(&p->lock, &attr)) {
+		pthread_mutexattr_destroy(&attr);
 		return -ENOMEM;
+	}
+	if (pthread_mutex_init(&p->flush_lock, &attr)) {
+		pthread_mutex_destroy(&p->lock);
+		pthread_mutexattr_destroy(&attr);
+		return -ENOMEM;
+	}
+	pthread_mutexattr_destroy(&attr);
+	p->locks_init = true;
 	p->max_meta = SFS_MAX(budget / p->cs, (size_t)QCOW2_CACHE_MIN);
 	p->hash_size = 64;
 	while (p->hash_size < p->max_meta * 2)
@@ -1222,7 +1240,7 @@ static int qcow2_init_cache(struct qcow2_priv *p, bool writable)
 /* Read and check the header and tables. Called from qcow2_open only. */
 static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 {
-	uint8_t fixed[QCOW2_V3_HEADER_BYTES + 8] = { 0 };
+	uint8_t fixed[QCOW2_V3_HEADER_BYTES + 8] = {0};
 	uint8_t *hdr = NULL;
 	uint64_t fsize = fetch_size(img->file), size, bfoff, incompat = 0, autoclear = 0;
 	uint64_t l2_cover, need_l1, rct_bytes;
@@ -1313,7 +1331,9 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 		goto out;
 	if (crypt != 0) {
 		qcow2_err(img, "encrypted images (crypt_method %u, %s) are not supported", crypt,
-			  crypt == 1 ? "AES" : crypt == 2 ? "LUKS" : "unknown");
+			  crypt == 1   ? "AES"
+			  : crypt == 2 ? "LUKS"
+				       : "unknown");
 		r = -ENOTSUP;
 		goto out;
 	}
@@ -1352,7 +1372,8 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 		goto out;
 	}
 	if (p->l1_size) {
-		r = qcow2_check_table(img, "L1 table", p->l1_offset, (uint64_t)p->l1_size * 8, true);
+		r = qcow2_check_table(img, "L1 table", p->l1_offset, (uint64_t)p->l1_size * 8,
+				      true);
 		if (r < 0)
 			goto out;
 	}
@@ -1373,8 +1394,9 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 		goto out;
 	}
 	if (!img->read_only && p->nb_snapshots) {
-		qcow2_err(img, "image has %llu internal snapshot(s); writing to images with "
-			       "snapshots is not supported (delete them with 'qemu-img snapshot -d')",
+		qcow2_err(img,
+			  "image has %llu internal snapshot(s); writing to images with "
+			  "snapshots is not supported (delete them with 'qemu-img snapshot -d')",
 			  (unsigned long long)p->nb_snapshots);
 		r = -ENOTSUP;
 		goto out;
@@ -1422,7 +1444,7 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 		}
 	}
 	if (autoclear) {
-		uint8_t zero[8] = { 0 };
+		uint8_t zero[8] = {0};
 
 		/* We maintain none of them (bitmaps): clear them as QEMU does. */
 		r = fetch_pwrite(img->file, zero, sizeof(zero), QCOW2_HDR_AUTOCLEAR);
@@ -1447,7 +1469,7 @@ static int qcow2_open(struct image *img)
 	memset(p, 0, sizeof(*p));
 	r = qcow2_do_open(img, p);
 	if (r < 0) {
-		if (p->hash) {
+		if (p->locks_init) {
 			pthread_mutex_destroy(&p->lock);
 			pthread_mutex_destroy(&p->flush_lock);
 		}
@@ -1473,8 +1495,7 @@ static int qcow2_flush(struct image *img);
 /* Set the L2 entries of whole clusters [off, off+len) to host + i*cs (or to
  * 'entry' for every cluster when host is 0: zero clusters).
  * Called with p->lock held; may drop it. */
-static int qcow2_update_l2(struct image *img, uint64_t off, uint64_t len, uint64_t host,
-			   bool zero)
+static int qcow2_update_l2(struct image *img, uint64_t off, uint64_t len, uint64_t host, bool zero)
 {
 	struct qcow2_priv *p = img->priv;
 	uint32_t table_bits = p->cluster_bits + p->l2_bits;
@@ -1615,7 +1636,7 @@ static int qcow2_wbs_add(struct qcow2_wbs *w, uint64_t off, const void *src, siz
 	if (!d)
 		return -ENOMEM;
 	memcpy(d, src, len);
-	w->v[w->n] = (struct qcow2_wb){ off, d, len, e, e ? e->mod_gen : 0 };
+	w->v[w->n] = (struct qcow2_wb){off, d, len, e, e ? e->mod_gen : 0};
 	w->n++;
 	return 0;
 }
@@ -1682,7 +1703,7 @@ static int qcow2_snap_table(struct qcow2_wbs *w, const uint64_t *table, uint64_t
 static int qcow2_flush_round(struct image *img, bool *again)
 {
 	struct qcow2_priv *p = img->priv;
-	struct qcow2_wbs rb = { 0 }, rt = { 0 }, l2 = { 0 }, l1 = { 0 };
+	struct qcow2_wbs rb = {0}, rt = {0}, l2 = {0}, l1 = {0};
 	struct qcow2_range *frees = NULL;
 	size_t n_frees = 0;
 	bool moved;
@@ -1944,9 +1965,9 @@ static const struct {
 	uint8_t type, bit;
 	const char *name;
 } qcow2_feature_table[] = {
-	{ 0, 0, "dirty bit" },		 { 0, 1, "corrupt bit" },	   { 0, 2, "external data file" },
-	{ 0, 3, "compression type" },	 { 0, 4, "extended L2 entries" }, { 1, 0, "lazy refcounts" },
-	{ 2, 0, "bitmaps" },		 { 2, 1, "raw external data" },
+    {0, 0, "dirty bit"},	{0, 1, "corrupt bit"},	       {0, 2, "external data file"},
+    {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
+    {2, 0, "bitmaps"},		{2, 1, "raw external data"},
 };
 
 static int qcow2_create(struct fetch_source *f, const struct image_create_opts *opts)
@@ -1955,7 +1976,7 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 	uint32_t version = opts->version ? (uint32_t)opts->version : 3;
 	uint32_t bits = 0, hlen, used, refcount_order = 4;
 	uint64_t l2_cover, l1_size, l1_clusters, rt = 1, rb = 1, total, e_per_block;
-	uint8_t base[QCOW2_OUR_HEADER_LEN] = { 0 };
+	uint8_t base[QCOW2_OUR_HEADER_LEN] = {0};
 	uint8_t *exts = NULL, *buf = NULL;
 	uint32_t exts_len = 0;
 	int r;
@@ -2030,6 +2051,9 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 	}
 	r = qcow2_build_header(buf, cs, base, hlen, exts, exts_len, opts->backing_name,
 			       opts->backing_fmt, &used);
+	if (r == -ENOSPC && exts_len) /* like QEMU: the feature table is optional */
+		r = qcow2_build_header(buf, cs, base, hlen, NULL, 0, opts->backing_name,
+				       opts->backing_fmt, &used);
 	if (r < 0) {
 		sfs_error("%s: qcow2: backing file name does not fit in the header cluster",
 			  f->uri);
@@ -2039,11 +2063,6 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 	if (r < 0)
 		goto out;
 	/* Refcount table, then refcount blocks counting clusters [0, total). */
-	memset(buf, 0, cs);
-	for (uint64_t i = 0; i < rb; i++) {
-		memset(buf, 0, cs);
-		qcow2_put64(buf, 0); /* placeholder, filled below */
-	}
 	for (uint64_t c = 0; c < rt; c++) {
 		memset(buf, 0, cs);
 		for (uint64_t i = 0; i < cs / 8; i++) {
@@ -2085,16 +2104,16 @@ out:
 }
 
 const struct image_driver image_qcow2_driver = {
-	.name = "qcow2",
-	.priv_size = sizeof(struct qcow2_priv),
-	.probe = qcow2_probe,
-	.open = qcow2_open,
-	.close = qcow2_close,
-	.map = qcow2_map,
-	.read_compressed = qcow2_read_compressed,
-	.alloc_write = qcow2_alloc_write,
-	.zero_clusters = qcow2_zero_clusters,
-	.flush = qcow2_flush,
-	.set_backing = qcow2_set_backing,
-	.create = qcow2_create,
+    .name = "qcow2",
+    .priv_size = sizeof(struct qcow2_priv),
+    .probe = qcow2_probe,
+    .open = qcow2_open,
+    .close = qcow2_close,
+    .map = qcow2_map,
+    .read_compressed = qcow2_read_compressed,
+    .alloc_write = qcow2_alloc_write,
+    .zero_clusters = qcow2_zero_clusters,
+    .flush = qcow2_flush,
+    .set_backing = qcow2_set_backing,
+    .create = qcow2_create,
 };

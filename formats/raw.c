@@ -27,8 +27,15 @@ static void raw_close(struct image *img)
 
 static int raw_map(struct image *img, uint64_t off, uint64_t len, struct extent *ext)
 {
-	ext->type = EXT_DATA;
-	ext->len = len;
+	bool data = true;
+	uint64_t n = len;
+
+	/* Holes of a read-only raw image read as zeros and need no copying;
+	 * a writable raw top is always data, so writes go in place. */
+	if (img->read_only)
+		fetch_extent(img->file, off, len, &data, &n);
+	ext->type = data ? EXT_DATA : EXT_ZERO;
+	ext->len = n;
 	ext->host_off = off;
 	return 0;
 }

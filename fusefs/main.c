@@ -46,6 +46,7 @@ struct sfs_opts {
 	int verbose;
 	unsigned readahead_kb;
 	unsigned max_threads;
+	char *pidfile;
 	int show_help;
 	int show_version;
 	int foreground;
@@ -77,6 +78,7 @@ static const struct fuse_opt sfs_opt_spec[] = {
 	SFS_OPT("verbose", verbose, 1),
 	SFS_OPT("readahead=%u", readahead_kb, 0),
 	SFS_OPT("threads=%u", max_threads, 0),
+	SFS_OPT("pidfile=%s", pidfile, 0),
 	SFS_OPT("-h", show_help, 1),
 	SFS_OPT("--help", show_help, 1),
 	SFS_OPT("-V", show_version, 1),
@@ -124,6 +126,7 @@ static void sfs_usage(FILE *f)
 		"    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"
 		"    -o threads=N           FUSE worker threads (16)\n"
 		"    -o verbose             log more (requests, job steps)\n"
+		"    -o pidfile=FILE        write the daemon's pid to FILE once mounted\n"
 		"    -o allow_other, auto_unmount, ...   passed to FUSE (see fuse(8))\n"
 		"    -h, --help             this help\n"
 		"    -V, --version          version\n");
@@ -325,6 +328,11 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_MOUNT;
 		goto out_unmount;
 	}
+	if (o.pidfile) {
+		FILE *pf = fopen(o.pidfile, "w");
+		if (!pf || fprintf(pf, "%d\n", (int)getpid()) < 0 || fclose(pf) != 0)
+			sfs_error("%s: cannot write pid file", o.pidfile);
+	}
 	/* Threads only now: fuse_daemonize() forks. */
 	r = stream_new(disk, m.ctl.events, &m.ctl.job);
 	if (r < 0) {
@@ -381,6 +389,7 @@ out:
 	free(o.format);
 	free(o.cacert);
 	free(o.http_auth_file);
+	free(o.pidfile);
 	fuse_opt_free_args(&args);
 	return ret;
 }

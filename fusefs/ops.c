@@ -35,6 +35,8 @@ struct sfs_handle {
 	char *buf;    /* rendered snapshot */
 	size_t len;
 	uint64_t cursor; /* events */
+	char *pend;	 /* events: lines read from the log, not yet returned */
+	size_t pend_off, pend_len;
 	struct fuse_pollhandle *ph; /* protected by sfs_poll_lock */
 	struct sfs_handle *next_poll; /* protected by sfs_poll_lock */
 	bool polled;		      /* on the sfs_polls list */
@@ -227,11 +229,26 @@ static int sfs_read(const char *path, char *buf, size_t size, off_t off,
 		return r < 0 ? r : (int)size;
 	}
 	if (h->ctl == CTL_EVENTS) {
+		/* Lines go through a per-open buffer so that readers asking for
+		 * fewer bytes than a line (shell "read" asks for 1) get it all. */
 		for (;;) {
-			size_t n = events_read(m->ctl.events, &h->cursor, buf, size,
-					       (fi->flags & O_NONBLOCK) ? 0 : 250);
-			if (n > 0)
-				return (int)n;
+			if (h->pend_off < h->pend_len) {
+				size = SFS_MIN(size, h->pend_len - h->pend_off);
+				memcpy(buf, h->pend + h->pend_off, size);
+				h->pend_off += size;
+				return (int)size;
+			}
+			if (!h->pend) {
+				h->pend = malloc(EVENTS_LINE * 8);
+				if (!h->pend)
+					return -ENOMEM;
+			}
+			h->pend_off = 0;
+			h->pend_len = events_read(m->ctl.events, &h->cursor, h->pend,
+						  EVENTS_LINE * 8,
+						  (fi->flags & O_NONBLOCK) ? 0 : 250);
+			if (h->pend_len > 0)
+				continue;
 			if (fi->flags & O_NONBLOCK)
 				return -EAGAIN;
 			if (events_is_shutdown(m->ctl.events) ||
@@ -256,8 +273,14 @@ static int sfs_write(const char *path, const char *buf, size_t size, off_t off,
 	int r;
 
 	if (!h) {
+		uint64_t disk_size = m->ctl.disk->top->size;
 		if (off < 0)
 			return -EINVAL;
+		/* Like a block device: a write across the end is short, one
+		 * past it is ENOSPC; the size never changes. */
+		if ((uint64_t)off >= disk_size)
+			return -ENOSPC;
+		size = (size_t)SFS_MIN((uint64_t)size, disk_size - (uint64_t)off);
 		r = disk_write(m->ctl.disk, buf, size, (uint64_t)off);
 		return r < 0 ? r : (int)size;
 	}
@@ -303,6 +326,7 @@ static int sfs_release(const char *path, struct fuse_file_info *fi)
 		fuse_pollhandle_destroy(h->ph);
 	pthread_mutex_unlock(&sfs_poll_lock);
 	free(h->buf);
+	free(h->pend);
 	free(h);
 	return 0;
 }
@@ -331,7 +355,7 @@ static int sfs_poll(const char *path, struct fuse_file_info *fi, struct fuse_pol
 		}
 		pthread_mutex_unlock(&sfs_poll_lock);
 	}
-	if (events_ready(m->ctl.events, h->cursor))
+	if (h->pend_off < h->pend_len || events_ready(m->ctl.events, h->cursor))
 		*reventsp |= POLLIN;
 	return 0;
 }

@@ -16,6 +16,7 @@
 #define STREAMFS_FETCH_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -44,6 +45,10 @@ struct fetch_ops {
 	int (*flush)(struct fetch_source *s);
 	/* Set the size (ftruncate). NULL for read-only kinds. */
 	int (*truncate)(struct fetch_source *s, uint64_t size);
+	/* Is [off, ...) data or a hole? Sets *data and the run length *pnum
+	 * (<= len). Optional (NULL: all data); local files use SEEK_DATA. */
+	int (*extent)(struct fetch_source *s, uint64_t off, uint64_t len, bool *data,
+		      uint64_t *pnum);
 };
 
 /* Statistics kept by the generic wrappers; read with atomic loads. */
@@ -94,6 +99,8 @@ int fetch_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t o
 /* Durable barrier: every completed write is on stable storage on return. */
 int fetch_flush(struct fetch_source *s);
 int fetch_truncate(struct fetch_source *s, uint64_t size);
+/* Data or hole at off (see fetch_ops.extent); "all data" when unknown. */
+int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum);
 
 static inline uint64_t fetch_size(struct fetch_source *s)
 {

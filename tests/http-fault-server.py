@@ -30,7 +30,7 @@ served normally, the next N (-1 = all) get the fault. Modes:
 
 Other paths: /redirect-same (302 to /data), /redirect-cross (302 to
 http://localhost:PORT/data, another origin), /redirect-loop, /redirect-ftp,
-/stats (one line per /data request seen: "host x-secret authorization"),
+/stats (one line per request seen: "path host x-secret authorization"),
 /control (above). The server exits when its parent process goes away.
 """
 
@@ -101,22 +101,23 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         port = self.server.server_address[1]
         if url.path == "/control":
-            q = urllib.parse.parse_qs(url.query)
-            with STATE_LOCK:
-                STATE["mode"] = q.get("mode", ["none"])[0]
-                STATE["count"] = int(q.get("count", ["-1"])[0])
-                STATE["after"] = int(q.get("after", ["0"])[0])
-                STATE["retry_after"] = q.get("retry_after", ["1"])[0]
-                STATE["stall"] = float(q.get("stall", ["5"])[0])
-                STATE["ignore_if_match"] = q.get("ignore_if_match", ["0"])[0] == "1"
-                STATE["seen"] = 0
-                STATE["changed"] = False
-                STATE["log"] = []
-            self.simple(200, body=b"ok\n")
-        elif url.path == "/stats":
+            return self.control(urllib.parse.parse_qs(url.query))
+        if url.path == "/stats":
             with STATE_LOCK:
                 body = "".join(l + "\n" for l in STATE["log"]).encode()
-            self.simple(200, body=body)
+            return self.simple(200, body=body)
+        with STATE_LOCK:
+            STATE["log"].append(
+                "%s %s %s %s"
+                % (
+                    url.path,
+                    self.headers.get("Host", "-"),
+                    (self.headers.get("X-Secret") or "-").replace(" ", "_"),
+                    (self.headers.get("Authorization") or "-").replace(" ", "_"),
+                )
+            )
+        if url.path == "/data":
+            self.data()
         elif url.path == "/redirect-same":
             self.simple(302, {"Location": "/data"})
         elif url.path == "/redirect-cross":
@@ -125,23 +126,26 @@ class Handler(BaseHTTPRequestHandler):
             self.simple(302, {"Location": "/redirect-loop"})
         elif url.path == "/redirect-ftp":
             self.simple(302, {"Location": "ftp://127.0.0.1:%d/data" % port})
-        elif url.path == "/data":
-            self.data()
         else:
             self.simple(404, body=b"not found\n")
+
+    def control(self, q):
+        with STATE_LOCK:
+            STATE["mode"] = q.get("mode", ["none"])[0]
+            STATE["count"] = int(q.get("count", ["-1"])[0])
+            STATE["after"] = int(q.get("after", ["0"])[0])
+            STATE["retry_after"] = q.get("retry_after", ["1"])[0]
+            STATE["stall"] = float(q.get("stall", ["5"])[0])
+            STATE["ignore_if_match"] = q.get("ignore_if_match", ["0"])[0] == "1"
+            STATE["seen"] = 0
+            STATE["changed"] = False
+            STATE["log"] = []
+        self.simple(200, body=b"ok\n")
 
     def data(self):
         with STATE_LOCK:
             STATE["seen"] += 1
             n = STATE["seen"]
-            STATE["log"].append(
-                "%s %s %s"
-                % (
-                    self.headers.get("Host", "-"),
-                    (self.headers.get("X-Secret") or "-").replace(" ", "_"),
-                    (self.headers.get("Authorization") or "-").replace(" ", "_"),
-                )
-            )
             mode = STATE["mode"]
             after, count = STATE["after"], STATE["count"]
             active = n > after and (count < 0 or n <= after + count)
@@ -246,6 +250,11 @@ def parse_range(h, size):
 class Server(socketserver.ThreadingMixIn, HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        # Clients hang up on purpose (timeouts, refused answers): stay quiet.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def watch_parent(ppid, server):

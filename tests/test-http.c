@@ -1,0 +1,989 @@
+/* streamfs: tests of the HTTP(S) byte source (fetch/http.c).
+ *
+ * Two servers on loopback, both started here and stopped by PID:
+ *  - tests/http-fault-server.py (Python 3, stdlib): Range support plus fault
+ *    injection switched at run time through GET /control?mode=...;
+ *  - nginx (if installed), with a generated config in a temp dir, serving the
+ *    same file over http and https (self-signed certificate from openssl).
+ * Tests whose server is missing are skipped. Every fault must end in the
+ * right bytes (after retries) or a clean -errno, never in wrong bytes.
+ *
+ * STREAMFS_HTTP_BENCH=SIZE (e.g. 1G) adds a throughput comparison of
+ * fetch_pread in 4 MiB chunks against `curl -o /dev/null` from nginx; it
+ * prints figures and asserts nothing about time.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "fetch.h"
+#include "util.h"
+
+#define TEST_MIB (1024 * 1024)
+
+static char test_dir[] = "/tmp/streamfs-test-http-XXXXXX";
+static char test_file[512];
+static uint8_t *test_data;
+static size_t test_len;
+static pid_t fault_pid = -1;
+static int fault_port;
+static pid_t nginx_pid = -1;
+static int nginx_port, nginx_tls_port;
+static bool nginx_tls;
+static char test_cert[512];
+
+/* ---- helpers ---- */
+
+static uint64_t test_rand(void)
+{
+	static uint64_t x = 0x9e3779b97f4a7c15ULL;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return x;
+}
+
+static void test_sleep_ms(long ms)
+{
+	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+
+	nanosleep(&ts, NULL);
+}
+
+static void test_set_options(unsigned retries)
+{
+	struct fetch_options o = {
+	    .pool_size = 4,
+	    .connect_timeout = 2,
+	    .io_timeout = 1,
+	    .retries = retries,
+	};
+
+	fetch_set_options(&o);
+}
+
+static int test_free_port(void)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t al = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port = -1;
+
+	if (fd < 0)
+		return -1;
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+	    getsockname(fd, (struct sockaddr *)&a, &al) == 0)
+		port = ntohs(a.sin_port);
+	close(fd);
+	return port;
+}
+
+static bool test_can_connect(int port)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET,
+				.sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+				.sin_port = htons((uint16_t)port)};
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	bool ok;
+
+	if (fd < 0)
+		return false;
+	ok = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+	close(fd);
+	return ok;
+}
+
+static void test_stop(pid_t *pid)
+{
+	if (*pid > 0) {
+		kill(*pid, SIGTERM);
+		waitpid(*pid, NULL, 0);
+	}
+	*pid = -1;
+}
+
+static size_t test_sink(char *data, size_t size, size_t nmemb, void *opaque)
+{
+	FILE *f = opaque;
+
+	if (f)
+		fwrite(data, size, nmemb, f);
+	return size * nmemb;
+}
+
+/* GET a control URL of the fault server; the body goes to out (if any). */
+static void test_ctl(const char *fmt, ...)
+{
+	char path[256], url[512];
+	CURL *c = curl_easy_init();
+	va_list ap;
+	long status = 0;
+
+	va_start(ap, fmt);
+	vsnprintf(path, sizeof(path), fmt, ap);
+	va_end(ap);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", fault_port, path);
+	assert_non_null(c);
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, test_sink);
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, NULL);
+	assert_int_equal(curl_easy_perform(c), CURLE_OK);
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+	assert_int_equal(status, 200);
+	curl_easy_cleanup(c);
+}
+
+/* The fault server's request log: "path host x-secret authorization" lines. */
+static char *test_stats(void)
+{
+	char url[128], *buf = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&buf, &len);
+	CURL *c = curl_easy_init();
+
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/stats", fault_port);
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, test_sink);
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, f);
+	assert_int_equal(curl_easy_perform(c), CURLE_OK);
+	curl_easy_cleanup(c);
+	fclose(f);
+	return buf;
+}
+
+static void test_fault_url(char *url, size_t len, const char *path)
+{
+	snprintf(url, len, "http://127.0.0.1:%d%s", fault_port, path);
+}
+
+#define TEST_NEED_FAULT()                                                                          \
+	do {                                                                                       \
+		if (fault_pid < 0)                                                                 \
+			skip();                                                                    \
+		test_ctl("/control?mode=none");                                                    \
+		test_set_options(3);                                                               \
+	} while (0)
+
+static struct fetch_source *test_open_ok(const char *url)
+{
+	struct fetch_source *s = NULL;
+
+	assert_int_equal(fetch_open(url, FETCH_RDONLY, &s), 0);
+	assert_non_null(s);
+	assert_int_equal(fetch_size(s), test_len);
+	return s;
+}
+
+static void test_check_range(struct fetch_source *s, uint64_t off, size_t len)
+{
+	uint8_t *buf = malloc(len);
+
+	assert_non_null(buf);
+	memset(buf, 0xa5, len);
+	assert_int_equal(fetch_pread(s, buf, len, off), 0);
+	assert_memory_equal(buf, test_data + off, len);
+	free(buf);
+}
+
+/* Read the whole file in varied chunk sizes, then in one read (split). */
+static void test_read_all(const char *url)
+{
+	static const size_t sizes[] = {1, 4095, 65536, TEST_MIB + 3, 3 * TEST_MIB, 511};
+	struct fetch_source *s = test_open_ok(url);
+	uint64_t off = 0;
+	unsigned i = 0;
+
+	while (off < test_len) {
+		size_t n = sizes[i++ % (sizeof(sizes) / sizeof(sizes[0]))];
+
+		if (i % 7 == 0)
+			n = 1 + test_rand() % (2 * TEST_MIB);
+		n = SFS_MIN(n, test_len - off);
+		test_check_range(s, off, n);
+		off += n;
+	}
+	test_check_range(s, 0, test_len);
+	test_check_range(s, test_len - 1, 1);
+	fetch_close(s);
+}
+
+struct test_thread {
+	struct fetch_source *s;
+	uint64_t seed;
+	unsigned reads;
+	int failed; /* -errno of a failed read */
+	int nfailed;
+	int wrong; /* reads that returned wrong bytes */
+	int ok;
+};
+
+static void *test_thread_run(void *opaque)
+{
+	struct test_thread *t = opaque;
+	size_t cap = 12 * TEST_MIB;
+	uint8_t *buf = malloc(cap);
+
+	for (unsigned i = 0; i < t->reads && buf; i++) {
+		uint64_t x = t->seed = t->seed * 6364136223846793005ULL + 1442695040888963407ULL;
+		size_t len = (i % 9 == 8) ? 9 * TEST_MIB : 1 + (x >> 20) % (2 * TEST_MIB);
+		uint64_t off;
+		int r;
+
+		len = SFS_MIN(len, test_len);
+		off = (x >> 11) % (test_len - len + 1);
+		r = fetch_pread(t->s, buf, len, off);
+		if (r < 0) {
+			t->failed = r;
+			t->nfailed++;
+			continue;
+		}
+		if (memcmp(buf, test_data + off, len) != 0)
+			t->wrong++;
+		else
+			t->ok++;
+	}
+	free(buf);
+	return NULL;
+}
+
+/* Run n threads of random reads; returns how many reads failed/wrong. */
+static void test_threads(struct fetch_source *s, unsigned n, unsigned reads, struct test_thread *t)
+{
+	pthread_t th[16];
+
+	for (unsigned i = 0; i < n; i++) {
+		t[i] = (struct test_thread){.s = s, .seed = test_rand(), .reads = reads};
+		assert_int_equal(pthread_create(&th[i], NULL, test_thread_run, &t[i]), 0);
+	}
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(th[i], NULL);
+}
+
+static void test_read_threads(const char *url)
+{
+	struct fetch_source *s = test_open_ok(url);
+	struct test_thread t[6];
+
+	test_threads(s, 6, 25, t);
+	for (unsigned i = 0; i < 6; i++) {
+		assert_int_equal(t[i].failed, 0);
+		assert_int_equal(t[i].wrong, 0);
+		assert_int_equal(t[i].ok, 25);
+	}
+	fetch_close(s);
+}
+
+/* Open url and expect -err. */
+static void test_open_fails(const char *url, int err)
+{
+	struct fetch_source *s = NULL;
+
+	assert_int_equal(fetch_open(url, FETCH_RDONLY, &s), err);
+	assert_null(s);
+}
+
+/* With the fault set by the caller, a 1 MiB read at an odd offset must
+ * return the right bytes (r == 0) or exactly err. */
+static void test_read_expect(struct fetch_source *s, int err)
+{
+	size_t len = TEST_MIB;
+	uint64_t off = 12345;
+	uint8_t *buf = malloc(len);
+	int r;
+
+	assert_non_null(buf);
+	r = fetch_pread(s, buf, len, off);
+	assert_int_equal(r, err);
+	if (r == 0)
+		assert_memory_equal(buf, test_data + off, len);
+	free(buf);
+}
+
+/* Open the fault server's /data, then switch to mode and read. */
+static void test_fault_read(const char *ctl, int err)
+{
+	char url[128];
+	struct fetch_source *s;
+
+	test_fault_url(url, sizeof(url), "/data");
+	s = test_open_ok(url);
+	test_ctl("/control?%s", ctl);
+	test_read_expect(s, err);
+	/* Whatever happened, a healthy server serves the right bytes again
+	 * (none of these faults is a change of the file). */
+	test_ctl("/control?mode=none");
+	test_read_expect(s, 0);
+	fetch_close(s);
+}
+
+/* ---- servers ---- */
+
+static int test_start_fault_server(void)
+{
+	const char *srcdir = getenv("srcdir") ? getenv("srcdir") : "tests";
+	char script[512], portfile[600];
+	struct stat st;
+
+	snprintf(script, sizeof(script), "%s/http-fault-server.py", srcdir);
+	snprintf(portfile, sizeof(portfile), "%s/fault.port", test_dir);
+	if (stat(script, &st) != 0 || system("python3 -c 'import http.server' 2>/dev/null") != 0) {
+		fprintf(stderr, "test-http: no python3 or %s: fault tests skipped\n", script);
+		return -1;
+	}
+	fault_pid = fork();
+	if (fault_pid == 0) {
+		execlp("python3", "python3", script, "--file", test_file, "--port-file", portfile,
+		       (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 1000; i++) { /* the server renames the port file into place */
+		FILE *f = fopen(portfile, "r");
+
+		if (f) {
+			if (fscanf(f, "%d", &fault_port) != 1)
+				fault_port = 0;
+			fclose(f);
+			if (fault_port > 0)
+				return 0;
+		}
+		if (waitpid(fault_pid, NULL, WNOHANG) == fault_pid) {
+			fault_pid = -1;
+			break;
+		}
+		test_sleep_ms(10);
+	}
+	fprintf(stderr, "test-http: fault server did not start: fault tests skipped\n");
+	test_stop(&fault_pid);
+	return -1;
+}
+
+static int test_start_nginx(void)
+{
+	const char *nginx = access("/usr/sbin/nginx", X_OK) == 0 ? "/usr/sbin/nginx" : "nginx";
+	char conf[600], log[600], cmd[1400], key[600];
+	FILE *f;
+
+	nginx_port = test_free_port();
+	nginx_tls_port = test_free_port();
+	snprintf(test_cert, sizeof(test_cert), "%s/cert.pem", test_dir);
+	snprintf(key, sizeof(key), "%s/key.pem", test_dir);
+	snprintf(cmd, sizeof(cmd),
+		 "openssl req -x509 -newkey rsa:2048 -nodes -keyout %s -out %s -days 2 "
+		 "-subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 >/dev/null 2>&1",
+		 key, test_cert);
+	nginx_tls = system(cmd) == 0;
+	snprintf(cmd, sizeof(cmd), "%s -v >/dev/null 2>&1", nginx);
+	if (system(cmd) != 0) {
+		fprintf(stderr, "test-http: nginx not installed: nginx tests skipped\n");
+		return -1;
+	}
+	snprintf(conf, sizeof(conf), "%s/nginx.conf", test_dir);
+	snprintf(log, sizeof(log), "%s/nginx-error.log", test_dir);
+	f = fopen(conf, "w");
+	assert_non_null(f);
+	fprintf(f,
+		"daemon off;\nworker_processes 1;\npid %s/nginx.pid;\nerror_log %s;\n%s"
+		"events { worker_connections 256; }\n"
+		"http {\n  access_log off;\n  sendfile on;\n  keepalive_requests 1000000;\n"
+		"  default_type application/octet-stream;\n"
+		"  client_body_temp_path %s/tmp-body;\n  proxy_temp_path %s/tmp-proxy;\n"
+		"  fastcgi_temp_path %s/tmp-fastcgi;\n"
+		"  server { listen 127.0.0.1:%d; root %s/www; }\n",
+		test_dir, log, geteuid() == 0 ? "user root;\n" : "", test_dir, test_dir, test_dir,
+		nginx_port, test_dir);
+	if (nginx_tls)
+		fprintf(f,
+			"  server { listen 127.0.0.1:%d ssl; root %s/www;\n"
+			"    ssl_certificate %s; ssl_certificate_key %s; }\n",
+			nginx_tls_port, test_dir, test_cert, key);
+	fprintf(f, "}\n");
+	fclose(f);
+	nginx_pid = fork();
+	if (nginx_pid == 0) {
+		int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+
+		if (fd >= 0) {
+			dup2(fd, 1);
+			dup2(fd, 2);
+		}
+		execl(nginx, nginx, "-p", test_dir, "-e", log, "-c", conf, (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 500; i++) {
+		if (test_can_connect(nginx_port) &&
+		    (!nginx_tls || test_can_connect(nginx_tls_port)))
+			return 0;
+		if (waitpid(nginx_pid, NULL, WNOHANG) == nginx_pid) {
+			nginx_pid = -1;
+			break;
+		}
+		test_sleep_ms(10);
+	}
+	fprintf(stderr, "test-http: nginx did not start (see %s): nginx tests skipped\n", log);
+	test_stop(&nginx_pid);
+	return -1;
+}
+
+static int test_setup(void **state)
+{
+	char path[600];
+	int fd;
+
+	curl_global_init(CURL_GLOBAL_DEFAULT);
+	if (!mkdtemp(test_dir))
+		return -1;
+	chmod(test_dir, 0755);
+	snprintf(path, sizeof(path), "%s/www", test_dir);
+	mkdir(path, 0755);
+	snprintf(test_file, sizeof(test_file), "%s/www/data.bin", test_dir);
+
+	/* 8..32 MiB, not a multiple of anything. */
+	{
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		for (long i = ts.tv_nsec % 97; i > 0; i--)
+			test_rand();
+	}
+	test_len = 8 * TEST_MIB + test_rand() % (24 * TEST_MIB);
+	test_data = malloc(test_len);
+	if (!test_data)
+		return -1;
+	for (size_t i = 0; i + 8 <= test_len; i += 8) {
+		uint64_t x = test_rand();
+
+		memcpy(test_data + i, &x, 8);
+	}
+	for (size_t i = test_len & ~(size_t)7; i < test_len; i++)
+		test_data[i] = (uint8_t)test_rand();
+	fd = open(test_file, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0 || write(fd, test_data, test_len) != (ssize_t)test_len)
+		return -1;
+	close(fd);
+
+	test_start_fault_server();
+	test_start_nginx();
+	sfs_log_level = getenv("STREAMFS_TEST_VERBOSE") ? SFS_LOG_DEBUG : SFS_LOG_WARN;
+	return 0;
+}
+
+static int test_teardown(void **state)
+{
+	char cmd[600];
+
+	test_stop(&fault_pid);
+	test_stop(&nginx_pid);
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", test_dir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "test-http: could not remove %s\n", test_dir);
+	free(test_data);
+	return 0;
+}
+
+/* ---- tests: plain reads ---- */
+
+static void test_http_read_chunks(void **state)
+{
+	char url[128];
+
+	TEST_NEED_FAULT();
+	test_fault_url(url, sizeof(url), "/data");
+	test_read_all(url);
+}
+
+static void test_http_read_threads(void **state)
+{
+	char url[128];
+
+	TEST_NEED_FAULT();
+	test_fault_url(url, sizeof(url), "/data");
+	test_read_threads(url);
+}
+
+static void test_http_nginx_read_chunks(void **state)
+{
+	char url[128];
+
+	if (nginx_pid < 0)
+		skip();
+	test_set_options(3);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/data.bin", nginx_port);
+	test_read_all(url);
+}
+
+static void test_http_nginx_read_threads(void **state)
+{
+	char url[128];
+
+	if (nginx_pid < 0)
+		skip();
+	test_set_options(3);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/data.bin", nginx_port);
+	test_read_threads(url);
+}
+
+static void test_http_nginx_404(void **state)
+{
+	char url[128];
+
+	if (nginx_pid < 0)
+		skip();
+	test_set_options(3);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/missing.bin", nginx_port);
+	test_open_fails(url, -ENOENT);
+}
+
+/* ---- tests: TLS (nginx with a self-signed certificate) ---- */
+
+static void test_http_tls_verify(void **state)
+{
+	struct fetch_options o = {.connect_timeout = 2, .io_timeout = 1, .retries = 2};
+	struct fetch_source *s;
+	char url[128];
+
+	if (nginx_pid < 0 || !nginx_tls)
+		skip();
+	snprintf(url, sizeof(url), "https://127.0.0.1:%d/data.bin", nginx_tls_port);
+	/* Unknown CA: refused, there is no insecure mode. */
+	fetch_set_options(&o);
+	test_open_fails(url, -EIO);
+	/* Trusted with the cacert option. */
+	o.cacert = test_cert;
+	fetch_set_options(&o);
+	s = test_open_ok(url);
+	test_check_range(s, 1000, 3 * TEST_MIB);
+	fetch_close(s);
+	/* Right CA, wrong name (the certificate is for 127.0.0.1 only). */
+	snprintf(url, sizeof(url), "https://localhost:%d/data.bin", nginx_tls_port);
+	test_open_fails(url, -EIO);
+}
+
+/* ---- tests: faults that are retried ---- */
+
+static void test_http_retry_drop(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=drop&count=2", 0);
+}
+
+static void test_http_retry_503(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=503&count=2&retry_after=1", 0);
+}
+
+static void test_http_retry_429(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=429&count=1&retry_after=1", 0);
+}
+
+static void test_http_retry_500(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=500&count=1", 0);
+}
+
+static void test_http_retry_stall(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=stall&count=1&stall=3", 0);
+	test_fault_read("mode=stall-body&count=1&stall=3", 0);
+}
+
+static void test_http_retry_short(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=short&count=2", 0);
+	test_fault_read("mode=short-cl&count=1", 0);
+}
+
+static void test_http_no_content_length(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=no-cl", 0);
+}
+
+/* ---- tests: faults that fail cleanly ---- */
+
+static void test_http_fail_503_forever(void **state)
+{
+	uint64_t t0;
+
+	TEST_NEED_FAULT();
+	test_set_options(2);
+	t0 = sfs_now_ns();
+	test_fault_read("mode=503&retry_after=1", -EIO);
+	/* Bounded: 2 attempts, one Retry-After of 1 s (loose bound, not a timing test). */
+	assert_true(sfs_now_ns() - t0 < 20ULL * 1000000000);
+}
+
+static void test_http_fail_stall_forever(void **state)
+{
+	TEST_NEED_FAULT();
+	test_set_options(2);
+	test_fault_read("mode=stall&stall=3", -ETIMEDOUT);
+	test_fault_read("mode=stall-body&stall=3", -ETIMEDOUT);
+}
+
+static void test_http_fail_short_forever(void **state)
+{
+	TEST_NEED_FAULT();
+	test_set_options(2);
+	test_fault_read("mode=short", -EIO);
+	test_fault_read("mode=short-cl", -EIO);
+}
+
+static void test_http_fail_bad_range(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=bad-range", -EIO);
+}
+
+static void test_http_fail_long_body(void **state)
+{
+	TEST_NEED_FAULT();
+	test_fault_read("mode=long", -EIO);
+}
+
+static void test_http_fail_ignore_range(void **state)
+{
+	char url[128];
+
+	TEST_NEED_FAULT();
+	test_fault_url(url, sizeof(url), "/data");
+	/* Mid-run: that read fails; not sticky. */
+	test_fault_read("mode=ignore-range", -EIO);
+	/* At open: refused. */
+	test_ctl("/control?mode=ignore-range");
+	test_open_fails(url, -EOPNOTSUPP);
+}
+
+static void test_http_fail_no_size(void **state)
+{
+	char url[128];
+
+	TEST_NEED_FAULT();
+	test_fault_url(url, sizeof(url), "/data");
+	test_ctl("/control?mode=no-size");
+	test_open_fails(url, -EOPNOTSUPP);
+}
+
+static void test_http_fail_status(void **state)
+{
+	char url[128];
+
+	TEST_NEED_FAULT();
+	test_fault_url(url, sizeof(url), "/data");
+	test_ctl("/control?mode=404");
+	test_open_fails(url, -ENOENT);
+	test_ctl("/control?mode=403");
+	test_open_fails(url, -EACCES);
+	test_ctl("/control?mode=401");
+	test_open_fails(url, -EACCES);
+	test_ctl("/control?mode=none");
+	test_fault_url(url, sizeof(url), "/no-such-file");
+	test_open_fails(url, -ENOENT);
+	/* Mid-run. */
+	test_fault_read("mode=404", -ENOENT);
+}
+
+static void test_http_fail_refused(void **state)
+{
+	char url[128];
+	int port = test_free_port();
+
+	test_set_options(2);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/data", port);
+	test_open_fails(url, -ECONNREFUSED);
+}
+
+static void test_http_fail_url_credentials(void **state)
+{
+	test_set_options(2);
+	test_open_fails("http://user:secret@127.0.0.1:1/data", -EINVAL);
+}
+
+/* ---- tests: the file changes on the server ---- */
+
+static void test_http_changed(const char *extra)
+{
+	char url[128];
+	struct fetch_source *s;
+
+	test_fault_url(url, sizeof(url), "/data");
+	s = test_open_ok(url);
+	test_read_expect(s, 0);
+	test_ctl("/control?mode=change%s", extra);
+	test_read_expect(s, -EIO);
+	/* Sticky, even if the server goes back to the old contents. */
+	test_ctl("/control?mode=none");
+	test_read_expect(s, -EIO);
+	fetch_close(s);
+	/* A fresh open sees the current file. */
+	s = test_open_ok(url);
+	test_read_expect(s, 0);
+	fetch_close(s);
+}
+
+static void test_http_changed_if_match(void **state)
+{
+	TEST_NEED_FAULT();
+	test_http_changed(""); /* server answers 412 to If-Match */
+}
+
+static void test_http_changed_etag(void **state)
+{
+	TEST_NEED_FAULT();
+	test_http_changed("&ignore_if_match=1"); /* server ignores If-Match: ETag compare */
+}
+
+static void test_http_changed_concurrent(void **state)
+{
+	char url[128];
+	struct test_thread t[6];
+	struct fetch_source *s;
+	int nfailed = 0;
+
+	TEST_NEED_FAULT();
+	test_fault_url(url, sizeof(url), "/data");
+	s = test_open_ok(url);
+	test_ctl("/control?mode=change&after=20&ignore_if_match=1");
+
+	test_threads(s, 6, 12, t);
+	for (unsigned i = 0; i < 6; i++) {
+		assert_int_equal(t[i].wrong, 0);
+		if (t[i].nfailed)
+			assert_int_equal(t[i].failed, -EIO);
+		nfailed += t[i].nfailed;
+	}
+	assert_true(nfailed > 0);
+	test_read_expect(s, -EIO);
+	fetch_close(s);
+}
+
+static void test_http_no_validator(void **state)
+{
+	char url[128];
+	struct fetch_source *s;
+
+	TEST_NEED_FAULT();
+	test_ctl("/control?mode=no-validator");
+	test_fault_url(url, sizeof(url), "/data");
+	s = test_open_ok(url); /* with a warning */
+	test_read_expect(s, 0);
+	fetch_close(s);
+}
+
+/* ---- tests: redirects and credentials ---- */
+
+static void test_http_redirect(void **state)
+{
+	char url[128];
+	struct fetch_source *s;
+
+	TEST_NEED_FAULT();
+	test_fault_url(url, sizeof(url), "/redirect-same");
+	s = test_open_ok(url);
+	test_check_range(s, 77, TEST_MIB);
+	fetch_close(s);
+	test_fault_url(url, sizeof(url), "/redirect-loop");
+	test_open_fails(url, -ELOOP);
+	test_fault_url(url, sizeof(url), "/redirect-ftp");
+	test_open_fails(url, -EPROTONOSUPPORT);
+}
+
+static void test_http_auth(const char *line, const char *path, const char *expect_stats)
+{
+	struct fetch_options o = {.connect_timeout = 2, .io_timeout = 1, .retries = 2};
+	char auth[600], url[128], *stats;
+	struct fetch_source *s;
+	FILE *f;
+
+	snprintf(auth, sizeof(auth), "%s/auth", test_dir);
+	f = fopen(auth, "w");
+	assert_non_null(f);
+	fprintf(f, "# comment\n\n%s\n", line);
+	fclose(f);
+	chmod(auth, 0600);
+	o.http_auth_file = auth;
+	fetch_set_options(&o);
+	test_ctl("/control?mode=none");
+	test_fault_url(url, sizeof(url), path);
+	s = test_open_ok(url);
+	test_check_range(s, 5, 1000);
+	fetch_close(s);
+	stats = test_stats();
+	if (strcmp(stats, expect_stats) != 0)
+		fprintf(stderr, "server saw:\n%s\nexpected:\n%s\n", stats, expect_stats);
+	assert_string_equal(stats, expect_stats);
+	free(stats);
+	test_set_options(3);
+}
+
+static void test_http_auth_header(void **state)
+{
+	char expect[512];
+
+	TEST_NEED_FAULT();
+	snprintf(expect, sizeof(expect),
+		 "/data 127.0.0.1:%d hunter2 -\n/data 127.0.0.1:%d hunter2 -\n", fault_port,
+		 fault_port);
+	test_http_auth("X-Secret: hunter2", "/data", expect);
+}
+
+static void test_http_auth_basic(void **state)
+{
+	char expect[512];
+
+	TEST_NEED_FAULT();
+	/* base64("user:pass word") */
+	snprintf(expect, sizeof(expect),
+		 "/data 127.0.0.1:%d - Basic_dXNlcjpwYXNzIHdvcmQ=\n"
+		 "/data 127.0.0.1:%d - Basic_dXNlcjpwYXNzIHdvcmQ=\n",
+		 fault_port, fault_port);
+	test_http_auth("user:pass word", "/data", expect);
+}
+
+static void test_http_auth_cross_redirect(void **state)
+{
+	char expect[512];
+
+	TEST_NEED_FAULT();
+	/* Credentials reach the origin given, never the other host. */
+	snprintf(expect, sizeof(expect),
+		 "/redirect-cross 127.0.0.1:%d hunter2 -\n/data localhost:%d - -\n"
+		 "/data localhost:%d - -\n",
+		 fault_port, fault_port, fault_port);
+	test_http_auth("X-Secret: hunter2", "/redirect-cross", expect);
+	snprintf(expect, sizeof(expect),
+		 "/redirect-cross 127.0.0.1:%d - Basic_dTpw\n/data localhost:%d - -\n"
+		 "/data localhost:%d - -\n",
+		 fault_port, fault_port, fault_port);
+	test_http_auth("u:p", "/redirect-cross", expect);
+}
+
+/* ---- throughput (only with STREAMFS_HTTP_BENCH=SIZE) ---- */
+
+static double test_now_s(void)
+{
+	return (double)sfs_now_ns() / 1e9;
+}
+
+static void test_http_bench_nginx(void **state)
+{
+	const char *env = getenv("STREAMFS_HTTP_BENCH");
+	struct fetch_options o = {.connect_timeout = 5, .io_timeout = 10, .retries = 2};
+	size_t chunk = 4 * TEST_MIB;
+	char path[600], url[128], cmd[800];
+	uint64_t size, off;
+	struct fetch_source *s;
+	double t, t_fetch, t_curl, t_big;
+	uint8_t *buf;
+	int fd;
+
+	if (!env || nginx_pid < 0 || sfs_parse_size(env, &size) < 0)
+		skip();
+	size = SFS_ALIGN_UP(size, chunk);
+	snprintf(path, sizeof(path), "%s/www/big.bin", test_dir);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	assert_true(fd >= 0);
+	for (off = 0; off < size; off += test_len) { /* random, in the page cache */
+		size_t n = SFS_MIN(test_len, size - off);
+
+		assert_int_equal(write(fd, test_data, n), (ssize_t)n);
+	}
+	close(fd);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/big.bin", nginx_port);
+	snprintf(cmd, sizeof(cmd), "curl -s -o /dev/null %s", url);
+	assert_int_equal(system(cmd), 0); /* warm the page cache */
+
+	fetch_set_options(&o);
+	buf = malloc(32 * TEST_MIB);
+	assert_non_null(buf);
+	assert_int_equal(fetch_open(url, FETCH_RDONLY, &s), 0);
+	t_fetch = t_big = t_curl = 1e9;
+	for (int rep = 0; rep < 3; rep++) { /* best of 3, interleaved */
+		t = test_now_s();
+		for (off = 0; off < size; off += chunk)
+			assert_int_equal(fetch_pread(s, buf, chunk, off), 0);
+		t_fetch = SFS_MIN(t_fetch, test_now_s() - t);
+		t = test_now_s();
+		for (off = 0; off < size; off += 32 * TEST_MIB)
+			assert_int_equal(
+			    fetch_pread(s, buf, SFS_MIN(32 * TEST_MIB, size - off), off), 0);
+		t_big = SFS_MIN(t_big, test_now_s() - t);
+		t = test_now_s();
+		assert_int_equal(system(cmd), 0);
+		t_curl = SFS_MIN(t_curl, test_now_s() - t);
+	}
+	fetch_close(s);
+	free(buf);
+	fprintf(stderr,
+		"bench: %llu MiB, best of 3: fetch_pread 4 MiB chunks %.0f MiB/s, 32 MiB chunks "
+		"(split) %.0f MiB/s, curl -o /dev/null %.0f MiB/s; ratio 4 MiB/curl %.2f, "
+		"32 MiB/curl %.2f\n",
+		(unsigned long long)(size / TEST_MIB), (double)size / TEST_MIB / t_fetch,
+		(double)size / TEST_MIB / t_big, (double)size / TEST_MIB / t_curl, t_curl / t_fetch,
+		t_curl / t_big);
+	unlink(path);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_http_read_chunks),
+	    cmocka_unit_test(test_http_read_threads),
+	    cmocka_unit_test(test_http_nginx_read_chunks),
+	    cmocka_unit_test(test_http_nginx_read_threads),
+	    cmocka_unit_test(test_http_nginx_404),
+	    cmocka_unit_test(test_http_tls_verify),
+	    cmocka_unit_test(test_http_retry_drop),
+	    cmocka_unit_test(test_http_retry_503),
+	    cmocka_unit_test(test_http_retry_429),
+	    cmocka_unit_test(test_http_retry_500),
+	    cmocka_unit_test(test_http_retry_stall),
+	    cmocka_unit_test(test_http_retry_short),
+	    cmocka_unit_test(test_http_no_content_length),
+	    cmocka_unit_test(test_http_fail_503_forever),
+	    cmocka_unit_test(test_http_fail_stall_forever),
+	    cmocka_unit_test(test_http_fail_short_forever),
+	    cmocka_unit_test(test_http_fail_bad_range),
+	    cmocka_unit_test(test_http_fail_long_body),
+	    cmocka_unit_test(test_http_fail_ignore_range),
+	    cmocka_unit_test(test_http_fail_no_size),
+	    cmocka_unit_test(test_http_fail_status),
+	    cmocka_unit_test(test_http_fail_refused),
+	    cmocka_unit_test(test_http_fail_url_credentials),
+	    cmocka_unit_test(test_http_changed_if_match),
+	    cmocka_unit_test(test_http_changed_etag),
+	    cmocka_unit_test(test_http_changed_concurrent),
+	    cmocka_unit_test(test_http_no_validator),
+	    cmocka_unit_test(test_http_redirect),
+	    cmocka_unit_test(test_http_auth_header),
+	    cmocka_unit_test(test_http_auth_basic),
+	    cmocka_unit_test(test_http_auth_cross_redirect),
+	    cmocka_unit_test(test_http_bench_nginx),
+	};
+
+	return cmocka_run_group_tests(tests, test_setup, test_teardown);
+}
