@@ -1975,7 +1975,7 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 	uint32_t cs = opts->cluster_size ? opts->cluster_size : 65536;
 	uint32_t version = opts->version ? (uint32_t)opts->version : 3;
 	uint32_t bits = 0, hlen, used, refcount_order = 4;
-	uint64_t l2_cover, l1_size, l1_clusters, rt = 1, rb = 1, total, e_per_block;
+	uint64_t l2_cover, l1_size, l1_clusters, rt = 1, rb = 1, total, e_per_block, size;
 	uint8_t base[QCOW2_OUR_HEADER_LEN] = {0};
 	uint8_t *exts = NULL, *buf = NULL;
 	uint32_t exts_len = 0;
@@ -1991,13 +1991,21 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 		sfs_error("%s: qcow2: version %u is not supported (2 or 3)", f->uri, version);
 		return -EINVAL;
 	}
+	/* Like qemu-img, round the size up to whole sectors: QEMU cannot address
+	 * a partial last sector. */
+	if (!sfs_add_ok(opts->size, 511, &size)) {
+		sfs_error("%s: qcow2: virtual size %llu is too large", f->uri,
+			  (unsigned long long)opts->size);
+		return -EINVAL;
+	}
+	size = SFS_ALIGN_DOWN(size, 512);
 	while ((1u << bits) < cs)
 		bits++;
 	l2_cover = (uint64_t)cs * (cs / 8);
-	l1_size = opts->size / l2_cover + (opts->size % l2_cover != 0);
+	l1_size = size / l2_cover + (size % l2_cover != 0);
 	if (l1_size * 8 > QCOW2_MAX_L1_BYTES) {
 		sfs_error("%s: qcow2: virtual size %llu is too large for %u-byte clusters", f->uri,
-			  (unsigned long long)opts->size, cs);
+			  (unsigned long long)size, cs);
 		return -EINVAL;
 	}
 	l1_clusters = SFS_DIV_ROUND_UP(l1_size * 8, cs);
@@ -2018,7 +2026,7 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 	qcow2_put32(base, QCOW2_MAGIC);
 	qcow2_put32(base + 4, version);
 	qcow2_put32(base + 20, bits);
-	qcow2_put64(base + 24, opts->size);
+	qcow2_put64(base + 24, size);
 	qcow2_put32(base + 36, (uint32_t)l1_size);
 	qcow2_put64(base + 40, (1 + rt + rb) * cs);
 	qcow2_put64(base + 48, cs);
@@ -2034,7 +2042,9 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 		r = -ENOMEM;
 		goto out;
 	}
-	if (version == 3) {
+	/* Like QEMU, only with clusters over 4 KiB: the table would leave no room
+	 * for a backing name in small header clusters. */
+	if (version == 3 && cs > 4096) {
 		size_t n = sizeof(qcow2_feature_table) / sizeof(qcow2_feature_table[0]);
 
 		qcow2_put32(exts, QCOW2_EXT_FEATURES);
@@ -2051,9 +2061,6 @@ static int qcow2_create(struct fetch_source *f, const struct image_create_opts *
 	}
 	r = qcow2_build_header(buf, cs, base, hlen, exts, exts_len, opts->backing_name,
 			       opts->backing_fmt, &used);
-	if (r == -ENOSPC && exts_len) /* like QEMU: the feature table is optional */
-		r = qcow2_build_header(buf, cs, base, hlen, NULL, 0, opts->backing_name,
-				       opts->backing_fmt, &used);
 	if (r < 0) {
 		sfs_error("%s: qcow2: backing file name does not fit in the header cluster",
 			  f->uri);
