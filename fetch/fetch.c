@@ -100,8 +100,7 @@ int fetch_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off)
 	if (!sfs_add_ok(off, len, &end) || end > fetch_size(s)) {
 		sfs_error("%s: read of %zu bytes at offset %llu is past the end of the file "
 			  "(%llu bytes): truncated or corrupt image",
-			  s->uri, len, (unsigned long long)off,
-			  (unsigned long long)fetch_size(s));
+			  s->uri, len, (unsigned long long)off, (unsigned long long)fetch_size(s));
 		atomic_fetch_add(&s->stats.errors, 1);
 		return -EIO;
 	}

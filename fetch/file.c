@@ -27,7 +27,7 @@ static const char *file_path(const char *uri)
 
 static int file_lock_range(int fd, short type, off_t start, off_t len)
 {
-	struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len };
+	struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
 
 	if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
 		return -errno;
@@ -146,8 +146,8 @@ static int file_pwrite(struct fetch_source *s, const void *buf, size_t len, uint
 				continue;
 			/* ENOSPC is expected on a full disk; the caller reports it. */
 			if (errno != ENOSPC)
-				sfs_error("%s: write at %llu: %s", s->uri,
-					  (unsigned long long)off, strerror(errno));
+				sfs_error("%s: write at %llu: %s", s->uri, (unsigned long long)off,
+					  strerror(errno));
 			return -errno;
 		}
 		b += n;
@@ -187,8 +187,14 @@ static int file_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool 
 	off_t d = lseek(p->fd, (off_t)off, SEEK_DATA), h;
 
 	if (d < 0) {
+		struct stat st;
+
 		if (errno != ENXIO)
 			return -errno;
+		/* ENXIO also means "past EOF": a backing that shrank under us
+		 * must fail the read, not read as zeros. */
+		if (fstat(p->fd, &st) < 0 || (uint64_t)st.st_size < fetch_size(s))
+			return -EIO;
 		*data = false; /* only a hole up to the end */
 		*pnum = len;
 		return 0;
@@ -207,13 +213,13 @@ static int file_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool 
 }
 
 const struct fetch_ops fetch_file_ops = {
-	.scheme = "file",
-	.priv_size = sizeof(struct file_priv),
-	.open = file_open,
-	.close = file_close,
-	.pread = file_pread,
-	.pwrite = file_pwrite,
-	.flush = file_flush,
-	.truncate = file_truncate,
-	.extent = file_extent,
+    .scheme = "file",
+    .priv_size = sizeof(struct file_priv),
+    .open = file_open,
+    .close = file_close,
+    .pread = file_pread,
+    .pwrite = file_pwrite,
+    .flush = file_flush,
+    .truncate = file_truncate,
+    .extent = file_extent,
 };

@@ -98,7 +98,7 @@
 #define HTTP_BACKOFF_MAX_MS	     8000	  /* cap on the exponential backoff */
 #define HTTP_RETRY_AFTER_MAX_MS	     30000	  /* cap on a server's Retry-After */
 #define HTTP_LOW_SPEED_LIMIT	     1024	  /* in bytes/s: slower for io_timeout = stalled */
-#define HTTP_SPLIT_MIN		     (8u << 20)	  /* in bytes: larger reads are split */
+#define HTTP_SPLIT_MIN (1u << 30)	  /* in bytes: larger reads are split */
 #define HTTP_SPLIT_PIECE	     (4u << 20)	  /* in bytes: smallest piece of a split read */
 #define HTTP_BUFFER_SIZE	     (512L << 10) /* in bytes: libcurl receive buffer */
 #define HTTP_DISCARD_MAX	     (64u << 10)  /* in bytes of an error body before hanging up */

@@ -243,12 +243,12 @@ static int mem_truncate(struct fetch_source *s, uint64_t size)
 }
 
 const struct fetch_ops fetch_mem_ops = {
-	.scheme = "mem",
-	.priv_size = 0,
-	.open = mem_open,
-	.close = mem_close,
-	.pread = mem_pread,
-	.pwrite = mem_pwrite,
-	.flush = mem_flush,
-	.truncate = mem_truncate,
+    .scheme = "mem",
+    .priv_size = 0,
+    .open = mem_open,
+    .close = mem_close,
+    .pread = mem_pread,
+    .pwrite = mem_pwrite,
+    .flush = mem_flush,
+    .truncate = mem_truncate,
 };

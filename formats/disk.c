@@ -98,8 +98,7 @@ int disk_close(struct disk *d)
 }
 
 /* Current guest contents of a run of the top that is not EXT_DATA. */
-static int disk_fill(struct disk *d, const struct extent *ext, void *buf, size_t len,
-		     uint64_t off)
+static int disk_fill(struct disk *d, const struct extent *ext, void *buf, size_t len, uint64_t off)
 {
 	struct image *top = d->top, *b = top->backing;
 
@@ -177,7 +176,7 @@ static int disk_cor(struct disk *d, uint8_t *buf, size_t len, uint64_t off)
 	uint64_t a = SFS_ALIGN_DOWN(off, cs);
 	uint64_t alen = SFS_ALIGN_UP(off + len, cs) - a;
 	uint64_t copied = 0;
-	struct extent ext = { .type = EXT_UNALLOC };
+	struct extent ext = {.type = EXT_UNALLOC};
 	uint8_t *bounce = disk_bounce(alen);
 	int slot, r;
 
@@ -362,7 +361,7 @@ static int disk_populate_run(struct disk *d, uint64_t pos, uint64_t n, uint8_t *
 	struct image *top = d->top;
 	uint32_t cs = top->cluster_size;
 	uint64_t alen = SFS_ALIGN_UP(n, cs);
-	struct extent ext = { .type = EXT_UNALLOC };
+	struct extent ext = {.type = EXT_UNALLOC};
 	int slot, r;
 
 	if (alen > n)

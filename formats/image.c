@@ -18,9 +18,9 @@
 
 /* Probe order matters only for ties; raw always scores lowest. */
 static const struct image_driver *image_drivers[] = {
-	&image_qcow2_driver,
-	&image_qed_driver,
-	&image_raw_driver,
+    &image_qcow2_driver,
+    &image_qed_driver,
+    &image_raw_driver,
 };
 
 #define IMAGE_PROBE_BYTES 512
@@ -35,7 +35,7 @@ const struct image_driver *image_find_driver(const char *name)
 
 static int image_probe(struct fetch_source *f, const struct image_driver **out)
 {
-	uint8_t buf[IMAGE_PROBE_BYTES] = { 0 };
+	uint8_t buf[IMAGE_PROBE_BYTES] = {0};
 	size_t n = (size_t)SFS_MIN((uint64_t)sizeof(buf), fetch_size(f));
 	int best = 0, r;
 
@@ -282,8 +282,9 @@ int image_pread(struct image *img, void *buf, size_t len, uint64_t off)
 			r = 0;
 			break;
 		case EXT_COMPRESSED:
-			r = img->drv->read_compressed ? img->drv->read_compressed(img, off, &ext, b, n)
-						      : -EIO;
+			r = img->drv->read_compressed
+				? img->drv->read_compressed(img, off, &ext, b, n)
+				: -EIO;
 			break;
 		case EXT_UNALLOC:
 		default:

@@ -762,8 +762,8 @@ static int qed_check(struct image *img, uint64_t file_end, bool fix)
 		sfs_warn("%s: qed: dropped %llu invalid table entries (unsynced allocations)",
 			 img->filename, (unsigned long long)invalid);
 	if (leaks)
-		sfs_info("%s: qed: %llu leaked clusters (harmless; 'qemu-img check -r leaks' "
-			 "reclaims them)",
+		sfs_info("%s: qed: %llu leaked clusters (unreferenced space from an interrupted "
+			 "write; harmless)",
 			 img->filename, (unsigned long long)leaks);
 	if (fix && invalid) {
 		/* L2 fixes durable before the L1 ones. */
@@ -1289,8 +1289,10 @@ static int qed_flush(struct image *img)
 	if (l1_n && p->l1_gen == l1_gen)
 		p->l1_lo = p->l1_hi = 0;
 	/* Tables published by this flush are covered by the file now. */
-	memmove(p->fresh, p->fresh + nfresh, (p->nfresh - nfresh) * sizeof(*p->fresh));
-	p->nfresh -= nfresh;
+	if (nfresh) {
+		memmove(p->fresh, p->fresh + nfresh, (p->nfresh - nfresh) * sizeof(*p->fresh));
+		p->nfresh -= nfresh;
+	}
 	p->cache_seq++;
 	qed_cache_shrink(p);
 	pthread_mutex_unlock(&p->lock);

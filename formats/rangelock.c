@@ -78,7 +78,7 @@ int rangelock_lock(struct rangelock *rl, uint64_t off, uint64_t len)
 		rl->slots = s;
 		rl->nslots = n;
 	}
-	rl->slots[slot] = (struct rangelock_slot){ .off = off, .end = end, .used = true };
+	rl->slots[slot] = (struct rangelock_slot){.off = off, .end = end, .used = true};
 	pthread_mutex_unlock(&rl->lock);
 	return slot;
 }

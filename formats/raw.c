@@ -46,10 +46,10 @@ static int raw_flush(struct image *img)
 }
 
 const struct image_driver image_raw_driver = {
-	.name = "raw",
-	.probe = raw_probe,
-	.open = raw_open,
-	.close = raw_close,
-	.map = raw_map,
-	.flush = raw_flush,
+    .name = "raw",
+    .probe = raw_probe,
+    .open = raw_open,
+    .close = raw_close,
+    .map = raw_map,
+    .flush = raw_flush,
 };

@@ -165,8 +165,8 @@ static int client_cat(const char *mnt, const char *file)
 
 int sfs_client_main(int argc, char **argv)
 {
-	static const char *cmds[] = { "status", "progress", "map",   "events", "stream",
-				      "pause",	"resume",   "abort", "speed",  "wait" };
+	static const char *cmds[] = {"status", "progress", "map",   "events", "stream",
+				     "pause",  "resume",   "abort", "speed",  "wait"};
 	const char *cmd = argv[1], *mnt;
 	bool known = false;
 
@@ -179,8 +179,7 @@ int sfs_client_main(int argc, char **argv)
 		return 1;
 	}
 	mnt = argv[2];
-	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "progress") == 0 ||
-	    strcmp(cmd, "map") == 0)
+	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "progress") == 0 || strcmp(cmd, "map") == 0)
 		return argc == 3 ? client_cat(mnt, cmd) : 1;
 	if (strcmp(cmd, "events") == 0) {
 		char path[4096], buf[4096];

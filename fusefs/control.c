@@ -18,10 +18,10 @@
 #define CONTROL_CMD_MAX 4096 /* longest command accepted, in bytes */
 
 const struct control_info control_files[CTL_COUNT] = {
-	[CTL_STATUS] = { "status", 0444 },     [CTL_PROGRESS] = { "progress", 0444 },
-	[CTL_SPEED] = { "speed", 0644 },       [CTL_STREAM] = { "stream", 0644 },
-	[CTL_ABORT] = { "abort", 0200 },       [CTL_PULL] = { "pull", 0200 },
-	[CTL_EVENTS] = { "events", 0444 },     [CTL_MAP] = { "map", 0444 },
+    [CTL_STATUS] = {"status", 0444}, [CTL_PROGRESS] = {"progress", 0444},
+    [CTL_SPEED] = {"speed", 0644},   [CTL_STREAM] = {"stream", 0644},
+    [CTL_ABORT] = {"abort", 0200},   [CTL_PULL] = {"pull", 0200},
+    [CTL_EVENTS] = {"events", 0444}, [CTL_MAP] = {"map", 0444},
 };
 
 int control_lookup(const char *name)
@@ -40,7 +40,7 @@ struct control_buf {
 };
 
 static void cb_printf(struct control_buf *b, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
+    __attribute__((format(printf, 2, 3)));
 
 static void cb_printf(struct control_buf *b, const char *fmt, ...)
 {
@@ -135,8 +135,7 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 		  (unsigned long long)atomic_load(&ds->stream_zero));
 	cb_printf(b, "bytes_copied_on_read: %llu\n",
 		  (unsigned long long)atomic_load(&ds->cor_bytes));
-	cb_printf(b, "guest_bytes_read: %llu\n",
-		  (unsigned long long)atomic_load(&ds->guest_read));
+	cb_printf(b, "guest_bytes_read: %llu\n", (unsigned long long)atomic_load(&ds->guest_read));
 	cb_printf(b, "guest_bytes_written: %llu\n",
 		  (unsigned long long)atomic_load(&ds->guest_written));
 	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)control_network_bytes(c->disk));
@@ -166,8 +165,9 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 			type = EXT_DATA;
 		if (off == top->size || depth != run_depth || type != run_type) {
 			if (run_len) {
-				struct image *l = run_depth >= 0 ? image_layer(top, run_depth) : NULL;
-				const char *t = run_depth < 0	      ? "hole"
+				struct image *l =
+				    run_depth >= 0 ? image_layer(top, run_depth) : NULL;
+				const char *t = run_depth < 0	       ? "hole"
 						: run_type == EXT_ZERO ? "zero"
 								       : "data";
 				cb_printf(b, "%llu %llu %d %s %s\n", (unsigned long long)run_off,
@@ -189,7 +189,7 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 
 int control_render(struct control_ctx *c, enum control_id id, char **buf, size_t *len)
 {
-	struct control_buf b = { 0 };
+	struct control_buf b = {0};
 	struct stream_status st;
 
 	switch (id) {

@@ -13,8 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define EVENTS_RING 256	  /* events kept */
-#define EVENTS_LINE 512	  /* bytes per event line, including newline */
+#define EVENTS_RING 256 /* events kept */
+#define EVENTS_LINE 512 /* bytes per event line, including newline */
 
 struct events;
 
@@ -23,7 +23,7 @@ void events_free(struct events *ev);
 
 /* Append "TIMESTAMP name detail\n" and wake readers and pollers. */
 void events_post(struct events *ev, const char *name, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 /* The sequence number a new reader starts at (the next event). */
 uint64_t events_cursor(struct events *ev);

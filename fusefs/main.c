@@ -24,10 +24,10 @@
 #include "util.h"
 
 /* Exit codes (documented in man/streamfs.1). */
-#define EXIT_USAGE 1  /* bad command line */
-#define EXIT_IMAGE 2  /* the overlay or its backing chain cannot be opened */
-#define EXIT_MOUNT 3  /* FUSE mount failed */
-#define EXIT_JOB 4    /* wait: the job failed or was cancelled */
+#define EXIT_USAGE 1 /* bad command line */
+#define EXIT_IMAGE 2 /* the overlay or its backing chain cannot be opened */
+#define EXIT_MOUNT 3 /* FUSE mount failed */
+#define EXIT_JOB   4 /* wait: the job failed or was cancelled */
 
 struct sfs_opts {
 	int ro;
@@ -62,74 +62,75 @@ struct sfs_opts {
 enum { KEY_RO, KEY_FOREGROUND, KEY_DEBUG };
 
 static const struct fuse_opt sfs_opt_spec[] = {
-	SFS_OPT("copy_on_read=%s", copy_on_read, 0),
-	SFS_OPT("stream", stream, 1),
-	SFS_OPT("speed=%s", speed, 0),
-	SFS_OPT("base=%s", base, 0),
-	SFS_OPT("on_error=%s", on_error, 0),
-	SFS_OPT("on-error=%s", on_error, 0),
-	SFS_OPT("backing=%s", backing, 0),
-	SFS_OPT("format=%s", format, 0),
-	SFS_OPT("cacert=%s", cacert, 0),
-	SFS_OPT("http_auth_file=%s", http_auth_file, 0),
-	SFS_OPT("http_pool=%u", http_pool, 0),
-	SFS_OPT("http_timeout=%u", http_timeout, 0),
-	SFS_OPT("http_retries=%u", http_retries, 0),
-	SFS_OPT("verbose", verbose, 1),
-	SFS_OPT("readahead=%u", readahead_kb, 0),
-	SFS_OPT("threads=%u", max_threads, 0),
-	SFS_OPT("pidfile=%s", pidfile, 0),
-	SFS_OPT("-h", show_help, 1),
-	SFS_OPT("--help", show_help, 1),
-	SFS_OPT("-V", show_version, 1),
-	SFS_OPT("--version", show_version, 1),
-	FUSE_OPT_KEY("ro", KEY_RO),
-	FUSE_OPT_KEY("-f", KEY_FOREGROUND),
-	FUSE_OPT_KEY("-d", KEY_DEBUG),
-	FUSE_OPT_KEY("debug", KEY_DEBUG),
-	FUSE_OPT_END,
+    SFS_OPT("copy_on_read=%s", copy_on_read, 0),
+    SFS_OPT("stream", stream, 1),
+    SFS_OPT("speed=%s", speed, 0),
+    SFS_OPT("base=%s", base, 0),
+    SFS_OPT("on_error=%s", on_error, 0),
+    SFS_OPT("on-error=%s", on_error, 0),
+    SFS_OPT("backing=%s", backing, 0),
+    SFS_OPT("format=%s", format, 0),
+    SFS_OPT("cacert=%s", cacert, 0),
+    SFS_OPT("http_auth_file=%s", http_auth_file, 0),
+    SFS_OPT("http_pool=%u", http_pool, 0),
+    SFS_OPT("http_timeout=%u", http_timeout, 0),
+    SFS_OPT("http_retries=%u", http_retries, 0),
+    SFS_OPT("verbose", verbose, 1),
+    SFS_OPT("readahead=%u", readahead_kb, 0),
+    SFS_OPT("threads=%u", max_threads, 0),
+    SFS_OPT("pidfile=%s", pidfile, 0),
+    SFS_OPT("-h", show_help, 1),
+    SFS_OPT("--help", show_help, 1),
+    SFS_OPT("-V", show_version, 1),
+    SFS_OPT("--version", show_version, 1),
+    FUSE_OPT_KEY("ro", KEY_RO),
+    FUSE_OPT_KEY("-f", KEY_FOREGROUND),
+    FUSE_OPT_KEY("-d", KEY_DEBUG),
+    FUSE_OPT_KEY("debug", KEY_DEBUG),
+    FUSE_OPT_END,
 };
 
 static void sfs_usage(FILE *f)
 {
-	fprintf(f,
-		"usage: streamfs [options] OVERLAY MOUNTPOINT\n"
-		"       streamfs create [-f qcow2|qed] [-b BACKING [-F FMT]] [-c CLUSTER] "
-		"OVERLAY [SIZE]\n"
-		"       streamfs status|progress|map|events MOUNTPOINT\n"
-		"       streamfs stream MOUNTPOINT [--base B] [--speed S] [--on-error E] [--wait]\n"
-		"       streamfs pause|resume|abort MOUNTPOINT\n"
-		"       streamfs speed MOUNTPOINT SPEED\n"
-		"       streamfs wait MOUNTPOINT\n"
-		"\n"
-		"Mounts OVERLAY (qcow2 or QED, with a local or http(s) backing chain) at\n"
-		"MOUNTPOINT as MOUNTPOINT/disk plus MOUNTPOINT/control/.\n"
-		"\n"
-		"options:\n"
-		"    -f                     stay in the foreground\n"
-		"    -d, -o debug           FUSE debug output (implies -f)\n"
-		"    -o ro                  read-only disk, no copy-on-read, no stream job\n"
-		"    -o copy_on_read=on|off copy data read from the backing into the overlay "
-		"(on)\n"
-		"    -o stream              start the stream job at mount\n"
-		"    -o speed=N[KMG]        stream rate limit in bytes/s (0 = unlimited)\n"
-		"    -o base=IMAGE          stream only images above IMAGE, then rebase onto it\n"
-		"    -o on_error=report|stop  stream job error policy (report)\n"
-		"    -o backing=URI         use this backing instead of the header's, for this mount\n"
-		"    -o format=qcow2|qed    overlay format (probed by default)\n"
-		"    -o cacert=FILE         extra CA certificates for https backings\n"
-		"    -o http_auth_file=FILE credentials for http(s): 'Header: value' or "
-		"'user:password'\n"
-		"    -o http_pool=N         parallel HTTP connections per backing (4)\n"
-		"    -o http_timeout=S      seconds before a stalled HTTP request is retried (30)\n"
-		"    -o http_retries=N      attempts per HTTP request (5)\n"
-		"    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"
-		"    -o threads=N           FUSE worker threads (16)\n"
-		"    -o verbose             log more (requests, job steps)\n"
-		"    -o pidfile=FILE        write the daemon's pid to FILE once mounted\n"
-		"    -o allow_other, auto_unmount, ...   passed to FUSE (see fuse(8))\n"
-		"    -h, --help             this help\n"
-		"    -V, --version          version\n");
+	fprintf(
+	    f,
+	    "usage: streamfs [options] OVERLAY MOUNTPOINT\n"
+	    "       streamfs create [-f qcow2|qed] [-b BACKING [-F FMT]] [-c CLUSTER] "
+	    "OVERLAY [SIZE]\n"
+	    "       streamfs status|progress|map|events MOUNTPOINT\n"
+	    "       streamfs stream MOUNTPOINT [--base B] [--speed S] [--on-error E] [--wait]\n"
+	    "       streamfs pause|resume|abort MOUNTPOINT\n"
+	    "       streamfs speed MOUNTPOINT SPEED\n"
+	    "       streamfs wait MOUNTPOINT\n"
+	    "\n"
+	    "Mounts OVERLAY (qcow2 or QED, with a local or http(s) backing chain) at\n"
+	    "MOUNTPOINT as MOUNTPOINT/disk plus MOUNTPOINT/control/.\n"
+	    "\n"
+	    "options:\n"
+	    "    -f                     stay in the foreground\n"
+	    "    -d, -o debug           FUSE debug output (implies -f)\n"
+	    "    -o ro                  read-only disk, no copy-on-read, no stream job\n"
+	    "    -o copy_on_read=on|off copy data read from the backing into the overlay "
+	    "(on)\n"
+	    "    -o stream              start the stream job at mount\n"
+	    "    -o speed=N[KMG]        stream rate limit in bytes/s (0 = unlimited)\n"
+	    "    -o base=IMAGE          stream only images above IMAGE, then rebase onto it\n"
+	    "    -o on_error=report|stop  stream job error policy (report)\n"
+	    "    -o backing=URI         use this backing instead of the header's, for this mount\n"
+	    "    -o format=qcow2|qed    overlay format (probed by default)\n"
+	    "    -o cacert=FILE         extra CA certificates for https backings\n"
+	    "    -o http_auth_file=FILE credentials for http(s): 'Header: value' or "
+	    "'user:password'\n"
+	    "    -o http_pool=N         parallel HTTP connections per backing (4)\n"
+	    "    -o http_timeout=S      seconds before a stalled HTTP request is retried (30)\n"
+	    "    -o http_retries=N      attempts per HTTP request (5)\n"
+	    "    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"
+	    "    -o threads=N           FUSE worker threads (16)\n"
+	    "    -o verbose             log more (requests, job steps)\n"
+	    "    -o pidfile=FILE        write the daemon's pid to FILE once mounted\n"
+	    "    -o allow_other, auto_unmount, ...   passed to FUSE (see fuse(8))\n"
+	    "    -h, --help             this help\n"
+	    "    -V, --version          version\n");
 }
 
 static int sfs_opt_proc(void *data, const char *arg, int key, struct fuse_args *outargs)
@@ -203,9 +204,9 @@ static void sfs_set_readahead(const char *mountpoint, unsigned kb)
 static int sfs_mount_main(int argc, char **argv)
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
-	struct sfs_opts o = { 0 };
-	struct sfs_mount m = { 0 };
-	struct fetch_options fo = { 0 };
+	struct sfs_opts o = {0};
+	struct sfs_mount m = {0};
+	struct fetch_options fo = {0};
 	struct fuse_loop_config *lc = NULL;
 	struct image *top = NULL;
 	struct disk *disk = NULL;
@@ -341,9 +342,10 @@ static int sfs_mount_main(int argc, char **argv)
 		goto out_signals;
 	}
 	if (!o.ro) {
-		struct stream_params sp = { .speed = speed, .speed_set = true, .base = o.base };
-		sp.on_error = o.on_error && strcmp(o.on_error, "stop") == 0 ? STREAM_ON_ERROR_STOP
-									   : STREAM_ON_ERROR_REPORT;
+		struct stream_params sp = {.speed = speed, .speed_set = true, .base = o.base};
+		sp.on_error = o.on_error && strcmp(o.on_error, "stop") == 0
+				  ? STREAM_ON_ERROR_STOP
+				  : STREAM_ON_ERROR_REPORT;
 		if (o.stream) {
 			r = stream_start(m.ctl.job, &sp);
 			if (r < 0)
@@ -399,7 +401,7 @@ out:
 static int sfs_create_main(int argc, char **argv)
 {
 	const char *fmt = "qcow2", *backing = NULL, *bfmt = NULL, *path;
-	struct image_create_opts co = { 0 };
+	struct image_create_opts co = {0};
 	uint64_t v;
 	int c, r;
 
@@ -425,7 +427,8 @@ static int sfs_create_main(int argc, char **argv)
 		case 'o':
 			if (strcmp(optarg, "compat=0.10") == 0 || strcmp(optarg, "compat=v2") == 0)
 				co.version = 2;
-			else if (strcmp(optarg, "compat=1.1") == 0 || strcmp(optarg, "compat=v3") == 0)
+			else if (strcmp(optarg, "compat=1.1") == 0 ||
+				 strcmp(optarg, "compat=v3") == 0)
 				co.version = 3;
 			else {
 				fprintf(stderr, "streamfs create: unknown option '%s'\n", optarg);
@@ -499,7 +502,6 @@ static int sfs_create_main(int argc, char **argv)
 	       bfmt ? " backing_fmt=" : "", bfmt ? bfmt : "");
 	return 0;
 }
-
 
 int main(int argc, char **argv)
 {

@@ -24,20 +24,20 @@
 #include <fuse_lowlevel.h>
 #include "util.h"
 
-#define SFS_MAX_IO (1u << 20) /* max_write and the largest read we expect, bytes */
-#define SFS_DISK "/disk"
+#define SFS_MAX_IO  (1u << 20) /* max_write and the largest read we expect, bytes */
+#define SFS_DISK    "/disk"
 #define SFS_CONTROL "/control"
 
 enum sfs_node { NODE_NONE, NODE_ROOT, NODE_DISK, NODE_CONTROL_DIR, NODE_CONTROL };
 
 struct sfs_handle {
-	int ctl;      /* enum control_id */
-	char *buf;    /* rendered snapshot */
+	int ctl;   /* enum control_id */
+	char *buf; /* rendered snapshot */
 	size_t len;
 	uint64_t cursor; /* events */
 	char *pend;	 /* events: lines read from the log, not yet returned */
 	size_t pend_off, pend_len;
-	struct fuse_pollhandle *ph; /* protected by sfs_poll_lock */
+	struct fuse_pollhandle *ph;   /* protected by sfs_poll_lock */
 	struct sfs_handle *next_poll; /* protected by sfs_poll_lock */
 	bool polled;		      /* on the sfs_polls list */
 };
@@ -211,8 +211,7 @@ static int sfs_open(const char *path, struct fuse_file_info *fi)
 	return 0;
 }
 
-static int sfs_read(const char *path, char *buf, size_t size, off_t off,
-		    struct fuse_file_info *fi)
+static int sfs_read(const char *path, char *buf, size_t size, off_t off, struct fuse_file_info *fi)
 {
 	struct sfs_mount *m = sfs_ctx();
 	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
@@ -244,9 +243,9 @@ static int sfs_read(const char *path, char *buf, size_t size, off_t off,
 					return -ENOMEM;
 			}
 			h->pend_off = 0;
-			h->pend_len = events_read(m->ctl.events, &h->cursor, h->pend,
-						  EVENTS_LINE * 8,
-						  (fi->flags & O_NONBLOCK) ? 0 : 250);
+			h->pend_len =
+			    events_read(m->ctl.events, &h->cursor, h->pend, EVENTS_LINE * 8,
+					(fi->flags & O_NONBLOCK) ? 0 : 250);
 			if (h->pend_len > 0)
 				continue;
 			if (fi->flags & O_NONBLOCK)
@@ -407,19 +406,19 @@ static void sfs_destroy(void *private_data)
 }
 
 const struct fuse_operations sfs_fuse_ops = {
-	.init = sfs_init,
-	.destroy = sfs_destroy,
-	.getattr = sfs_getattr,
-	.readdir = sfs_readdir,
-	.open = sfs_open,
-	.read = sfs_read,
-	.write = sfs_write,
-	.flush = sfs_flush,
-	.fsync = sfs_fsync,
-	.release = sfs_release,
-	.poll = sfs_poll,
-	.truncate = sfs_truncate,
-	.chmod = sfs_chmod,
-	.utimens = sfs_utimens,
-	.statfs = sfs_statfs,
+    .init = sfs_init,
+    .destroy = sfs_destroy,
+    .getattr = sfs_getattr,
+    .readdir = sfs_readdir,
+    .open = sfs_open,
+    .read = sfs_read,
+    .write = sfs_write,
+    .flush = sfs_flush,
+    .fsync = sfs_fsync,
+    .release = sfs_release,
+    .poll = sfs_poll,
+    .truncate = sfs_truncate,
+    .chmod = sfs_chmod,
+    .utimens = sfs_utimens,
+    .statfs = sfs_statfs,
 };

@@ -22,12 +22,12 @@
 #include "stream.h"
 #include "util.h"
 
-#define STREAM_CHUNK (8u << 20)	      /* bytes per chunk when the guest is idle */
-#define STREAM_CHUNK_BUSY (1u << 20)  /* bytes per chunk while the guest is active */
-#define STREAM_FLUSH_BYTES (256u << 20) /* flush the overlay after this much copied */
-#define STREAM_FLUSH_NS 2000000000ull /* ... or this long */
-#define STREAM_RATE_WINDOW 8	      /* rate samples kept, STREAM_RATE_NS apart */
-#define STREAM_RATE_NS 250000000ull
+#define STREAM_CHUNK	   (8u << 20)	 /* bytes per chunk when the guest is idle */
+#define STREAM_CHUNK_BUSY  (1u << 20)	 /* bytes per chunk while the guest is active */
+#define STREAM_FLUSH_BYTES (256u << 20)	 /* flush the overlay after this much copied */
+#define STREAM_FLUSH_NS	   2000000000ull /* ... or this long */
+#define STREAM_RATE_WINDOW 8		 /* rate samples kept, STREAM_RATE_NS apart */
+#define STREAM_RATE_NS	   250000000ull
 
 struct stream_job {
 	struct disk *d;
@@ -46,16 +46,16 @@ struct stream_job {
 	char error[512];
 	enum stream_on_error on_error;
 	uint64_t start_ns, run_ns, resume_ns;
-	uint64_t copied;			     /* bytes copied by this job */
-	uint64_t bucket_t0, bucket_bytes;	     /* token bucket origin */
+	uint64_t copied;		  /* bytes copied by this job */
+	uint64_t bucket_t0, bucket_bytes; /* token bucket origin */
 	uint64_t rate_t[STREAM_RATE_WINDOW], rate_b[STREAM_RATE_WINDOW];
 	unsigned rate_n;
 };
 
 const char *stream_state_name(enum stream_state s)
 {
-	static const char *names[] = { "idle",	    "running",	 "paused",
-				       "completed", "cancelled", "failed" };
+	static const char *names[] = {"idle",	   "running",	"paused",
+				      "completed", "cancelled", "failed"};
 	return (unsigned)s < sizeof(names) / sizeof(names[0]) ? names[s] : "unknown";
 }
 
@@ -151,8 +151,8 @@ static int stream_pace(struct stream_job *j, uint64_t *chunk, uint64_t last_chun
 	}
 	while (j->speed) {
 		uint64_t now = sfs_now_ns();
-		uint64_t due = j->bucket_t0 +
-			       (uint64_t)((double)j->bucket_bytes * 1e9 / (double)j->speed);
+		uint64_t due =
+		    j->bucket_t0 + (uint64_t)((double)j->bucket_bytes * 1e9 / (double)j->speed);
 		c = SFS_MIN(c, SFS_MAX(j->speed / 20, 64 * 1024));
 		if (now >= due)
 			break;
@@ -336,8 +336,7 @@ int stream_start(struct stream_job *j, const struct stream_params *p)
 	pthread_mutex_lock(&j->lock);
 	if (j->state == STREAM_RUNNING || j->state == STREAM_PAUSED) {
 		pthread_mutex_unlock(&j->lock);
-		sfs_error("stream: a job is already %s on this disk",
-			  stream_state_name(j->state));
+		sfs_error("stream: a job is already %s on this disk", stream_state_name(j->state));
 		return -EBUSY;
 	}
 	j->base = base;
@@ -448,8 +447,8 @@ void stream_get_status(struct stream_job *j, struct stream_status *st)
 	st->resumed_from = j->resumed_from;
 	st->speed = j->speed;
 	st->rate = stream_rate(j, now);
-	st->elapsed = (double)(j->run_ns + (j->state == STREAM_RUNNING ? now - j->resume_ns : 0)) /
-		      1e9;
+	st->elapsed =
+	    (double)(j->run_ns + (j->state == STREAM_RUNNING ? now - j->resume_ns : 0)) / 1e9;
 	st->avg_rate = st->elapsed > 0 ? (uint64_t)((double)j->copied / st->elapsed) : 0;
 	snprintf(st->base, sizeof(st->base), "%s", j->base_name);
 	snprintf(st->error, sizeof(st->error), "%s", j->error);

@@ -42,14 +42,14 @@ struct stream_params {
 
 struct stream_status {
 	enum stream_state state;
-	uint64_t offset, length;   /* bytes covered so far / to cover */
-	uint64_t resumed_from;	   /* first offset not already in the overlay at start */
-	uint64_t speed;		   /* limit in bytes/s, 0 = unlimited */
-	uint64_t rate;		   /* recent achieved copy rate in bytes/s */
-	uint64_t avg_rate;	   /* copy rate since the job started */
-	double elapsed;		   /* seconds running */
-	char base[1024];	   /* base image name or "" */
-	char error[512];	   /* last error or "" */
+	uint64_t offset, length; /* bytes covered so far / to cover */
+	uint64_t resumed_from;	 /* first offset not already in the overlay at start */
+	uint64_t speed;		 /* limit in bytes/s, 0 = unlimited */
+	uint64_t rate;		 /* recent achieved copy rate in bytes/s */
+	uint64_t avg_rate;	 /* copy rate since the job started */
+	double elapsed;		 /* seconds running */
+	char base[1024];	 /* base image name or "" */
+	char error[512];	 /* last error or "" */
 	enum stream_on_error on_error;
 };
 

@@ -22,25 +22,25 @@ struct rangelock;
 
 /* Counters shown in control/status; all in bytes. */
 struct disk_stats {
-	_Atomic uint64_t guest_read;	  /* bytes read by the guest */
-	_Atomic uint64_t guest_written;	  /* bytes written by the guest */
-	_Atomic uint64_t cor_bytes;	  /* bytes copied into the overlay by guest reads */
-	_Atomic uint64_t stream_copied;	  /* bytes copied by the stream job / pull */
-	_Atomic uint64_t stream_present;  /* bytes the job found already in the overlay */
-	_Atomic uint64_t stream_zero;	  /* bytes the job skipped as holes/zero */
-	_Atomic uint64_t guest_ops;	  /* guest requests seen (for yielding) */
-	_Atomic uint64_t guest_inflight;  /* guest requests in progress */
+	_Atomic uint64_t guest_read;	 /* bytes read by the guest */
+	_Atomic uint64_t guest_written;	 /* bytes written by the guest */
+	_Atomic uint64_t cor_bytes;	 /* bytes copied into the overlay by guest reads */
+	_Atomic uint64_t stream_copied;	 /* bytes copied by the stream job / pull */
+	_Atomic uint64_t stream_present; /* bytes the job found already in the overlay */
+	_Atomic uint64_t stream_zero;	 /* bytes the job skipped as holes/zero */
+	_Atomic uint64_t guest_ops;	 /* guest requests seen (for yielding) */
+	_Atomic uint64_t guest_inflight; /* guest requests in progress */
 };
 
 struct disk {
-	struct image *top;	   /* the writable overlay (or read-only with -o ro) */
-	struct rangelock *locks;   /* in-flight allocating ranges */
+	struct image *top;	 /* the writable overlay (or read-only with -o ro) */
+	struct rangelock *locks; /* in-flight allocating ranges */
 	bool copy_on_read;
 	bool read_only;
 	struct disk_stats stats;
 	pthread_rwlock_t chain_lock; /* write-held while the backing chain is swapped */
 	pthread_mutex_t flush_lock;
-	_Atomic bool dirty;	     /* allocations since the last flush */
+	_Atomic bool dirty; /* allocations since the last flush */
 };
 
 /* Wrap an open chain. Takes ownership of top. */

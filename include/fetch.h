@@ -22,10 +22,11 @@
 
 /* fetch_open() flags */
 #define FETCH_RDONLY 0x0
-#define FETCH_RDWR 0x1   /* open for writing (local files only) */
+#define FETCH_RDWR   0x1 /* open for writing (local files only) */
 #define FETCH_CREATE 0x2 /* create; fail if it exists (with FETCH_RDWR) */
-#define FETCH_LOCK 0x4   /* take an OFD lock: exclusive with RDWR, shared otherwise;
-			  * refuse with -EBUSY if another process holds a conflicting one */
+#define FETCH_LOCK                                                                                 \
+	0x4 /* take an OFD lock: exclusive with RDWR, shared otherwise;                            \
+	     * refuse with -EBUSY if another process holds a conflicting one */
 
 struct fetch_source;
 
@@ -63,8 +64,8 @@ struct fetch_stats {
 
 struct fetch_source {
 	const struct fetch_ops *ops;
-	char *uri;		/* as given to fetch_open (malloc'd) */
-	_Atomic uint64_t size;	/* current size in bytes; grows with pwrite */
+	char *uri;	       /* as given to fetch_open (malloc'd) */
+	_Atomic uint64_t size; /* current size in bytes; grows with pwrite */
 	int flags;
 	struct fetch_stats stats;
 	void *priv;
@@ -73,14 +74,14 @@ struct fetch_source {
 /* Options that apply to network sources; set once before opening anything.
  * All strings may be NULL. */
 struct fetch_options {
-	const char *cacert;	      /* extra CA bundle file for TLS */
-	const char *http_auth_file;   /* file holding "Header: value" or "user:password" */
-	unsigned pool_size;	      /* concurrent HTTP connections per source (0 = default 4) */
-	unsigned connect_timeout;     /* seconds (0 = default 10) */
-	unsigned io_timeout;	      /* seconds a request may stall before retry (0 = default 30) */
-	unsigned retries;	      /* attempts per request for transient errors (0 = default 5) */
-	unsigned fetch_size;	      /* minimum bytes per HTTP request (0 = default 4 MiB) */
-	int verbose;		      /* log every request */
+	const char *cacert;	    /* extra CA bundle file for TLS */
+	const char *http_auth_file; /* file holding "Header: value" or "user:password" */
+	unsigned pool_size;	    /* concurrent HTTP connections per source (0 = default 4) */
+	unsigned connect_timeout;   /* seconds (0 = default 10) */
+	unsigned io_timeout;	    /* seconds a request may stall before retry (0 = default 30) */
+	unsigned retries;	    /* attempts per request for transient errors (0 = default 5) */
+	unsigned fetch_size;	    /* minimum bytes per HTTP request (0 = default 4 MiB) */
+	int verbose;		    /* log every request */
 };
 void fetch_set_options(const struct fetch_options *opts);
 const struct fetch_options *fetch_get_options(void);
@@ -119,7 +120,7 @@ int fetch_mem_put(const char *name, const void *data, size_t len);
 int fetch_mem_get(const char *name, const void **data, size_t *len);
 /* Fault injection: after 'after' more successful calls of the kinds in
  * op_mask (FETCH_MEM_READ|WRITE|FLUSH), fail every such call with -err. */
-#define FETCH_MEM_READ 1
+#define FETCH_MEM_READ	1
 #define FETCH_MEM_WRITE 2
 #define FETCH_MEM_FLUSH 4
 int fetch_mem_fail(const char *name, int op_mask, uint64_t after, int err);

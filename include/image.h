@@ -41,7 +41,7 @@
 #define IMAGE_MAX_CHAIN 64
 
 /* image_open_chain() flags */
-#define IMAGE_RDWR 0x1	     /* the top image is opened for writing (backings never are) */
+#define IMAGE_RDWR	 0x1 /* the top image is opened for writing (backings never are) */
 #define IMAGE_NO_BACKING 0x2 /* do not open the backing chain */
 
 enum extent_type {
@@ -89,8 +89,8 @@ struct image_driver {
 	 * len > 0, off+len <= img->size). */
 	int (*map)(struct image *img, uint64_t off, uint64_t len, struct extent *ext);
 	/* Read [off, off+len) lying inside a compressed extent from map(). */
-	int (*read_compressed)(struct image *img, uint64_t off, const struct extent *ext,
-			       void *buf, size_t len);
+	int (*read_compressed)(struct image *img, uint64_t off, const struct extent *ext, void *buf,
+			       size_t len);
 	/* Write whole clusters: off is cluster-aligned, len is a multiple of
 	 * cluster_size (the buffer is zero-padded past img->size). Every
 	 * cluster in the range is currently not EXT_DATA. Allocate, write the

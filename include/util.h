@@ -25,8 +25,8 @@ void sfs_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3
 void sfs_log_to_syslog(bool on);
 
 #define sfs_error(...) sfs_log(SFS_LOG_ERROR, __VA_ARGS__)
-#define sfs_warn(...) sfs_log(SFS_LOG_WARN, __VA_ARGS__)
-#define sfs_info(...) sfs_log(SFS_LOG_INFO, __VA_ARGS__)
+#define sfs_warn(...)  sfs_log(SFS_LOG_WARN, __VA_ARGS__)
+#define sfs_info(...)  sfs_log(SFS_LOG_INFO, __VA_ARGS__)
 #define sfs_debug(...) sfs_log(SFS_LOG_DEBUG, __VA_ARGS__)
 
 /* a + b, false on overflow. */
@@ -40,13 +40,13 @@ static inline bool sfs_mul_ok(uint64_t a, uint64_t b, uint64_t *r)
 	return !__builtin_mul_overflow(a, b, r);
 }
 
-#define SFS_MIN(a, b) ((a) < (b) ? (a) : (b))
-#define SFS_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define SFS_MIN(a, b)	       ((a) < (b) ? (a) : (b))
+#define SFS_MAX(a, b)	       ((a) > (b) ? (a) : (b))
 #define SFS_DIV_ROUND_UP(n, d) (((n) + (d)-1) / (d))
 /* Round down/up to a power-of-two alignment. */
 #define SFS_ALIGN_DOWN(n, a) ((n) & ~((uint64_t)(a)-1))
-#define SFS_ALIGN_UP(n, a) SFS_ALIGN_DOWN((n) + (a)-1, (a))
-#define SFS_IS_POW2(n) ((n) != 0 && ((n) & ((n)-1)) == 0)
+#define SFS_ALIGN_UP(n, a)   SFS_ALIGN_DOWN((n) + (a)-1, (a))
+#define SFS_IS_POW2(n)	     ((n) != 0 && ((n) & ((n)-1)) == 0)
 
 /* Parse a size with an optional K/M/G/T suffix (binary units, optional
  * trailing "B" or "iB"). Returns 0 or -EINVAL; never accepts trailing junk. */

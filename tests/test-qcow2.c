@@ -972,25 +972,28 @@ static void test_qcow2_flush_write_failure_recovers(void **state)
  * data written for it. */
 static void test_qcow2_crash_order_only_leaks(void **state)
 {
-	const uint32_t cs = 512;
-	const uint64_t size = 1 * TQ_MIB;
-	uint8_t buf[8 * 512];
-	bool completed = false;
+	const uint32_t cs = 512, per = 64; /* clusters per operation */
+	const uint64_t size = 4 * TQ_MIB;
+	uint8_t buf[64 * 512];
+	bool completed = false, relocated = false;
 
+	/* refcount_order 6: a one-cluster refcount table covers 2 MiB of file,
+	 * so the table is relocated during the run; zero clusters with
+	 * preallocation are overwritten, so deferred frees are exercised. */
 	for (uint64_t k = 0; !completed; k++) {
 		struct image *img;
 		struct tq_check chk;
 		uint8_t *c;
 		size_t n;
 
-		tq_build("cr", 3, 9, 5, size);
+		tq_build("cr", 3, 9, 6, size);
 		img = tq_open_ok("mem:cr", true);
 		assert_int_equal(fetch_mem_fail("cr", FETCH_MEM_WRITE | FETCH_MEM_FLUSH, k, EIO),
 				 0);
 		completed = true;
 		tq_capture();
-		for (unsigned i = 0; i < 60; i++) {
-			uint64_t gc = i * 16; /* distinct groups: never rewrite data */
+		for (unsigned i = 0; i < 80; i++) {
+			uint64_t gc = (uint64_t)i * per; /* distinct groups: never rewrite data */
 			int r;
 
 			tq_fill(buf, sizeof(buf), gc * cs, 0);
@@ -1001,6 +1004,20 @@ static void test_qcow2_crash_order_only_leaks(void **state)
 			if (r < 0)
 				completed = false;
 			if (i % 9 == 8 && drv->flush(img) < 0)
+				completed = false;
+		}
+		/* data -> preallocated zero -> data again (the old cluster is freed) */
+		for (unsigned i = 0; i < 80; i += 5) {
+			uint64_t gc = (uint64_t)i * per;
+
+			if (i % 7 == 3)
+				continue;
+			if (drv->zero_clusters(img, gc * cs, sizeof(buf)) < 0)
+				completed = false;
+			if (i % 3 == 0 && drv->flush(img) < 0)
+				completed = false;
+			tq_fill(buf, sizeof(buf), gc * cs, 0);
+			if (drv->alloc_write(img, gc * cs, buf, sizeof(buf)) < 0)
 				completed = false;
 		}
 		if (drv->flush(img) < 0)
@@ -1019,6 +1036,8 @@ static void test_qcow2_crash_order_only_leaks(void **state)
 			assert_int_equal(chk.leaks, 0);
 		/* every mapped cluster reads its pattern */
 		c = tq_mem_copy("cr", &n);
+		if (tq_get64(c + 48) != 512)
+			relocated = true;
 		img = tq_open_ok("mem:cr", false);
 		for (uint64_t gc = 0; gc < size / cs; gc++) {
 			struct extent e;
@@ -1035,6 +1054,7 @@ static void test_qcow2_crash_order_only_leaks(void **state)
 		free(c);
 		assert_true(k < 100000);
 	}
+	assert_true(relocated);
 }
 
 struct tq_thread {
@@ -1042,7 +1062,7 @@ struct tq_thread {
 	uint64_t first, count; /* clusters */
 	uint32_t cs;
 	int id;
-	volatile int *stop;
+	_Atomic int *stop;
 };
 
 static void *tq_writer(void *arg)
@@ -1101,7 +1121,7 @@ static void test_qcow2_concurrent_alloc_flush_map(void **state)
 	const uint64_t size = 4 * TQ_MIB, per = size / cs / 4;
 	struct tq_thread t[6];
 	pthread_t th[6];
-	volatile int stop = 0;
+	_Atomic int stop = 0;
 	struct image *img;
 	uint8_t *ref = malloc(size);
 
@@ -1340,7 +1360,7 @@ static void test_qcow2_set_backing(void **state)
 	assert_int_equal(tq_get64(c + 8), 0);
 	assert_int_equal(tq_get32(c + 16), 0);
 	assert_int_equal(tq_get32(c + 112), 0x6803f857); /* feature table kept */
-	assert_null(memmem(c, 4096, "base", 4));	 /* no stale name left */
+	assert_null(memmem(c, 8192, "base", 4));	 /* no stale name left */
 	free(c);
 	img = tq_open_ok("mem:sb", true);
 	assert_null(img->backing_name);

@@ -23,7 +23,7 @@ void sfs_log_to_syslog(bool on)
 
 void sfs_log(int level, const char *fmt, ...)
 {
-	static const int prio[] = { LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG };
+	static const int prio[] = {LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG};
 	char msg[1024];
 	va_list ap;
 	int saved = errno;
@@ -88,7 +88,7 @@ int sfs_parse_size(const char *s, uint64_t *out)
 
 char *sfs_fmt_bytes(uint64_t n, char *buf, size_t len)
 {
-	static const char *units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
+	static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
 	double v = (double)n;
 	int u = 0;
 

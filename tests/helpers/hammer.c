@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 #define CLUSTER 65536
-#define SLICE 4096
+#define SLICE	4096
 
 static int disk_fd, direct_fd;
 static uint8_t *backing;
@@ -105,8 +105,10 @@ static void *worker(void *arg)
 				slice_data(mine, r, s);
 				int wrote = s % 2 == 1 && s < nthreads;
 				if (memcmp(buf + s * SLICE, wrote ? mine : base, SLICE) != 0) {
-					fprintf(stderr, "hammer: round %d slice %d: final data wrong (%s)\n",
-						r, s, wrote ? "guest write lost" : "backing data lost");
+					fprintf(
+					    stderr,
+					    "hammer: round %d slice %d: final data wrong (%s)\n", r,
+					    s, wrote ? "guest write lost" : "backing data lost");
 					__atomic_add_fetch(&failures, 1, __ATOMIC_SEQ_CST);
 				}
 			}

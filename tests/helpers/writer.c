@@ -125,7 +125,7 @@ static int do_verify(const char *disk, const char *logpath, const char *backing)
 				cap = cap ? cap * 2 : 1024;
 				w = realloc(w, cap * sizeof(*w));
 			}
-			w[nw++] = (struct wrec){ s, o, l, 0 };
+			w[nw++] = (struct wrec){s, o, l, 0};
 		}
 	}
 	fclose(lf);
@@ -136,7 +136,8 @@ static int do_verify(const char *disk, const char *logpath, const char *backing)
 
 		if (pread(dfd, got, SECTOR, (off_t)pos) != SECTOR)
 			return fprintf(stderr, "verify: read error at %llu\n",
-				       (unsigned long long)pos), 1;
+				       (unsigned long long)pos),
+			       1;
 		for (size_t i = 0; i < nw; i++)
 			if (w[i].durable && w[i].off <= pos && pos < w[i].off + w[i].len)
 				last_durable = (long)i;

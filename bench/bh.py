@@ -1,0 +1,362 @@
+#!/usr/bin/env python3
+"""Bench helpers for bench/run.sh (stdlib only).
+
+  bh.py freeport
+  bh.py qmp-stream SOCK DEVICE SPEED TIMEOUT   block-stream, wait for completion
+  bh.py qmp-cmd SOCK JSON                      one QMP command, print the reply
+  bh.py sfs-stream MNT SPEED TIMEOUT           start the streamfs job, wait for completion
+  bh.py fio JSONFILE                           print "iops p50_us p99_us"
+  bh.py report RESULTS SIZE_MIB                print the table
+"""
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+
+def freeport():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+    s.close()
+
+
+class QMP:
+    def __init__(self, path, timeout):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+        self.f = self.s.makefile("rwb")
+        self.events = []
+        self.recv()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def recv(self):
+        line = self.f.readline()
+        if not line:
+            raise EOFError("QMP socket closed")
+        return json.loads(line)
+
+    def cmd(self, name, args=None):
+        msg = {"execute": name}
+        if args is not None:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            r = self.recv()
+            if "event" in r:
+                self.events.append(r)
+                continue
+            return r
+
+
+def qmp_stream(sock, device, speed, timeout):
+    timeout = float(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        q = QMP(sock, timeout)
+        args = {"job-id": "s0", "device": device}
+        if int(speed) > 0:
+            args["speed"] = int(speed)
+        t0 = time.monotonic()
+        r = q.cmd("block-stream", args)
+        if "error" in r:
+            print("result=fail error=%s" % r["error"].get("desc", "?").replace(" ", "_"))
+            return
+        while True:
+            q.s.settimeout(max(0.01, deadline - time.monotonic()))
+            ev = q.events.pop(0) if q.events else q.recv()
+            if ev.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"):
+                t1 = time.monotonic()
+                d = ev.get("data", {})
+                err = d.get("error", "-")
+                ok = ev["event"] == "BLOCK_JOB_COMPLETED" and err == "-"
+                print("result=%s elapsed_s=%.4f len=%s offset=%s error=%s" %
+                      ("ok" if ok else "fail", t1 - t0, d.get("len"), d.get("offset"),
+                       str(err).replace(" ", "_")))
+                return
+    except (socket.timeout, TimeoutError):
+        print("result=hang")
+    except Exception as e:  # noqa
+        print("result=fail error=%s" % str(e).replace(" ", "_"))
+
+
+def qmp_cmd(sock, js):
+    try:
+        q = QMP(sock, 10)
+        m = json.loads(js)
+        print(json.dumps(q.cmd(m["execute"], m.get("arguments"))))
+    except Exception as e:  # noqa
+        print("error: %s" % e)
+
+
+def read_status(mnt):
+    st = {}
+    try:
+        with open(os.path.join(mnt, "control/status")) as f:
+            for line in f:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    st[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return st
+
+
+def sfs_stream(mnt, speed, timeout):
+    timeout = float(timeout)
+    ctl = os.path.join(mnt, "control/stream")
+    cmd = "start" + (" speed=%s" % speed if speed not in ("0", "") else "")
+    t0 = time.monotonic()
+    try:
+        with open(ctl, "w") as f:
+            f.write(cmd + "\n")
+    except OSError as e:
+        print("result=fail error=start:%s" % str(e).replace(" ", "_"))
+        return
+    state = "?"
+    while time.monotonic() - t0 < timeout:
+        try:
+            with open(ctl) as f:
+                state = f.read().strip()
+        except OSError as e:
+            state = "err:" + str(e)
+        if state.split()[:1] and state.split()[0] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.005)
+    else:
+        print("result=hang state=%s" % state.replace(" ", "_"))
+        return
+    t1 = time.monotonic()
+    st = read_status(mnt)
+    ok = state.startswith("completed")
+    print("result=%s elapsed_s=%.4f avg_rate=%s copied=%s cor=%s status_elapsed=%s error=%s" %
+          ("ok" if ok else "fail", t1 - t0, st.get("avg_rate_bytes_per_s", "-"),
+           st.get("bytes_copied_by_job", "-"), st.get("bytes_copied_on_read", "-"),
+           st.get("elapsed_s", "-"), st.get("error", "-").replace(" ", "_")))
+
+
+def fio_parse(path):
+    try:
+        with open(path) as f:
+            txt = f.read()
+        # fio may print notes before the JSON object
+        j = json.loads(txt[txt.index("{"):])
+        job = j["jobs"][0]
+        rd = job["read"]
+        if job.get("error"):
+            print("fail fail fail")
+            return
+        pct = rd["clat_ns"].get("percentile", {})
+        p50 = pct.get("50.000000", 0) / 1000.0
+        p99 = pct.get("99.000000", 0) / 1000.0
+        print("%.1f %.1f %.1f" % (rd["iops"], p50, p99))
+    except Exception:  # noqa
+        print("fail fail fail")
+
+
+# ---------------------------------------------------------------- report
+
+def load(path):
+    vals = {}
+    with open(path) as f:
+        for line in f:
+            p = line.split()
+            if len(p) < 2 or line.startswith("#"):
+                continue
+            vals.setdefault(p[0], []).append(p[1])
+    return vals
+
+
+def med(vals, key):
+    """Median of the numeric values of key; else its first word (hang, n/a, fail)."""
+    v = vals.get(key)
+    if not v:
+        return None
+    nums = []
+    for x in v:
+        try:
+            nums.append(float(x))
+        except ValueError:
+            pass
+    if nums:
+        return statistics.median(nums)
+    return v[0]
+
+
+def fmt(x):
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if x >= 1000:
+        return "%.0f" % x
+    if x >= 100:
+        return "%.1f" % x
+    if x >= 10:
+        return "%.2f" % x
+    return "%.3g" % x
+
+
+def ratio(a, b):
+    if isinstance(a, float) and isinstance(b, float) and b > 0:
+        return a / b
+    return None
+
+
+def report(path, size_mib):
+    v = load(path)
+    rows = [
+        # label, key, limit key, limit label
+        ("cold seq read dd 1M buffered (MiB/s)", "cold_seq", "floor.cold_seq", "floor"),
+        ("cold seq read dd 1M iflag=direct (MiB/s)", "cold_seq_direct", "floor.cold_seq_direct", "floor"),
+        ("  raw file, no FUSE, cold dd buffered (MiB/s)", None, "raw.cold_seq", "raw"),
+        ("  raw file, no FUSE, cold dd direct (MiB/s)", None, "raw.cold_seq_direct", "raw"),
+        ("cold 4K randread psync qd1 (IOPS)", "cold_rand_qd1", "floor.cold_rand_qd1", "floor"),
+        ("cold 4K randread %s qd16 (IOPS)" % (v.get("aio_engine", ["io_uring"])[0]), "cold_rand_qd16",
+         "floor.cold_rand_qd16", "floor"),
+        ("  raw file, no FUSE, cold 4K psync qd1 (IOPS)", None, "raw.cold_rand_qd1", "raw"),
+        ("  raw file, no FUSE, cold 4K qd16 (IOPS)", None, "raw.cold_rand_qd16", "raw"),
+        ("warm seq read dd 1M buffered (MiB/s)", "warm_seq", "floor.warm_seq", "floor"),
+        ("warm seq read dd 1M iflag=direct (MiB/s)", "warm_seq_direct", "floor.warm_seq_direct", "floor"),
+        ("warm 4K randread psync qd1 (IOPS)", "warm_rand_qd1", "floor.warm_rand_qd1", "floor"),
+        ("warm 4K randread %s qd16 (IOPS)" % (v.get("aio_engine", ["io_uring"])[0]), "warm_rand_qd16",
+         "floor.warm_rand_qd16", "floor"),
+        ("full stream, local backing, job (s)", "stream_local", "limit.cp_sync", "cp+sync"),
+        ("full stream, local backing, job+sync (s)", "stream_local_sync", "limit.cp_sync", "cp+sync"),
+        ("full stream, HTTP backing (MiB/s)", "stream_http", "limit.curl", "curl"),
+        ("throttled stream speed=100M, achieved (MiB/s)", "throttle", "limit.throttle_req", "req"),
+        ("  streamfs avg_rate_bytes_per_s (MiB/s)", "throttle_avg", "limit.throttle_req", "req"),
+        ("guest 4K read p50 idle (us)", "lat_idle_p50", None, None),
+        ("guest 4K read p99 idle (us)", "lat_idle_p99", None, None),
+        ("guest 4K read p50 during stream (us)", "lat_busy_p50", None, None),
+        ("guest 4K read p99 during stream (us)", "lat_busy_p99", None, None),
+        ("  p99 busy/idle (x)", "lat_p99_ratio", None, None),
+        ("  guest IOPS during stream", "lat_busy_iops", None, None),
+        ("stream 64G sparse / 1G data (s)", "sparse_stream", None, None),
+        ("daemon peak RSS VmHWM, sparse stream (MiB)", "rss_sparse", None, None),
+        ("daemon peak RSS VmHWM, local stream (MiB)", "rss_local", None, None),
+        ("daemon peak RSS VmHWM, HTTP stream (MiB)", "rss_http", None, None),
+    ]
+    systems = ["streamfs", "qsd", "nbdkit"]
+    hdr = ["workload", "streamfs", "qsd", "nbdkit", "limit", "sfs/qsd", "sfs/nbdkit", "sfs/limit"]
+    table = []
+    for label, key, lkey, llabel in rows:
+        cells = [label]
+        m = {}
+        for s in systems:
+            m[s] = med(v, "%s.%s" % (s, key)) if key else None
+            cells.append(fmt(m[s]))
+        lim = med(v, lkey) if lkey else None
+        cells.append(fmt(lim) + (" (%s)" % llabel if lim is not None and llabel else ""))
+        for r in (ratio(m["streamfs"], m["qsd"]), ratio(m["streamfs"], m["nbdkit"]),
+                  ratio(m["streamfs"], lim)):
+            cells.append("%.2f" % r if r is not None else "")
+        if all(c in ("-", "") for c in cells[1:]):
+            continue
+        table.append(cells)
+    w = [max(len(r[i]) for r in table + [hdr]) for i in range(len(hdr))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) + " |"
+    print("streamfs benchmark: %s MiB random backing, medians of %s runs (time rows: lower is better)" %
+          (size_mib, v.get("runs", ["?"])[0]))
+    print(line(hdr))
+    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+    for r in table:
+        print(line(r))
+
+    # targets
+    S = lambda k: med(v, "streamfs." + k)  # noqa
+    Q = lambda k: med(v, "qsd." + k)  # noqa
+    L = lambda k: med(v, k)  # noqa
+    num = lambda *xs: all(isinstance(x, float) for x in xs)  # noqa
+    out = []
+
+    def target(name, ok, detail):
+        mark = "n/a " if ok is None else ("PASS" if ok else "MISS")
+        out.append("%s  %s: %s" % (mark, name, detail))
+
+    t, cp, tq = S("stream_local_sync"), L("limit.cp_sync"), Q("stream_local_sync")
+    target("full stream local <= 1.2x cp+sync", (t <= 1.2 * cp) if num(t, cp) else None,
+           "%s s vs %s s (%s x)" % (fmt(t), fmt(cp), fmt(ratio(t, cp))))
+    target("full stream local <= 0.8x qsd block-stream", (t <= 0.8 * tq) if num(t, tq) else None,
+           "%s s vs %s s (%s x)" % (fmt(t), fmt(tq), fmt(ratio(t, tq))))
+    h, c, hq = S("stream_http"), L("limit.curl"), Q("stream_http")
+    target("full stream HTTP >= 0.8x curl", (h >= 0.8 * c) if num(h, c) else None,
+           "%s MiB/s vs %s MiB/s (%s x)" % (fmt(h), fmt(c), fmt(ratio(h, c))))
+    hq_ok = None
+    if isinstance(h, float):
+        hq_ok = (h > hq) if isinstance(hq, float) else (True if hq in ("hang", "fail") else None)
+    target("full stream HTTP faster than qsd http", hq_ok,
+           "%s MiB/s vs %s MiB/s" % (fmt(h), fmt(hq)))
+    a, b = S("cold_seq"), Q("cold_seq")
+    target("cold seq read >= 1.5x qsd COR (buffered)", (a >= 1.5 * b) if num(a, b) else None,
+           "%s vs %s MiB/s (%s x)" % (fmt(a), fmt(b), fmt(ratio(a, b))))
+    a, b = S("cold_seq_direct"), Q("cold_seq_direct")
+    target("cold seq read >= 1.5x qsd COR (direct)", (a >= 1.5 * b) if num(a, b) else None,
+           "%s vs %s MiB/s (%s x)" % (fmt(a), fmt(b), fmt(ratio(a, b))))
+    for k, n in (("warm_seq", "warm seq read buffered"), ("warm_seq_direct", "warm seq read direct"),
+                 ("warm_rand_qd1", "warm 4K randread qd1"), ("warm_rand_qd16", "warm 4K randread qd16")):
+        a, b = S(k), L("floor." + k)
+        target("%s >= 0.9x FUSE floor" % n, (a >= 0.9 * b) if num(a, b) else None,
+               "%s vs %s (%s x)" % (fmt(a), fmt(b), fmt(ratio(a, b))))
+    a, r = S("throttle"), L("limit.throttle_req")
+    target("speed limit within +-5% of requested", (abs(a - r) <= 0.05 * r) if num(a, r) else None,
+           "achieved %s MiB/s (own timing) vs %s requested; avg_rate %s" %
+           (fmt(a), fmt(r), fmt(S("throttle_avg"))))
+    a = S("lat_p99_ratio")
+    target("guest 4K p99 during unthrottled stream <= 2x idle",
+           (a <= 2.0) if num(a) else None,
+           "%s us vs %s us idle (%s x); qsd %s x" % (fmt(S("lat_busy_p99")), fmt(S("lat_idle_p99")),
+                                                   fmt(a), fmt(Q("lat_p99_ratio"))))
+    a = S("rss_sparse")
+    target("daemon RSS <= 64 MiB (64G sparse stream)", (a <= 64) if num(a) else None,
+           "%s MiB (all streamfs runs max: %s MiB)" % (fmt(a), fmt(maxall(v))))
+    print()
+    print("targets:")
+    for o in out:
+        print("  " + o)
+
+
+def maxall(v):
+    m = None
+    for k, xs in v.items():
+        if k.startswith("streamfs.rss"):
+            for x in xs:
+                try:
+                    f = float(x)
+                    m = f if m is None else max(m, f)
+                except ValueError:
+                    pass
+    return m
+
+
+def main():
+    a = sys.argv[1:]
+    if not a:
+        print(__doc__)
+        sys.exit(2)
+    c = a[0]
+    if c == "freeport":
+        freeport()
+    elif c == "qmp-stream":
+        qmp_stream(*a[1:5])
+    elif c == "qmp-cmd":
+        qmp_cmd(a[1], a[2])
+    elif c == "sfs-stream":
+        sfs_stream(*a[1:4])
+    elif c == "fio":
+        fio_parse(a[1])
+    elif c == "report":
+        report(a[1], a[2])
+    else:
+        print(__doc__)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
