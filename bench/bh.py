@@ -6,6 +6,7 @@
   bh.py qmp-cmd SOCK JSON                      one QMP command, print the reply
   bh.py sfs-stream MNT SPEED TIMEOUT           start the streamfs job, wait for completion
   bh.py fio JSONFILE                           print "iops p50_us p99_us"
+  bh.py latwin CLATLOG T_START T_END T_KILL    idle/busy p50 p99 from a fio clat log
   bh.py report RESULTS SIZE_MIB                print the table
 """
 import json
@@ -156,6 +157,37 @@ def fio_parse(path):
         print("%.1f %.1f %.1f" % (rd["iops"], p50, p99))
     except Exception:  # noqa
         print("fail fail fail")
+
+
+def pct(xs, p):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(p / 100.0 * len(xs) + 0.5)) - 1))
+    return xs[k]
+
+
+def latwin(log, t_start, t_end, t_kill):
+    """fio clat log (log_avg_msec=0): 'ms, ns, ddir, bs, ...'. t_* are wall
+    clock seconds; the last entry is taken as t_kill to align the clocks."""
+    rows = []
+    with open(log) as f:
+        for line in f:
+            p = line.split(",")
+            if len(p) >= 2:
+                rows.append((int(p[0]), int(p[1])))
+    if not rows:
+        print("fail fail fail fail fail 0 0")
+        return
+    off = float(t_kill) * 1000.0 - rows[-1][0]
+    s = float(t_start) * 1000.0 - off
+    e = float(t_end) * 1000.0 - off
+    idle = [ns for ms, ns in rows if 200 <= ms < s]
+    busy = [ns for ms, ns in rows if s <= ms <= e]
+    f = lambda x: "%.1f" % (x / 1000.0) if x is not None else "fail"  # noqa
+    iops = len(busy) / ((e - s) / 1000.0) if e > s else 0
+    print(f(pct(idle, 50)), f(pct(idle, 99)), f(pct(busy, 50)), f(pct(busy, 99)), "%.0f" % iops,
+          len(idle), len(busy))
 
 
 # ---------------------------------------------------------------- report
@@ -351,6 +383,8 @@ def main():
         sfs_stream(*a[1:4])
     elif c == "fio":
         fio_parse(a[1])
+    elif c == "latwin":
+        latwin(*a[1:5])
     elif c == "report":
         report(a[1], a[2])
     else:

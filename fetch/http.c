@@ -98,7 +98,8 @@
 #define HTTP_BACKOFF_MAX_MS	     8000	  /* cap on the exponential backoff */
 #define HTTP_RETRY_AFTER_MAX_MS	     30000	  /* cap on a server's Retry-After */
 #define HTTP_LOW_SPEED_LIMIT	     1024	  /* in bytes/s: slower for io_timeout = stalled */
-#define HTTP_SPLIT_MIN (1u << 30)	  /* in bytes: larger reads are split */
+#define HTTP_SPLIT_MIN		     (8u << 20)	  /* in bytes: larger reads are split */
+#define HTTP_MAX_SPLIT		     8		  /* pieces of one split read */
 #define HTTP_SPLIT_PIECE	     (4u << 20)	  /* in bytes: smallest piece of a split read */
 #define HTTP_BUFFER_SIZE	     (512L << 10) /* in bytes: libcurl receive buffer */
 #define HTTP_DISCARD_MAX	     (64u << 10)  /* in bytes of an error body before hanging up */
@@ -158,8 +159,8 @@ struct http_priv {
 	uint64_t size;
 	unsigned pool_size, attempts;
 	long connect_timeout, io_timeout; /* in seconds */
-	const char *cacert;
-	bool verbose;
+	char *cacert;
+	int verbose_level; /* log level of per-request messages; -1: none */
 	CURLSH *share;
 	pthread_mutex_t share_lock[CURL_LOCK_DATA_LAST];
 	bool share_locks_init;
@@ -765,10 +766,10 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 	atomic_fetch_add(&p->requests, 1);
 	if (curl_easy_getinfo(c->curl, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
 		status = 0;
-	if (p->verbose)
-		sfs_info("%s: GET bytes=%s -> %ld, %zu bytes in %.1f ms%s%s", p->display, range,
-			 status, rq->got, (double)(sfs_now_ns() - t0) / 1e6,
-			 rc != CURLE_OK ? ", " : "", rc != CURLE_OK ? curl_easy_strerror(rc) : "");
+	if (p->verbose_level >= 0)
+		sfs_log(p->verbose_level, "%s: GET bytes=%s -> %ld, %zu bytes in %.1f ms%s%s",
+			p->display, range, status, rq->got, (double)(sfs_now_ns() - t0) / 1e6,
+			rc != CURLE_OK ? ", " : "", rc != CURLE_OK ? curl_easy_strerror(rc) : "");
 
 	if (rq->err) /* decided by a callback: never worth retrying */
 		return rq->err;
@@ -1054,10 +1055,10 @@ static void http_close(struct fetch_source *s)
 
 	if (!p)
 		return;
-	if (p->verbose)
-		sfs_info("%s: %llu HTTP requests, %llu retries", p->display ? p->display : "?",
-			 (unsigned long long)atomic_load(&p->requests),
-			 (unsigned long long)atomic_load(&p->retries));
+	if (p->url && p->verbose_level >= 0)
+		sfs_log(p->verbose_level, "%s: %llu HTTP requests, %llu retries", p->display,
+			(unsigned long long)atomic_load(&p->requests),
+			(unsigned long long)atomic_load(&p->retries));
 	while ((c = p->free_conns)) {
 		p->free_conns = c->next;
 		http_conn_free(c);
@@ -1081,6 +1082,7 @@ static void http_close(struct fetch_source *s)
 	free(p->userpwd);
 	free(p->url);
 	free(p->display);
+	free(p->cacert);
 	memset(p, 0, sizeof(*p));
 }
 
@@ -1111,14 +1113,26 @@ static int http_open(struct fetch_source *s, int flags)
 	p->connect_timeout =
 	    o->connect_timeout ? (long)o->connect_timeout : HTTP_DEFAULT_CONNECT_TIMEOUT;
 	p->io_timeout = o->io_timeout ? (long)o->io_timeout : HTTP_DEFAULT_IO_TIMEOUT;
-	p->cacert = o->cacert;
-	p->verbose = o->verbose || (env && strcmp(env, "1") == 0);
+	if (o->cacert) {
+		p->cacert = strdup(o->cacert);
+		if (!p->cacert) {
+			r = -ENOMEM;
+			goto fail;
+		}
+	}
+	/* STREAMFS_HTTP_DEBUG=1 is asked for explicitly: shown at the default
+	 * log level. The verbose option follows the daemon's -v (info). */
+	p->verbose_level = env && strcmp(env, "1") == 0 ? SFS_LOG_WARN
+			   : o->verbose			? SFS_LOG_INFO
+							: -1;
 	atomic_init(&p->changed, false);
 
 	if (o->http_auth_file) {
 		r = http_read_auth_file(p, o->http_auth_file);
 		if (r < 0)
 			goto fail;
+		if (strncasecmp(s->uri, "https://", 8) != 0)
+			sfs_warn("%s: sending credentials over plain http", p->display);
 	}
 
 	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
@@ -1166,11 +1180,12 @@ static int http_open(struct fetch_source *s, int flags)
 	if (r < 0)
 		goto fail;
 	s->size = p->size;
-	if (p->verbose)
-		sfs_info("%s: %llu bytes, %s %s, %u connections, %u attempts per request",
-			 p->display, (unsigned long long)p->size,
-			 p->validator_is_etag ? "ETag" : "Last-Modified",
-			 p->validator[0] ? p->validator : "(none)", p->pool_size, p->attempts);
+	if (p->verbose_level >= 0)
+		sfs_log(p->verbose_level,
+			"%s: %llu bytes, %s %s, %u connections, %u attempts per request",
+			p->display, (unsigned long long)p->size,
+			p->validator_is_etag ? "ETag" : "Last-Modified",
+			p->validator[0] ? p->validator : "(none)", p->pool_size, p->attempts);
 	return 0;
 fail:
 	http_close(s);
@@ -1199,7 +1214,7 @@ static void *http_piece_run(void *opaque)
 static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off)
 {
 	struct http_priv *p = s->priv;
-	struct http_piece pieces[HTTP_MAX_POOL_SIZE];
+	struct http_piece pieces[HTTP_MAX_SPLIT];
 	struct http_conn *c;
 	unsigned n = 1, i;
 	size_t piece_len;
@@ -1214,6 +1229,8 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 	/* Split a large read over idle handles; never wait for one. */
 	if (len > HTTP_SPLIT_MIN) {
 		unsigned want = (unsigned)SFS_MIN(len / HTTP_SPLIT_PIECE, (size_t)p->pool_size);
+
+		want = SFS_MIN(want, (unsigned)HTTP_MAX_SPLIT);
 
 		while (n < want && (pieces[n].c = http_get_conn(p, false)))
 			n++;

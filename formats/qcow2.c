@@ -101,12 +101,13 @@
 #define QCOW2_HDR_RCT_OFFSET	 48
 #define QCOW2_HDR_AUTOCLEAR	 88
 
-#define QCOW2_CHUNK	  512u	       /* in bytes: dirty-tracking unit of L1/refcount table */
-#define QCOW2_CACHE_RW	  (16u << 20)  /* in bytes: table cache budget, writable image */
-#define QCOW2_CACHE_RO	  (4u << 20)   /* in bytes: table cache budget, read-only image */
-#define QCOW2_CACHE_MIN	  8	       /* entries, whatever the cluster size */
-#define QCOW2_ZBUF	  (64u * 1024) /* in bytes: compressed-read I/O chunk */
-#define QCOW2_WRITE_CHUNK (1u << 20)   /* in bytes: zero-fill chunk in create() */
+#define QCOW2_CHUNK	     512u	  /* in bytes: dirty-tracking unit of L1/refcount table */
+#define QCOW2_CACHE_RW	     (16u << 20)  /* in bytes: table cache budget, writable image */
+#define QCOW2_CACHE_RO	     (4u << 20)	  /* in bytes: table cache budget, read-only image */
+#define QCOW2_CACHE_OVERHEAD 128	  /* in bytes: struct + allocator, per entry */
+#define QCOW2_CACHE_MIN	     8		  /* entries, whatever the cluster size */
+#define QCOW2_ZBUF	     (64u * 1024) /* in bytes: compressed-read I/O chunk */
+#define QCOW2_WRITE_CHUNK    (1u << 20)	  /* in bytes: zero-fill chunk in create() */
 
 #define qcow2_err(img, fmt, ...) sfs_error("%s: qcow2: " fmt, qcow2_name(img), ##__VA_ARGS__)
 
@@ -1225,7 +1226,8 @@ static int qcow2_init_cache(struct qcow2_priv *p, bool writable)
 	}
 	pthread_mutexattr_destroy(&attr);
 	p->locks_init = true;
-	p->max_meta = SFS_MAX(budget / p->cs, (size_t)QCOW2_CACHE_MIN);
+	/* Count the per-entry bookkeeping too: it matters with 512 B clusters. */
+	p->max_meta = SFS_MAX(budget / (p->cs + QCOW2_CACHE_OVERHEAD), (size_t)QCOW2_CACHE_MIN);
 	p->hash_size = 64;
 	while (p->hash_size < p->max_meta * 2)
 		p->hash_size *= 2;
@@ -1320,8 +1322,10 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 	r = fetch_pread(img->file, hdr, avail, 0);
 	if (r < 0)
 		goto out;
+	/* Extensions end where the backing name starts (old v2 images put the
+	 * name right after the header, with no extension area at all). */
 	limit = p->cs;
-	if (bfoff && bfoff > p->header_length && bfoff < limit)
+	if (bfoff && bfoff < limit)
 		limit = (uint32_t)bfoff;
 	r = qcow2_parse_exts(img, hdr, avail, p->header_length, limit, &x);
 	if (r < 0)
@@ -1905,7 +1909,7 @@ static int qcow2_set_backing(struct image *img, const char *name, const char *fm
 	hlen = p->header_length;
 	bfoff = qcow2_get64(old + QCOW2_HDR_BACKING_OFFSET);
 	old_used = hlen;
-	limit = (bfoff > hlen && bfoff < p->cs) ? (uint32_t)bfoff : p->cs;
+	limit = (bfoff && bfoff < p->cs) ? (uint32_t)bfoff : p->cs;
 	/* Keep every extension but the backing format, verbatim and in order. */
 	for (pos = hlen; pos + 8 <= limit && pos + 8 <= avail;) {
 		uint32_t type = qcow2_get32(old + pos), len = qcow2_get32(old + pos + 4);

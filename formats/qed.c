@@ -3,11 +3,11 @@
  * Format reference: QEMU docs/interop/qed_spec.txt. All on-disk numbers are
  * little-endian. Layout of the images we create (QEMU 7.2 does the same):
  *
- *   +--------+------------------+----------+----------+-----+
- *   | header | L1 table         | L2 / data clusters, appended |
- *   +--------+------------------+----------+----------+-----+
- *   cluster 0: header struct (64 bytes), then the backing file name
- *   cluster 1: L1 table (table_size clusters)
+ *   +-----------+--------------------+---------------------------------+
+ *   | header    | L1 table           | L2 tables and data clusters,    |
+ *   | cluster 0 | table_size clusters| appended in allocation order    |
+ *   +-----------+--------------------+---------------------------------+
+ *   The header struct (64 bytes) is followed by the backing file name.
  *
  *   guest offset -> | L1 index | L2 index | offset in cluster |
  *                     table_bits table_bits  cluster_bits
@@ -94,9 +94,9 @@
 #define QED_SLICE_MAX	(64u * 1024)	    /* in bytes: largest unit of L2 caching */
 #define QED_CACHE_BYTES (16u * 1024 * 1024) /* in bytes: slice cache budget */
 #define QED_DIRTY_MAX	(8u * 1024 * 1024)  /* in bytes: dirty slices before a flush */
-#define QED_HASH_BITS	12
-#define QED_ZERO_CHUNK	(64u * 1024) /* in bytes: zero-fill unit in create() */
-#define QED_MAX_LOGGED	8	     /* per kind of problem found by the check */
+#define QED_HASH_BITS	12		    /* log2 of the slice hash buckets */
+#define QED_ZERO_CHUNK	(64u * 1024)	    /* in bytes: zero-fill unit in create() */
+#define QED_MAX_LOGGED	8		    /* per kind of problem found by the check */
 
 #define qed_err(img, fmt, ...) sfs_error("%s: qed: " fmt, (img)->filename, ##__VA_ARGS__)
 
@@ -132,7 +132,7 @@ struct qed_slice {
 	struct qed_slice *lru_prev, *lru_next; /* most recently used first */
 	uint64_t gen;			       /* bumped on every change (flush compares it) */
 	bool dirty;			       /* differs from the file; never evicted */
-	uint64_t e[];			       /* slice_entries entries, little-endian */
+	uint64_t *e;			       /* the entries, little-endian (same allocation) */
 };
 
 struct qed_priv {
@@ -396,6 +396,7 @@ static int qed_slice_get(struct image *img, uint64_t table, uint64_t slice_idx,
 		s = calloc(1, sizeof(*s) + p->slice_bytes);
 		if (!s)
 			return -ENOMEM;
+		s->e = (uint64_t *)(s + 1);
 		s->key = key;
 		if (qed_is_fresh(p, table)) {
 			/* Not on disk yet: all entries unallocated. */
@@ -537,7 +538,8 @@ static int qed_parse_header(struct image *img, const struct qed_header_disk *d, 
 		return -EINVAL;
 	}
 	l2_span = (p->table_bytes / sizeof(uint64_t)) << p->cluster_bits;
-	p->l1_entries = SFS_DIV_ROUND_UP(h->image_size, l2_span);
+	/* image_size may be close to 2^64: no rounding up by addition. */
+	p->l1_entries = h->image_size / l2_span + (h->image_size % l2_span != 0);
 	if (h->features & QED_F_BACKING_FILE) {
 		uint64_t end = (uint64_t)h->backing_filename_offset + h->backing_filename_size;
 
@@ -922,6 +924,14 @@ static void qed_close(struct image *img)
 
 /* --- Map ----------------------------------------------------------------- */
 
+/* Start of the next aligned block (mask = block size - 1) after pos, or end
+ * if that is not before end. Never overflows, even for guest sizes close to
+ * 2^64. */
+static uint64_t qed_next(uint64_t pos, uint64_t mask, uint64_t end)
+{
+	return (pos | mask) >= end - 1 ? end : (pos | mask) + 1;
+}
+
 static int qed_map(struct image *img, uint64_t off, uint64_t len, struct extent *ext)
 {
 	struct qed_priv *p = img->priv;
@@ -953,7 +963,7 @@ static int qed_map(struct image *img, uint64_t off, uint64_t len, struct extent 
 				break;
 			type = EXT_UNALLOC;
 			first = false;
-			pos = (l1i + 1) << (p->table_bits + p->cluster_bits);
+			pos = qed_next(pos, (1ULL << (p->table_bits + p->cluster_bits)) - 1, end);
 			continue;
 		}
 		r = qed_slice_get(img, t, l2i >> p->slice_bits, &s);
@@ -982,7 +992,7 @@ static int qed_map(struct image *img, uint64_t off, uint64_t len, struct extent 
 				goto done;
 			}
 			next_host = v + p->cluster_size;
-			pos = (pos | cmask) + 1;
+			pos = qed_next(pos, cmask, end);
 		}
 	}
 	goto done;
@@ -1031,12 +1041,16 @@ static int qed_mark_dirty(struct image *img)
 static int qed_check_write(struct image *img, uint64_t off, uint64_t len)
 {
 	struct qed_priv *p = img->priv;
-	uint64_t end;
+	uint64_t last, cmask = p->cluster_size - 1;
 
 	if (img->read_only)
 		return -EROFS;
-	if ((off | len) & (p->cluster_size - 1) || !sfs_add_ok(off, len, &end) ||
-	    end > SFS_ALIGN_UP(img->size, p->cluster_size)) {
+	if (len == 0)
+		return 0;
+	/* Whole clusters, the last one may stick out past img->size (compare
+	 * last bytes: the end may be 2^64). */
+	if ((off | len) & cmask || !sfs_add_ok(off, len - 1, &last) || img->size == 0 ||
+	    last > ((img->size - 1) | cmask)) {
 		qed_err(img, "bad allocating write of %llu bytes at %llu", (unsigned long long)len,
 			(unsigned long long)off);
 		return -EINVAL;

@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -351,6 +352,7 @@ static int test_start_fault_server(void)
 	}
 	fault_pid = fork();
 	if (fault_pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGTERM); /* no orphan if the test dies */
 		execlp("python3", "python3", script, "--file", test_file, "--port-file", portfile,
 		       (char *)NULL);
 		_exit(127);
@@ -419,8 +421,10 @@ static int test_start_nginx(void)
 	fclose(f);
 	nginx_pid = fork();
 	if (nginx_pid == 0) {
-		int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+		int fd;
 
+		prctl(PR_SET_PDEATHSIG, SIGTERM); /* no orphan if the test dies */
+		fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
 		if (fd >= 0) {
 			dup2(fd, 1);
 			dup2(fd, 2);

@@ -724,6 +724,32 @@ static void test_qcow2_header_v2_and_v3_104(void **state)
 	tq_assert_clean("v3");
 }
 
+static void test_qcow2_header_v2_name_right_after_header(void **state)
+{
+	struct image *img;
+	uint8_t *c;
+	size_t n;
+
+	/* Old v2 images: no extension area, the name starts at byte 72. */
+	assert_int_equal(tq_create("mem:old", 8 * TQ_MIB, 65536, 2, NULL, NULL), 0);
+	tq_patch("old", 72, "base.img", 8);
+	tq_patch64("old", 8, 72);
+	tq_patch32("old", 16, 8);
+	img = tq_open_ok("mem:old", true);
+	assert_string_equal(img->backing_name, "base.img");
+	assert_null(img->backing_fmt);
+	assert_int_equal(drv->set_backing(img, "other.img", "raw"), 0);
+	tq_close(img);
+	c = tq_mem_copy("old", &n);
+	assert_int_equal(tq_get32(c + 72), 0xe2792aca);
+	free(c);
+	img = tq_open_ok("mem:old", false);
+	assert_string_equal(img->backing_name, "other.img");
+	assert_string_equal(img->backing_fmt, "raw");
+	tq_close(img);
+	tq_assert_clean("old");
+}
+
 /* ==== mapping runs ==== */
 
 static void test_qcow2_map_runs_merge(void **state)
@@ -1188,6 +1214,70 @@ static void test_qcow2_cache_eviction_many_tables(void **state)
 		}
 	}
 	tq_close(img);
+}
+
+/* Random corruption of the metadata never crashes (run under ASan): opens
+ * fail cleanly or reads and writes return errors. */
+static void test_qcow2_hostile_random_corruption(void **state)
+{
+	const uint32_t cs = 512;
+	const uint64_t size = 2 * TQ_MIB;
+	uint8_t buf[4096], *base;
+	size_t n;
+	struct image *img;
+	unsigned seed = 4242, opened = 0;
+
+	tq_build("fz", 3, 9, 4, size);
+	img = tq_open_ok("mem:fz", true);
+	for (uint64_t off = 0; off < size; off += 37 * cs) {
+		tq_fill(buf, cs, off, 1);
+		assert_int_equal(drv->alloc_write(img, off, buf, cs), 0);
+	}
+	assert_int_equal(drv->zero_clusters(img, 5 * cs, 3 * cs), 0);
+	tq_close(img);
+	base = tq_mem_copy("fz", &n);
+	tq_capture();
+	for (int iter = 0; iter < 400; iter++) {
+		uint8_t *d = malloc(n);
+		int flips = 1 + rand_r(&seed) % 8;
+
+		memcpy(d, base, n);
+		for (int f = 0; f < flips; f++) {
+			/* mostly metadata: header, tables (first 16 KiB), some anywhere */
+			size_t at = rand_r(&seed) % 4 ? rand_r(&seed) % SFS_MIN(n, (size_t)16384)
+						      : rand_r(&seed) % n;
+			d[at] ^= (uint8_t)(1u << (rand_r(&seed) % 8));
+			if (rand_r(&seed) % 4 == 0)
+				d[at] = (uint8_t)rand_r(&seed);
+		}
+		assert_int_equal(fetch_mem_put("fz", d, n), 0);
+		free(d);
+		if (tq_open("mem:fz", iter % 2, &img) < 0)
+			continue;
+		opened++;
+		for (int k = 0; k < 64; k++) {
+			uint64_t off =
+			    ((uint64_t)rand_r(&seed) << 20 ^ (uint64_t)rand_r(&seed)) % img->size;
+			size_t len = (size_t)SFS_MIN((uint64_t)sizeof(buf), img->size - off);
+
+			(void)tq_read(img, off, buf, len);
+		}
+		if (!img->read_only) {
+			uint64_t off = (uint64_t)rand_r(&seed) % (img->size / img->cluster_size) *
+				       img->cluster_size;
+			struct extent e;
+
+			memset(buf, 0xaa, sizeof(buf));
+			if (img->cluster_size <= sizeof(buf) &&
+			    drv->map(img, off, img->cluster_size, &e) == 0 && e.type != EXT_DATA)
+				(void)drv->alloc_write(img, off, buf, img->cluster_size);
+			(void)drv->flush(img);
+		}
+		tq_drop(img);
+	}
+	tq_captured();
+	assert_true(opened > 50); /* the test must actually exercise reads */
+	free(base);
 }
 
 /* ==== zero clusters ==== */
@@ -1919,6 +2009,7 @@ int main(void)
 	    cmocka_unit_test_setup(test_qcow2_header_dirty_corrupt_snapshots, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_header_autoclear_cleared_on_rw, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_header_v2_and_v3_104, tq_setup),
+	    cmocka_unit_test_setup(test_qcow2_header_v2_name_right_after_header, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_map_runs_merge, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_map_hostile_l2_entries, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_alloc_write_refcounts_exact, tq_setup),
@@ -1928,6 +2019,7 @@ int main(void)
 	    cmocka_unit_test_setup(test_qcow2_crash_order_only_leaks, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_concurrent_alloc_flush_map, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_cache_eviction_many_tables, tq_setup),
+	    cmocka_unit_test_setup(test_qcow2_hostile_random_corruption, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_zero_clusters, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_compressed_read, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_set_backing, tq_setup),

@@ -681,6 +681,69 @@ static void test_qed_map_bad_offsets_eio(void **state)
 	image_close_chain(img);
 }
 
+/* Random corruption of a crafted image (header, L1, L2, with or without
+ * need-check): open may fail, reads may fail with -EIO, nothing crashes
+ * (run under ASan/UBSan) and errors are -errno. */
+static void test_qed_hostile_random_corruption(void **state)
+{
+	unsigned seed = 12345;
+	uint8_t *buf = malloc(64 * 4096);
+	int opened = 0, eio = 0;
+
+	assert_non_null(buf);
+	for (int it = 0; it < 3000; it++) {
+		struct tqed_craft c;
+		struct image *img = NULL;
+		int flips = 1 + rand_r(&seed) % 4, r;
+
+		tqed_craft_standard(&c);
+		if (rand_r(&seed) % 2)
+			tqed_put64(c.b + TQED_OFF_FEATURES, TQED_F_NEED_CHECK);
+		for (int f = 0; f < flips; f++) {
+			/* Mostly the header and the tables (clusters 0-2, 8). */
+			static const uint64_t areas[] = {0, 4096, 2 * 4096, 8 * 4096};
+			uint64_t a = areas[rand_r(&seed) % 4];
+			uint64_t o = a + (uint64_t)(rand_r(&seed) % 64) * (a ? 8 : 1);
+
+			c.b[o + rand_r(&seed) % 8] ^= (uint8_t)(1u << (rand_r(&seed) % 8));
+		}
+		tqed_craft_put(&c, "fz");
+		r = tqed_open("mem:fz", it % 3 == 0, &img);
+		assert_true(r == 0 || r == -EINVAL || r == -ENOTSUP || r == -EIO);
+		if (r < 0)
+			continue;
+		opened++;
+		for (uint64_t off = 0; off < img->size;) {
+			struct extent e;
+			uint64_t n = img->size - off;
+
+			r = drv->map(img, off, n, &e);
+			if (r < 0) {
+				assert_int_equal(r, -EIO);
+				eio++;
+				off += 4096 - off % 4096;
+				continue;
+			}
+			assert_true(e.len > 0 && e.len <= n);
+			n = SFS_MIN(e.len, (uint64_t)64 * 4096);
+			r = image_pread(img, buf, n, off);
+			assert_true(r == 0 || r == -EIO);
+			off += n;
+		}
+		if (!img->read_only) {
+			memset(buf, 0x42, 4096);
+			/* -EINVAL: the flips changed the cluster or image size. */
+			r = drv->alloc_write(img, 6 * 4096, buf, 4096);
+			assert_true(r == 0 || r == -EIO || r == -EINVAL);
+		}
+		image_close_chain(img);
+	}
+	free(buf);
+	/* Not vacuous: most mutants open and many hit bad entries. */
+	assert_true(opened > 1000);
+	assert_true(eio > 100);
+}
+
 /* ==== allocation ==== */
 
 /* Create a QED image in mem:name with cluster size cs and guest size. */
@@ -730,6 +793,38 @@ static void tqed_expect_zero(struct image *img, uint64_t off, uint64_t len)
 	if (!tqed_is(buf, len, 0))
 		fail_msg("not zero at guest offset %llu", (unsigned long long)off);
 	free(buf);
+}
+
+/* A legal but extreme geometry: 16 MiB clusters address more than 2^64
+ * bytes, so the guest size can be 2^64 - 512. Runs, reads and writes at the
+ * very end must not overflow. */
+static void test_qed_map_huge_guest_size(void **state)
+{
+	const uint64_t cs = 16 * TQED_MIB, size = ~511ULL, last = (size - 1) & ~(cs - 1);
+	struct tqed_craft c;
+	struct image *img;
+	uint8_t *buf;
+
+	tqed_craft_init(&c, (uint32_t)cs, 1, size, 2);
+	tqed_craft_put(&c, "huge");
+	img = tqed_open_ok("mem:huge", true);
+	assert_int_equal(img->size, size);
+	tqed_expect_map(img, 0, size, EXT_UNALLOC, size, 0);
+	tqed_expect_map(img, size - 4096, 4096, EXT_UNALLOC, 4096, 0);
+	tqed_expect_zero(img, size - 512, 512);
+	buf = malloc(cs);
+	assert_non_null(buf);
+	tqed_fill(buf, cs, last, 6);
+	assert_int_equal(drv->alloc_write(img, last, buf, cs), 0);
+	assert_int_equal(drv->alloc_write(img, last, buf, 2 * cs), -EINVAL); /* wraps */
+	tqed_expect_map(img, last, size - last, EXT_DATA, size - last, TQED_ANY);
+	tqed_expect_map(img, 0, size, EXT_UNALLOC, last, 0);
+	free(buf);
+	image_close_chain(img);
+	img = tqed_open_ok("mem:huge", false);
+	tqed_expect_pattern(img, size - 512, 512, 6);
+	tqed_expect_pattern(img, last, 4096, 6);
+	image_close_chain(img);
 }
 
 static void test_qed_alloc_write_flush_reopen(void **state)
@@ -1599,6 +1694,10 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_qed_map_runs_cross_slices, tqed_setup,
 					    tqed_teardown),
 	    cmocka_unit_test_setup_teardown(test_qed_map_bad_offsets_eio, tqed_setup,
+					    tqed_teardown),
+	    cmocka_unit_test_setup_teardown(test_qed_hostile_random_corruption, tqed_setup,
+					    tqed_teardown),
+	    cmocka_unit_test_setup_teardown(test_qed_map_huge_guest_size, tqed_setup,
 					    tqed_teardown),
 	    cmocka_unit_test_setup_teardown(test_qed_alloc_write_flush_reopen, tqed_setup,
 					    tqed_teardown),
