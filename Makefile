@@ -77,6 +77,23 @@ demo: streamfs
 bench: streamfs
 	bench/run.sh
 
+# libFuzzer harnesses (tests/fuzz/fuzz-*.c), each run for FUZZ_TIME seconds
+# over its seed corpus tests/fuzz/corpus-<name>/ (crashers are kept there as
+# regression inputs; tests/fuzz/run-corpus.sh replays them in make check).
+FUZZ_TIME ?= 60
+FUZZ_SRCS := $(wildcard tests/fuzz/fuzz-*.c)
+FUZZ_BINS := $(FUZZ_SRCS:tests/fuzz/%.c=build-fuzz/%)
+FUZZ_FLAGS := -g -O1 -std=gnu11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -pthread -Iinclude -Ifusefs \
+	$(PKG_CFLAGS) -fsanitize=fuzzer,address,undefined
+build-fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard include/*.h)
+	@mkdir -p build-fuzz
+	clang $(FUZZ_FLAGS) -o $@ $< $(LIB_SRCS) $(PKG_LIBS)
+fuzz: $(FUZZ_BINS)
+	@set -e; for f in $(FUZZ_BINS); do n=$${f#build-fuzz/fuzz-}; mkdir -p tests/fuzz/corpus-$$n; \
+		echo "== $$f ($(FUZZ_TIME)s)"; \
+		$$f -max_total_time=$(FUZZ_TIME) -max_len=65536 -artifact_prefix=tests/fuzz/crash-$$n- \
+			build-fuzz/corpus-$$n tests/fuzz/corpus-$$n 2>&1 | tail -3; done
+
 format:
 	clang-format -i $(wildcard */*.c */*.h tests/*/*.c)
 
@@ -95,4 +112,4 @@ uninstall:
 		$(DESTDIR)$(PREFIX)/share/man/man1/streamfs.1
 
 clean:
-	rm -rf build build-asan streamfs streamfs-asan
+	rm -rf build build-asan build-fuzz streamfs streamfs-asan

@@ -5,13 +5,61 @@
  * the process-wide options, which are set once before any source is opened.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include "fetch.h"
 #include "util.h"
 
 static struct fetch_options fetch_opts;
+
+/* Write tracing for crash-consistency tests (tests/helpers/replay.c):
+ * with STREAMFS_TRACE=FILE, every write, flush and truncate of a writable
+ * source is appended to FILE, in completion order, as records
+ *   'W' u64 off, u32 len, data | 'F' | 'T' u64 size     (little endian).
+ * Writes are serialized while tracing so the order is exact. */
+static pthread_mutex_t fetch_trace_lock = PTHREAD_MUTEX_INITIALIZER;
+static int fetch_trace_fd = -2; /* -2: not looked at yet, -1: off */
+
+static int fetch_trace_open(void)
+{
+	pthread_mutex_lock(&fetch_trace_lock);
+	if (fetch_trace_fd == -2) {
+		const char *path = getenv("STREAMFS_TRACE");
+		fetch_trace_fd = path ? open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644)
+				      : -1;
+	}
+	pthread_mutex_unlock(&fetch_trace_lock);
+	return fetch_trace_fd;
+}
+
+/* Called with fetch_trace_lock held. */
+static void fetch_trace_put(char kind, uint64_t a, const void *data, uint32_t len)
+{
+	uint8_t hdr[13];
+	size_t n = 1;
+	struct iovec iov[2];
+
+	hdr[0] = (uint8_t)kind;
+	if (kind != 'F') {
+		uint64_t le = htole64(a);
+		memcpy(hdr + 1, &le, 8);
+		n += 8;
+	}
+	if (kind == 'W') {
+		uint32_t le = htole32(len);
+		memcpy(hdr + 9, &le, 4);
+		n += 4;
+	}
+	iov[0] = (struct iovec){ .iov_base = hdr, .iov_len = n };
+	iov[1] = (struct iovec){ .iov_base = (void *)data, .iov_len = kind == 'W' ? len : 0 };
+	if (writev(fetch_trace_fd, iov, 2) < 0)
+		sfs_error("STREAMFS_TRACE: %s", strerror(errno));
+}
 
 void fetch_set_options(const struct fetch_options *opts)
 {
@@ -125,7 +173,15 @@ int fetch_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t o
 		return 0;
 	if (!sfs_add_ok(off, len, &end) || end > (1ULL << 62))
 		return -EFBIG;
-	r = s->ops->pwrite(s, buf, len, off);
+	if (fetch_trace_open() >= 0 && len <= UINT32_MAX) {
+		pthread_mutex_lock(&fetch_trace_lock);
+		r = s->ops->pwrite(s, buf, len, off);
+		if (r == 0)
+			fetch_trace_put('W', off, buf, (uint32_t)len);
+		pthread_mutex_unlock(&fetch_trace_lock);
+	} else {
+		r = s->ops->pwrite(s, buf, len, off);
+	}
 	if (r < 0) {
 		atomic_fetch_add(&s->stats.errors, 1);
 		return r;
@@ -145,7 +201,15 @@ int fetch_flush(struct fetch_source *s)
 
 	if (!(s->flags & FETCH_RDWR) || !s->ops->flush)
 		return 0;
-	r = s->ops->flush(s);
+	if (fetch_trace_open() >= 0) {
+		pthread_mutex_lock(&fetch_trace_lock);
+		r = s->ops->flush(s);
+		if (r == 0)
+			fetch_trace_put('F', 0, NULL, 0);
+		pthread_mutex_unlock(&fetch_trace_lock);
+	} else {
+		r = s->ops->flush(s);
+	}
 	if (r < 0)
 		atomic_fetch_add(&s->stats.errors, 1);
 	else
@@ -159,7 +223,15 @@ int fetch_truncate(struct fetch_source *s, uint64_t size)
 
 	if (!(s->flags & FETCH_RDWR) || !s->ops->truncate)
 		return -EROFS;
-	r = s->ops->truncate(s, size);
+	if (fetch_trace_open() >= 0) {
+		pthread_mutex_lock(&fetch_trace_lock);
+		r = s->ops->truncate(s, size);
+		if (r == 0)
+			fetch_trace_put('T', size, NULL, 0);
+		pthread_mutex_unlock(&fetch_trace_lock);
+	} else {
+		r = s->ops->truncate(s, size);
+	}
 	if (r == 0)
 		atomic_store(&s->size, size);
 	return r;
