@@ -132,8 +132,10 @@ struct http_req {
 	/* Per attempt. */
 	size_t got;
 	size_t discarded;
-	bool checked; /* the headers of a 206 were verified */
-	int err;      /* -errno decided in a callback (fatal) */
+	bool checked;		    /* the headers of a 206 were verified */
+	int err;		    /* -errno decided in a callback (fatal) */
+	bool stalled;		    /* aborted: no byte for io_timeout */
+	uint64_t start_ns, last_ns; /* attempt start, last byte received */
 	struct http_resp resp;
 	uint64_t total; /* probe: total size from Content-Range */
 	char why[256];	/* last failure, for the final message */
@@ -442,6 +444,8 @@ static size_t http_header_cb(char *data, size_t size, size_t nmemb, void *opaque
 	size_t name_len;
 	char tmp[64];
 
+	rq->last_ns = sfs_now_ns();
+
 	if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
 		const char *sp = memchr(data, ' ', n);
 
@@ -552,6 +556,7 @@ static size_t http_write_cb(char *data, size_t size, size_t nmemb, void *opaque)
 	struct http_req *rq = opaque;
 	size_t n = size * nmemb;
 
+	rq->last_ns = sfs_now_ns();
 	if (rq->resp.status != 206) {
 		/* An error page, or a 200 with the whole file: never copied.
 		 * Read a small error body to keep the connection, else hang up. */
@@ -573,6 +578,25 @@ static size_t http_write_cb(char *data, size_t size, size_t nmemb, void *opaque)
 	memcpy(rq->buf + rq->got, data, n);
 	rq->got += n;
 	return n;
+}
+
+/* Stall detector: abort when no byte came for io_timeout seconds (plus
+ * connect_timeout before the first one). CURLOPT_LOW_SPEED_TIME alone
+ * averages over a window of several seconds, so a burst followed by
+ * silence would be noticed late. */
+static int http_xferinfo_cb(void *opaque, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+			    curl_off_t ulnow)
+{
+	struct http_req *rq = opaque;
+	uint64_t limit = (uint64_t)rq->p->io_timeout * 1000000000ULL;
+
+	if (rq->last_ns == rq->start_ns)
+		limit += (uint64_t)rq->p->connect_timeout * 1000000000ULL;
+	if (sfs_now_ns() - rq->last_ns > limit) {
+		rq->stalled = true;
+		return 1;
+	}
+	return 0;
 }
 
 /* ---- Pool ---- */
@@ -624,6 +648,8 @@ static struct http_conn *http_conn_new(struct http_priv *p)
 	HTTP_SET(CURLOPT_USERAGENT, "streamfs/" STREAMFS_VERSION);
 	HTTP_SET(CURLOPT_HEADERFUNCTION, http_header_cb);
 	HTTP_SET(CURLOPT_WRITEFUNCTION, http_write_cb);
+	HTTP_SET(CURLOPT_XFERINFOFUNCTION, http_xferinfo_cb);
+	HTTP_SET(CURLOPT_NOPROGRESS, 0L);
 #undef HTTP_SET
 	if (rc != CURLE_OK) {
 		sfs_error("%s: libcurl setup: %s", p->display, curl_easy_strerror(rc));
@@ -734,6 +760,8 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 	rq->got = 0;
 	rq->discarded = 0;
 	rq->checked = false;
+	rq->stalled = false;
+	rq->start_ns = rq->last_ns = sfs_now_ns();
 	rq->err = 0;
 	memset(&rq->resp, 0, sizeof(rq->resp));
 	rq->resp.retry_after_ms = -1;
@@ -755,6 +783,7 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 	HTTP_SET(CURLOPT_USERPWD, rq->creds ? p->userpwd : NULL);
 	HTTP_SET(CURLOPT_HEADERDATA, rq);
 	HTTP_SET(CURLOPT_WRITEDATA, rq);
+	HTTP_SET(CURLOPT_XFERINFODATA, rq);
 #undef HTTP_SET
 	if (rc != CURLE_OK) {
 		snprintf(rq->why, sizeof(rq->why), "libcurl setup: %s", curl_easy_strerror(rc));
@@ -773,6 +802,11 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 
 	if (rq->err) /* decided by a callback: never worth retrying */
 		return rq->err;
+	if (rc == CURLE_ABORTED_BY_CALLBACK && rq->stalled) {
+		snprintf(rq->why, sizeof(rq->why), "no data for %ld s (stalled)", p->io_timeout);
+		*transient = true;
+		return -ETIMEDOUT;
+	}
 	if (status == 0 || (rc != CURLE_OK && status == 206)) {
 		/* No response, or the body broke off. */
 		snprintf(rq->why, sizeof(rq->why), "%s",

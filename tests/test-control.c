@@ -1,0 +1,1147 @@
+/* streamfs: unit tests for the control files (fusefs/control.c): the strict
+ * command parsers, the rendered status/progress/map files over a real disk
+ * and stream job, and control_command() driving the job.
+ *
+ * Disks are in memory: a random raw "mem:base" under a qcow2 "mem:ovl"
+ * (plus a qcow2 "mem:mid" for the three-level cases). Jobs that must stay
+ * running long enough to be paused or hit with a second start run under a
+ * speed limit; they are then sped up (speed 0) and waited for.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "../fusefs/control.h"
+#include "fetch.h"
+#include "image.h"
+#include "util.h"
+
+#define CT_CS	  4096u
+#define CT_SIZE	  (256u * 1024)	 /* fast jobs */
+#define CT_BIG	  (1024u * 1024) /* slow jobs: 16 chunks of 64 KiB at 64 KiB/s */
+#define CT_OVL	  "mem:ovl"
+#define CT_BASE	  "mem:base"
+#define CT_MID	  "mem:mid"
+#define CT_SLOW	  "65536"
+
+/* ---- parsers ---- */
+
+static int ct_stream(const char *s, struct control_stream_cmd *out)
+{
+	return control_parse_stream(s, strlen(s), out);
+}
+
+static void test_control_parse_stream_verbs(void **state)
+{
+	struct control_stream_cmd c;
+	static const struct {
+		const char *text;
+		enum control_stream_action action;
+	} ok[] = {
+	    {"start", CTL_STREAM_START},   {"start\n", CTL_STREAM_START},
+	    {"pause", CTL_STREAM_PAUSE},   {"pause\n", CTL_STREAM_PAUSE},
+	    {"resume", CTL_STREAM_RESUME}, {"resume\n", CTL_STREAM_RESUME},
+	    {"cancel", CTL_STREAM_CANCEL}, {"cancel\n", CTL_STREAM_CANCEL},
+	};
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+		memset(&c, 0x5a, sizeof(c));
+		assert_int_equal(ct_stream(ok[i].text, &c), 0);
+		assert_int_equal(c.action, ok[i].action);
+		assert_null(c.params.base);
+		assert_false(c.params.speed_set);
+		assert_int_equal(c.params.speed, 0);
+		assert_int_equal(c.params.on_error, STREAM_ON_ERROR_REPORT);
+	}
+}
+
+static void test_control_parse_stream_start_options(void **state)
+{
+	struct control_stream_cmd c;
+
+	assert_int_equal(ct_stream("start base=X speed=20M on-error=stop", &c), 0);
+	assert_int_equal(c.action, CTL_STREAM_START);
+	assert_non_null(c.params.base);
+	assert_ptr_equal(c.params.base, c.base);
+	assert_string_equal(c.params.base, "X");
+	assert_true(c.params.speed_set);
+	assert_int_equal(c.params.speed, 20ull << 20);
+	assert_int_equal(c.params.on_error, STREAM_ON_ERROR_STOP);
+
+	/* Any order, trailing newline, a path as base, on-error=report. */
+	assert_int_equal(
+	    ct_stream("start on-error=report speed=1024 base=/var/lib/images/base.qcow2\n", &c),
+	    0);
+	assert_string_equal(c.params.base, "/var/lib/images/base.qcow2");
+	assert_int_equal(c.params.speed, 1024);
+	assert_int_equal(c.params.on_error, STREAM_ON_ERROR_REPORT);
+
+	/* speed=0 is "unlimited", and it counts as given. */
+	assert_int_equal(ct_stream("start speed=0", &c), 0);
+	assert_true(c.params.speed_set);
+	assert_int_equal(c.params.speed, 0);
+	assert_null(c.params.base);
+	assert_int_equal(ct_stream("start speed=5K", &c), 0);
+	assert_int_equal(c.params.speed, 5 * 1024);
+	assert_int_equal(ct_stream("start speed=2G", &c), 0);
+	assert_int_equal(c.params.speed, 2ull << 30);
+
+	/* A copy of the command is returned: base points into *out. */
+	{
+		char text[] = "start base=mem:base";
+		assert_int_equal(control_parse_stream(text, strlen(text), &c), 0);
+		memset(text, 'x', strlen(text));
+		assert_string_equal(c.params.base, "mem:base");
+	}
+	/* The longest base that fits. */
+	{
+		char text[1100], want[1024];
+		memset(want, 'b', 1023);
+		want[1023] = '\0';
+		snprintf(text, sizeof(text), "start base=%s", want);
+		assert_int_equal(ct_stream(text, &c), 0);
+		assert_string_equal(c.params.base, want);
+	}
+}
+
+static void test_control_parse_stream_rejects(void **state)
+{
+	static const char *bad[] = {
+	    "",
+	    "\n",
+	    " ",
+	    "\n\n",
+	    "stop",
+	    "Start",
+	    "begin",
+	    "start foo=1",
+	    "start base",
+	    "start base=",
+	    "start speed=",
+	    "start speed=fast",
+	    "start speed=10Q",
+	    "start speed=-1",
+	    "start speed=1.5M",
+	    "start speed=99999999999999999999",
+	    "start speed=20000000T",
+	    "start on-error=ignore",
+	    "start on-error=",
+	    "start base=a base=b",
+	    "start speed=1M speed=2M",
+	    "start on-error=stop on-error=report",
+	    "start start",
+	    "pause now",
+	    "pause 1",
+	    "resume x",
+	    "cancel please",
+	    "cancel speed=1M",
+	    "start\nstart",
+	    "start\npause\n",
+	    "pause\n\n",
+	    "start\r\n",
+	    "start\rpause",
+	};
+	struct control_stream_cmd c, sentinel;
+
+	memset(&sentinel, 0xa5, sizeof(sentinel));
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		c = sentinel;
+		if (ct_stream(bad[i], &c) != -EINVAL)
+			fail_msg("accepted or wrong error for '%s'", bad[i]);
+		/* All or nothing: *out untouched. */
+		assert_memory_equal(&c, &sentinel, sizeof(c));
+	}
+	/* Embedded NUL, with the length covering it. */
+	c = sentinel;
+	assert_int_equal(control_parse_stream("start\0base=x", 12, &c), -EINVAL);
+	assert_int_equal(control_parse_stream("pause\0", 6, &c), -EINVAL);
+	assert_memory_equal(&c, &sentinel, sizeof(c));
+	/* Zero length with a valid string behind it. */
+	assert_int_equal(control_parse_stream("start", 0, &c), -EINVAL);
+	/* Overlong: a base one byte too long, and a 10 KB line. */
+	{
+		char text[1100], *huge = malloc(10000);
+		memset(text, 0, sizeof(text));
+		memcpy(text, "start base=", 11);
+		memset(text + 11, 'b', 1024);
+		assert_int_equal(ct_stream(text, &c), -EINVAL);
+		assert_non_null(huge);
+		memset(huge, ' ', 9999);
+		memcpy(huge, "start", 5);
+		huge[9999] = '\0';
+		assert_int_equal(control_parse_stream(huge, 9999, &c), -EINVAL);
+		free(huge);
+	}
+	assert_memory_equal(&c, &sentinel, sizeof(c));
+}
+
+static void test_control_parse_speed(void **state)
+{
+	static const struct {
+		const char *text;
+		uint64_t v;
+	} ok[] = {
+	    {"0", 0},
+	    {"0\n", 0},
+	    {"50M", 50ull << 20},
+	    {"50M\n", 50ull << 20},
+	    {"1024", 1024},
+	    {"1K", 1024},
+	    {"1k", 1024},
+	    {"3G", 3ull << 30},
+	    {"1T", 1ull << 40},
+	    {"20MiB", 20ull << 20},
+	    {"20MB", 20ull << 20},
+	    {"18446744073709551615", UINT64_MAX},
+	};
+	static const char *bad[] = {
+	    "",	 "\n",	   "fast", "10Q",  "-1",   "+1", "1.5M", "5M 6M", "5M\n6M", "M",
+	    "0x10", "1e6",  "5MX",  "5 M",  "\r",   "1\r\n", "18446744073709551616", "16777216T",
+	};
+	uint64_t v;
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+		v = 12345;
+		if (control_parse_speed(ok[i].text, strlen(ok[i].text), &v) != 0)
+			fail_msg("rejected '%s'", ok[i].text);
+		assert_int_equal(v, ok[i].v);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		if (control_parse_speed(bad[i], strlen(bad[i]), &v) != -EINVAL)
+			fail_msg("accepted '%s'", bad[i]);
+	}
+	assert_int_equal(control_parse_speed("5\0", 2, &v), -EINVAL);
+	assert_int_equal(control_parse_speed("5\0006", 3, &v), -EINVAL);
+	{
+		char longnum[200];
+		memset(longnum, '0', sizeof(longnum) - 2);
+		longnum[sizeof(longnum) - 2] = '1';
+		longnum[sizeof(longnum) - 1] = '\0';
+		assert_int_equal(control_parse_speed(longnum, strlen(longnum), &v), -EINVAL);
+	}
+}
+
+static void test_control_parse_pull(void **state)
+{
+	static const struct {
+		const char *text;
+		uint64_t off, len;
+	} ok[] = {
+	    {"0 4096", 0, 4096},
+	    {"0 4096\n", 0, 4096},
+	    {"0x1000 0x2000", 0x1000, 0x2000},
+	    {"0X10 16", 16, 16},
+	    {"0xdeadBEEF 1", 0xdeadbeefull, 1},
+	    {"4096 1M", 4096, 1u << 20},
+	    {"1G 64K\n", 1ull << 30, 64u << 10},
+	    {"  7 \t 9", 7, 9},
+	};
+	static const char *bad[] = {
+	    "",
+	    "\n",
+	    "1",
+	    "1 ",
+	    "1 2 3",
+	    "0 0",
+	    "0x10 0x0",
+	    "0x 5",
+	    "0xZZ 1",
+	    "0x10Q 1",
+	    "-1 5",
+	    "5 -1",
+	    "abc 1",
+	    "1 abc",
+	    "0x1ffffffffffffffff 1",
+	    "1 2\n3 4",
+	    "1 2\r",
+	    "1 fast",
+	};
+	uint64_t off, len;
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+		off = len = 777;
+		if (control_parse_pull(ok[i].text, strlen(ok[i].text), &off, &len) != 0)
+			fail_msg("rejected '%s'", ok[i].text);
+		assert_int_equal(off, ok[i].off);
+		assert_int_equal(len, ok[i].len);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		if (control_parse_pull(bad[i], strlen(bad[i]), &off, &len) != -EINVAL)
+			fail_msg("accepted '%s'", bad[i]);
+	}
+	assert_int_equal(control_parse_pull("0 4096\0", 7, &off, &len), -EINVAL);
+	assert_int_equal(control_parse_pull("0\0 4096", 7, &off, &len), -EINVAL);
+	{
+		char text[300];
+		memset(text, '1', sizeof(text) - 1);
+		text[sizeof(text) - 1] = '\0';
+		text[100] = ' ';
+		assert_int_equal(control_parse_pull(text, strlen(text), &off, &len), -EINVAL);
+	}
+}
+
+/* BUG (fusefs/control.c, control_parse_num): the hex branch calls
+ * strtoull(s + 2, ..., 16), and strtoull with base 16 accepts its own
+ * optional "0x" prefix, so "0x0x1000" parses as 0x1000 instead of being
+ * rejected as junk (control.h: parsed all or nothing; util.h: "never
+ * accepts trailing junk"). Strtoull also skips leading whitespace and a
+ * sign there: "0x-1" is not reachable (isxdigit check) but "0x0x-1" is.
+ * Expected to fail until the hex digits are checked by hand. */
+static void test_control_parse_pull_rejects_double_hex_prefix(void **state)
+{
+	uint64_t off = 0, len = 0;
+
+	assert_int_equal(control_parse_pull("0x0x1000 16", 11, &off, &len), -EINVAL);
+	assert_int_equal(control_parse_pull("16 0x0X20", 9, &off, &len), -EINVAL);
+}
+
+/* ---- a real disk, job and event log ---- */
+
+struct ct {
+	struct control_ctx c;
+	uint8_t *base; /* the guest's view when the test started */
+	uint64_t size;
+};
+
+static uint8_t *ct_random(size_t len, uint32_t seed)
+{
+	uint8_t *b = malloc(len);
+	uint32_t x = seed * 2654435761u + 7;
+
+	assert_non_null(b);
+	for (size_t i = 0; i < len; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		b[i] = (uint8_t)(x >> 9);
+	}
+	return b;
+}
+
+static void ct_create(const char *uri, const char *fmt, uint64_t size, const char *backing,
+		      const char *backing_fmt)
+{
+	struct image_create_opts o = {
+	    .size = size,
+	    .cluster_size = CT_CS,
+	    .backing_name = backing,
+	    .backing_fmt = backing_fmt,
+	};
+
+	assert_int_equal(image_create(uri, fmt, &o), 0);
+}
+
+static void ct_open(struct ct *t, bool cor)
+{
+	struct image *top;
+
+	assert_int_equal(image_open_chain(CT_OVL, NULL, IMAGE_RDWR, NULL, &top), 0);
+	assert_int_equal(disk_new(top, cor, false, &t->c.disk), 0);
+	t->c.events = events_new();
+	assert_non_null(t->c.events);
+	assert_int_equal(stream_new(t->c.disk, t->c.events, &t->c.job), 0);
+}
+
+/* base (raw, random) <- ovl (qcow2), size bytes. */
+static void ct_setup2(struct ct *t, uint64_t size, bool cor)
+{
+	memset(t, 0, sizeof(*t));
+	fetch_mem_reset();
+	t->size = size;
+	t->base = ct_random(size, 11);
+	assert_int_equal(fetch_mem_put("base", t->base, size), 0);
+	ct_create(CT_OVL, "qcow2", size, CT_BASE, "raw");
+	ct_open(t, cor);
+}
+
+static void ct_close(struct ct *t)
+{
+	stream_free(t->c.job);
+	assert_int_equal(disk_close(t->c.disk), 0);
+	events_free(t->c.events);
+	free(t->base);
+	fetch_mem_reset();
+}
+
+static char *ct_render(struct ct *t, enum control_id id)
+{
+	char *buf = NULL, *s;
+	size_t len = 0;
+
+	assert_int_equal(control_render(&t->c, id, &buf, &len), 0);
+	s = malloc(len + 1);
+	assert_non_null(s);
+	if (len)
+		memcpy(s, buf, len);
+	s[len] = '\0';
+	assert_int_equal(strlen(s), len); /* no NULs in a text file */
+	free(buf);
+	return s;
+}
+
+static int ct_cmd(struct ct *t, enum control_id id, const char *text)
+{
+	return control_command(&t->c, id, text, strlen(text));
+}
+
+/* The value of "key: value" in a status text (malloc'd), failing if the
+ * key is missing or present twice. */
+static char *ct_key(const char *text, const char *key)
+{
+	size_t kl = strlen(key);
+	const char *p = text, *found = NULL;
+
+	while (*p) {
+		const char *nl = strchr(p, '\n');
+		assert_non_null(nl);
+		if ((size_t)(nl - p) > kl + 1 && strncmp(p, key, kl) == 0 && p[kl] == ':' &&
+		    p[kl + 1] == ' ') {
+			if (found)
+				fail_msg("status key '%s' appears twice", key);
+			found = p + kl + 2;
+		}
+		p = nl + 1;
+	}
+	if (!found)
+		fail_msg("status key '%s' is missing", key);
+	{
+		const char *nl = strchr(found, '\n');
+		char *v = strndup(found, (size_t)(nl - found));
+		assert_non_null(v);
+		return v;
+	}
+}
+
+static void ct_assert_key(const char *text, const char *key, const char *want)
+{
+	char *v = ct_key(text, key);
+
+	if (strcmp(v, want) != 0)
+		fail_msg("status %s: '%s', expected '%s'", key, v, want);
+	free(v);
+}
+
+static uint64_t ct_key_u64(const char *text, const char *key)
+{
+	char *v = ct_key(text, key), *end;
+	unsigned long long n;
+
+	errno = 0;
+	n = strtoull(v, &end, 10);
+	if (errno || *end || !v[0])
+		fail_msg("status %s: '%s' is not a number", key, v);
+	free(v);
+	return n;
+}
+
+static void ct_assert_key_u64(const char *text, const char *key, uint64_t want)
+{
+	uint64_t v = ct_key_u64(text, key);
+
+	if (v != want)
+		fail_msg("status %s: %llu, expected %llu", key, (unsigned long long)v,
+			 (unsigned long long)want);
+}
+
+static const char *ct_status_keys[] = {
+    "state",
+    "offset",
+    "length",
+    "percent",
+    "speed_limit_bytes_per_s",
+    "rate_bytes_per_s",
+    "avg_rate_bytes_per_s",
+    "eta_s",
+    "elapsed_s",
+    "resumed_from",
+    "base",
+    "on_error",
+    "error",
+    "overlay",
+    "format",
+    "backing",
+    "chain",
+    "disk_size",
+    "copy_on_read",
+    "bytes_copied_by_job",
+    "bytes_already_present",
+    "bytes_skipped_zero",
+    "bytes_copied_on_read",
+    "guest_bytes_read",
+    "guest_bytes_written",
+    "network_bytes",
+};
+
+/* Every line is "key: value" with a documented key, each key once. */
+static void ct_assert_status_shape(const char *text)
+{
+	const char *p = text;
+	size_t lines = 0;
+
+	assert_true(text[0] != '\0');
+	assert_int_equal(text[strlen(text) - 1], '\n');
+	for (size_t i = 0; i < sizeof(ct_status_keys) / sizeof(ct_status_keys[0]); i++)
+		free(ct_key(text, ct_status_keys[i]));
+	while (*p) {
+		const char *nl = strchr(p, '\n'), *colon = strstr(p, ": ");
+		bool known = false;
+
+		assert_non_null(nl);
+		if (!colon || colon > nl || colon == p || nl == colon + 2)
+			fail_msg("status line '%.*s' is not 'key: value'", (int)(nl - p), p);
+		for (size_t i = 0; i < sizeof(ct_status_keys) / sizeof(ct_status_keys[0]); i++)
+			if (strlen(ct_status_keys[i]) == (size_t)(colon - p) &&
+			    strncmp(p, ct_status_keys[i], (size_t)(colon - p)) == 0)
+				known = true;
+		if (!known)
+			fail_msg("undocumented status key '%.*s'", (int)(colon - p), p);
+		lines++;
+		p = nl + 1;
+	}
+	assert_int_equal(lines, sizeof(ct_status_keys) / sizeof(ct_status_keys[0]));
+}
+
+/* One parsed line of control/map. */
+struct ct_run {
+	uint64_t off, len;
+	int depth;
+	char type[8];
+	char file[64];
+};
+
+/* Parse control/map: the header, then runs that cover [0, size) exactly,
+ * in order, without gaps, overlaps or empty runs, adjacent runs differing.
+ * Returns the number of runs. */
+static int ct_parse_map(const char *text, uint64_t size, struct ct_run *runs, int max)
+{
+	const char *p = text, *nl = strchr(text, '\n');
+	uint64_t next = 0;
+	int n = 0;
+
+	assert_non_null(nl);
+	assert_true(strncmp(text, "# offset length depth type file\n", 32) == 0);
+	p = nl + 1;
+	while (*p) {
+		struct ct_run r;
+		unsigned long long off, len;
+		int used = 0;
+
+		nl = strchr(p, '\n');
+		assert_non_null(nl);
+		assert_true(n < max);
+		if (sscanf(p, "%llu %llu %d %7s %63s%n", &off, &len, &r.depth, r.type, r.file,
+			   &used) != 5 ||
+		    p + used != nl)
+			fail_msg("bad map line '%.*s'", (int)(nl - p), p);
+		r.off = off;
+		r.len = len;
+		if (r.off != next || r.len == 0)
+			fail_msg("map run at %llu: expected offset %llu, length > 0", off,
+				 (unsigned long long)next);
+		if (strcmp(r.type, "data") && strcmp(r.type, "zero") && strcmp(r.type, "hole"))
+			fail_msg("map type '%s'", r.type);
+		if ((r.depth < 0) != (strcmp(r.type, "hole") == 0))
+			fail_msg("map depth %d with type %s", r.depth, r.type);
+		if ((r.depth < 0) != (strcmp(r.file, "-") == 0))
+			fail_msg("map depth %d with file %s", r.depth, r.file);
+		if (n > 0 && runs[n - 1].depth == r.depth && !strcmp(runs[n - 1].type, r.type))
+			fail_msg("map runs at %llu and %llu are not merged",
+				 (unsigned long long)runs[n - 1].off, off);
+		next = r.off + r.len;
+		runs[n++] = r;
+		p = nl + 1;
+	}
+	assert_int_equal(next, size);
+	return n;
+}
+
+static void ct_assert_run(const struct ct_run *r, uint64_t off, uint64_t len, int depth,
+			  const char *type, const char *file)
+{
+	if (r->off != off || r->len != len || r->depth != depth || strcmp(r->type, type) ||
+	    strcmp(r->file, file))
+		fail_msg("map run '%llu %llu %d %s %s', expected '%llu %llu %d %s %s'",
+			 (unsigned long long)r->off, (unsigned long long)r->len, r->depth, r->type,
+			 r->file, (unsigned long long)off, (unsigned long long)len, depth, type,
+			 file);
+}
+
+/* The guest's view through a fresh open of the overlay. */
+static void ct_assert_reopen(const uint8_t *want, uint64_t size, const char *backing)
+{
+	struct image *top;
+	uint8_t *b = malloc(size);
+
+	assert_non_null(b);
+	assert_int_equal(image_open_chain(CT_OVL, NULL, 0, NULL, &top), 0);
+	if (backing) {
+		assert_non_null(top->backing);
+		assert_string_equal(top->backing->filename, backing);
+	} else {
+		assert_null(top->backing);
+		assert_null(top->backing_name);
+	}
+	assert_int_equal(image_pread(top, b, size, 0), 0);
+	assert_memory_equal(b, want, size);
+	image_close_chain(top);
+	free(b);
+}
+
+static void ct_assert_disk(struct ct *t, const uint8_t *want)
+{
+	uint8_t *b = malloc(t->size);
+
+	assert_non_null(b);
+	assert_int_equal(disk_read(t->c.disk, b, t->size, 0), 0);
+	assert_memory_equal(b, want, t->size);
+	free(b);
+}
+
+static enum stream_state ct_state(struct ct *t)
+{
+	struct stream_status st;
+
+	stream_get_status(t->c.job, &st);
+	return st.state;
+}
+
+static void ct_sleep_ms(int ms)
+{
+	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+
+	nanosleep(&ts, NULL);
+}
+
+/* Event names in order from cursor, until 'last' is seen (or a timeout). */
+static void ct_assert_events(struct ct *t, uint64_t *cursor, const char *const *want, size_t n)
+{
+	size_t got = 0;
+	char buf[EVENTS_LINE * 8];
+
+	while (got < n) {
+		size_t len = events_read(t->c.events, cursor, buf, sizeof(buf) - 1, 5000);
+		char *p = buf;
+
+		if (len == 0)
+			fail_msg("timed out waiting for event '%s'", want[got]);
+		buf[len] = '\0';
+		while (*p) {
+			char *nl = strchr(p, '\n'), ts[64], name[64];
+
+			assert_non_null(nl);
+			*nl = '\0';
+			if (sscanf(p, "%63s %63s", ts, name) != 2)
+				fail_msg("bad event line '%s'", p);
+			if (got >= n)
+				fail_msg("unexpected extra event '%s'", p);
+			if (strcmp(name, want[got]) != 0)
+				fail_msg("event %zu is '%s', expected '%s'", got, p, want[got]);
+			got++;
+			p = nl + 1;
+		}
+	}
+}
+
+/* ---- rendering ---- */
+
+static void test_control_render_status_idle_and_counters(void **state)
+{
+	struct ct t;
+	char *s, want_chain[128];
+	uint8_t buf[100];
+
+	ct_setup2(&t, CT_SIZE, true);
+	s = ct_render(&t, CTL_STATUS);
+	ct_assert_status_shape(s);
+	ct_assert_key(s, "state", "idle");
+	ct_assert_key_u64(s, "offset", 0);
+	ct_assert_key_u64(s, "length", CT_SIZE);
+	ct_assert_key(s, "percent", "0.0");
+	ct_assert_key_u64(s, "speed_limit_bytes_per_s", 0);
+	ct_assert_key_u64(s, "rate_bytes_per_s", 0);
+	ct_assert_key(s, "eta_s", "-");
+	ct_assert_key(s, "base", "-");
+	ct_assert_key(s, "on_error", "report");
+	ct_assert_key(s, "error", "-");
+	ct_assert_key(s, "overlay", CT_OVL);
+	ct_assert_key(s, "format", "qcow2");
+	ct_assert_key(s, "backing", CT_BASE);
+	snprintf(want_chain, sizeof(want_chain), "%s (qcow2) <- %s (raw)", CT_OVL, CT_BASE);
+	ct_assert_key(s, "chain", want_chain);
+	ct_assert_key_u64(s, "disk_size", CT_SIZE);
+	ct_assert_key(s, "copy_on_read", "on");
+	ct_assert_key_u64(s, "bytes_copied_by_job", 0);
+	ct_assert_key_u64(s, "bytes_already_present", 0);
+	ct_assert_key_u64(s, "bytes_skipped_zero", 0);
+	ct_assert_key_u64(s, "bytes_copied_on_read", 0);
+	ct_assert_key_u64(s, "guest_bytes_read", 0);
+	ct_assert_key_u64(s, "guest_bytes_written", 0);
+	ct_assert_key_u64(s, "network_bytes", 0);
+	free(s);
+
+	/* A guest read (copy-on-read of one cluster) and a write. */
+	assert_int_equal(disk_read(t.c.disk, buf, 100, 3 * CT_CS + 5), 0);
+	assert_memory_equal(buf, t.base + 3 * CT_CS + 5, 100);
+	assert_int_equal(disk_write(t.c.disk, buf, 30, 7 * CT_CS), 0);
+	assert_int_equal(ct_cmd(&t, CTL_SPEED, "20M\n"), 0);
+	s = ct_render(&t, CTL_STATUS);
+	ct_assert_status_shape(s);
+	ct_assert_key_u64(s, "bytes_copied_on_read", CT_CS);
+	ct_assert_key_u64(s, "guest_bytes_read", 100);
+	ct_assert_key_u64(s, "guest_bytes_written", 30);
+	ct_assert_key_u64(s, "speed_limit_bytes_per_s", 20u << 20);
+	ct_assert_key(s, "state", "idle");
+	free(s);
+	s = ct_render(&t, CTL_SPEED);
+	assert_string_equal(s, "20971520\n");
+	free(s);
+	s = ct_render(&t, CTL_STREAM);
+	assert_string_equal(s, "idle\n");
+	free(s);
+	s = ct_render(&t, CTL_PROGRESS);
+	assert_string_equal(s, "0 262144 0.0%\n");
+	free(s);
+	ct_close(&t);
+}
+
+static void test_control_render_map_covers_disk(void **state)
+{
+	struct ct t;
+	struct ct_run runs[32];
+	uint8_t buf[CT_CS];
+	char *s;
+	int n;
+
+	/* mid (qcow2, no backing): data in 2-3, zero cluster at 5, holes
+	 * elsewhere. ovl writes cluster 0 and 3. */
+	memset(&t, 0, sizeof(t));
+	fetch_mem_reset();
+	t.size = CT_SIZE;
+	ct_create(CT_MID, "qcow2", CT_SIZE, NULL, NULL);
+	{
+		struct image *mid;
+		struct disk *m;
+		assert_int_equal(image_open_chain(CT_MID, NULL, IMAGE_RDWR, NULL, &mid), 0);
+		assert_int_equal(disk_new(mid, false, false, &m), 0);
+		memset(buf, 0x11, sizeof(buf));
+		assert_int_equal(disk_write(m, buf, CT_CS, 2 * CT_CS), 0);
+		assert_int_equal(disk_write(m, buf, CT_CS, 3 * CT_CS), 0);
+		assert_int_equal(mid->drv->zero_clusters(mid, 5 * CT_CS, CT_CS), 0);
+		assert_int_equal(disk_close(m), 0);
+	}
+	ct_create(CT_OVL, "qcow2", CT_SIZE, CT_MID, "qcow2");
+	ct_open(&t, false);
+	memset(buf, 0x22, sizeof(buf));
+	assert_int_equal(disk_write(t.c.disk, buf, 10, 0), 0);
+	assert_int_equal(disk_write(t.c.disk, buf, 10, 3 * CT_CS + 100), 0);
+
+	s = ct_render(&t, CTL_MAP);
+	n = ct_parse_map(s, CT_SIZE, runs, 32);
+	assert_int_equal(n, 7);
+	ct_assert_run(&runs[0], 0, CT_CS, 0, "data", CT_OVL);
+	ct_assert_run(&runs[1], CT_CS, CT_CS, -1, "hole", "-");
+	ct_assert_run(&runs[2], 2 * CT_CS, CT_CS, 1, "data", CT_MID);
+	ct_assert_run(&runs[3], 3 * CT_CS, CT_CS, 0, "data", CT_OVL);
+	ct_assert_run(&runs[4], 4 * CT_CS, CT_CS, -1, "hole", "-");
+	ct_assert_run(&runs[5], 5 * CT_CS, CT_CS, 1, "zero", CT_MID);
+	ct_assert_run(&runs[6], 6 * CT_CS, CT_SIZE - 6 * CT_CS, -1, "hole", "-");
+	free(s);
+
+	/* After a complete stream: mid's data is in the overlay, holes stay. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start\n"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	s = ct_render(&t, CTL_MAP);
+	n = ct_parse_map(s, CT_SIZE, runs, 32);
+	assert_int_equal(n, 3);
+	ct_assert_run(&runs[0], 0, CT_CS, 0, "data", CT_OVL);
+	ct_assert_run(&runs[1], CT_CS, CT_CS, -1, "hole", "-");
+	ct_assert_run(&runs[2], 2 * CT_CS, 2 * CT_CS, 0, "data", CT_OVL);
+	/* (runs[3..]: the rest is a hole; n == 3 means merged into one) */
+	free(s);
+	s = ct_render(&t, CTL_STATUS);
+	ct_assert_key(s, "backing", "-");
+	ct_assert_key(s, "chain", CT_OVL " (qcow2)");
+	ct_assert_key_u64(s, "bytes_copied_by_job", CT_CS);
+	ct_assert_key_u64(s, "bytes_skipped_zero", CT_SIZE - 4 * CT_CS);
+	free(s);
+	ct_close(&t);
+}
+
+static void test_control_render_map_raw_backing_and_cor(void **state)
+{
+	struct ct t;
+	struct ct_run runs[32];
+	uint8_t buf[10];
+	char *s;
+	int n;
+
+	ct_setup2(&t, CT_SIZE, true);
+	s = ct_render(&t, CTL_MAP);
+	n = ct_parse_map(s, CT_SIZE, runs, 32);
+	assert_int_equal(n, 1);
+	ct_assert_run(&runs[0], 0, CT_SIZE, 1, "data", CT_BASE);
+	free(s);
+	/* Copy-on-read of the last cluster and of cluster 1. */
+	assert_int_equal(disk_read(t.c.disk, buf, 10, CT_SIZE - 10), 0);
+	assert_int_equal(disk_read(t.c.disk, buf, 10, CT_CS), 0);
+	s = ct_render(&t, CTL_MAP);
+	n = ct_parse_map(s, CT_SIZE, runs, 32);
+	assert_int_equal(n, 4);
+	ct_assert_run(&runs[0], 0, CT_CS, 1, "data", CT_BASE);
+	ct_assert_run(&runs[1], CT_CS, CT_CS, 0, "data", CT_OVL);
+	ct_assert_run(&runs[2], 2 * CT_CS, CT_SIZE - 3 * CT_CS, 1, "data", CT_BASE);
+	ct_assert_run(&runs[3], CT_SIZE - CT_CS, CT_CS, 0, "data", CT_OVL);
+	free(s);
+	ct_close(&t);
+}
+
+/* ---- commands ---- */
+
+static void test_control_stream_start_completes(void **state)
+{
+	static const char *const want[] = {"started", "backing-changed", "completed"};
+	uint64_t cursor;
+	struct ct t;
+	char *s;
+
+	ct_setup2(&t, CT_SIZE, false);
+	cursor = events_cursor(t.c.events);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start\n"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	ct_assert_events(&t, &cursor, want, 3);
+	assert_null(t.c.disk->top->backing);
+	assert_null(t.c.disk->top->backing_name);
+	s = ct_render(&t, CTL_STATUS);
+	ct_assert_status_shape(s);
+	ct_assert_key(s, "state", "completed");
+	ct_assert_key_u64(s, "offset", CT_SIZE);
+	ct_assert_key(s, "percent", "100.0");
+	ct_assert_key(s, "eta_s", "0");
+	ct_assert_key(s, "backing", "-");
+	ct_assert_key(s, "error", "-");
+	ct_assert_key_u64(s, "bytes_copied_by_job", CT_SIZE);
+	ct_assert_key_u64(s, "bytes_already_present", 0);
+	free(s);
+	s = ct_render(&t, CTL_PROGRESS);
+	assert_string_equal(s, "262144 262144 100.0%\n");
+	free(s);
+	s = ct_render(&t, CTL_STREAM);
+	assert_string_equal(s, "completed\n");
+	free(s);
+	ct_assert_disk(&t, t.base);
+	/* A finished job can be started again: nothing left to copy. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	assert_null(t.c.disk->top->backing);
+	{
+		uint8_t *b = malloc(CT_SIZE);
+		assert_non_null(b);
+		memcpy(b, t.base, CT_SIZE);
+		ct_close(&t);
+		/* The base is gone: the overlay alone holds the disk. */
+		ct_assert_reopen(b, CT_SIZE, NULL);
+		free(b);
+	}
+}
+
+static void test_control_stream_start_with_base(void **state)
+{
+	struct ct t;
+	uint8_t *model, buf[3000];
+	char *s;
+
+	memset(&t, 0, sizeof(t));
+	fetch_mem_reset();
+	t.size = CT_SIZE;
+	t.base = ct_random(CT_SIZE, 12);
+	model = malloc(CT_SIZE);
+	assert_non_null(model);
+	memcpy(model, t.base, CT_SIZE);
+	assert_int_equal(fetch_mem_put("base", t.base, CT_SIZE), 0);
+	ct_create(CT_MID, "qcow2", CT_SIZE, CT_BASE, "raw");
+	{
+		struct image *mid;
+		struct disk *m;
+		assert_int_equal(image_open_chain(CT_MID, NULL, IMAGE_RDWR, NULL, &mid), 0);
+		assert_int_equal(disk_new(mid, false, false, &m), 0);
+		memset(buf, 0x33, sizeof(buf));
+		assert_int_equal(disk_write(m, buf, sizeof(buf), 5 * CT_CS - 1000), 0);
+		memcpy(model + 5 * CT_CS - 1000, buf, sizeof(buf));
+		assert_int_equal(disk_close(m), 0);
+	}
+	ct_create(CT_OVL, "qcow2", CT_SIZE, CT_MID, "qcow2");
+	ct_open(&t, false);
+	/* Not a layer of the chain (the top is not one either). */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start base=mem:nope"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start base=" CT_OVL), -EINVAL);
+	assert_int_equal(ct_state(&t), STREAM_IDLE);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start base=" CT_BASE " on-error=stop\n"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	assert_non_null(t.c.disk->top->backing);
+	assert_string_equal(t.c.disk->top->backing->filename, CT_BASE);
+	assert_string_equal(t.c.disk->top->backing_name, CT_BASE);
+	assert_null(t.c.disk->top->backing->backing);
+	s = ct_render(&t, CTL_STATUS);
+	ct_assert_key(s, "base", CT_BASE);
+	ct_assert_key(s, "on_error", "stop");
+	ct_assert_key(s, "backing", CT_BASE);
+	ct_assert_key(s, "chain", CT_OVL " (qcow2) <- " CT_BASE " (raw)");
+	/* Only mid's two clusters were copied. */
+	ct_assert_key_u64(s, "bytes_copied_by_job", 2 * CT_CS);
+	free(s);
+	ct_assert_disk(&t, model);
+	ct_close(&t);
+	ct_assert_reopen(model, CT_SIZE, CT_BASE);
+	free(model);
+}
+
+static void test_control_stream_busy_and_bad_commands(void **state)
+{
+	struct ct t;
+	struct stream_status st;
+	uint64_t cursor;
+	char *before, *s;
+
+	ct_setup2(&t, CT_BIG, false);
+	/* Idle: the verbs that need a job are EBUSY, abort too. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "pause"), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "resume"), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "cancel"), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_ABORT, "1"), -EBUSY);
+	/* Bad commands change nothing and post nothing. */
+	cursor = events_cursor(t.c.events);
+	before = ct_render(&t, CTL_STATUS);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=fast"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "begin"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=1M speed=1M"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_SPEED, "10Q"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_SPEED, "-1"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_ABORT, "yes"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_PULL, "0 0"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_PULL, "1M 1"), -EINVAL); /* past the end */
+	assert_int_equal(ct_cmd(&t, CTL_STATUS, "start"), -EACCES);
+	assert_int_equal(control_command(&t.c, CTL_STREAM, "start\0", 6), -EINVAL);
+	s = ct_render(&t, CTL_STATUS);
+	assert_string_equal(s, before);
+	free(s);
+	free(before);
+	assert_int_equal(events_cursor(t.c.events), cursor);
+	assert_int_equal(ct_state(&t), STREAM_IDLE);
+	assert_int_equal(atomic_load(&t.c.disk->stats.stream_copied), 0);
+
+	/* Running (slowly): a second start is EBUSY, so is resume. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=" CT_SLOW), 0);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start"), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=0 base=" CT_BASE), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "resume"), -EBUSY);
+	/* A bad command while running changes nothing either. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "pause please"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_SPEED, "fast"), -EINVAL);
+	stream_get_status(t.c.job, &st);
+	assert_int_equal(st.state, STREAM_RUNNING);
+	assert_int_equal(st.speed, 65536);
+	/* Finish quickly. */
+	assert_int_equal(ct_cmd(&t, CTL_SPEED, "0"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	assert_null(t.c.disk->top->backing);
+	ct_assert_disk(&t, t.base);
+	ct_close(&t);
+}
+
+static void test_control_stream_pause_resume(void **state)
+{
+	static const char *const want[] = {"started", "paused", "resumed", "backing-changed",
+					   "completed"};
+	struct ct t;
+	struct stream_status a, b;
+	uint64_t cursor, copied_a;
+	char *s;
+
+	ct_setup2(&t, CT_BIG, false);
+	cursor = events_cursor(t.c.events);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=" CT_SLOW "\n"), 0);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "pause\n"), 0);
+	/* Paused: progress is frozen (qemu-iotests 030 test_stream_pause). */
+	stream_get_status(t.c.job, &a);
+	copied_a = atomic_load(&t.c.disk->stats.stream_copied);
+	assert_int_equal(a.state, STREAM_PAUSED);
+	assert_true(a.offset < CT_BIG);
+	ct_sleep_ms(300);
+	stream_get_status(t.c.job, &b);
+	assert_int_equal(b.state, STREAM_PAUSED);
+	assert_int_equal(b.offset, a.offset);
+	assert_int_equal(atomic_load(&t.c.disk->stats.stream_copied), copied_a);
+	s = ct_render(&t, CTL_STREAM);
+	assert_string_equal(s, "paused\n");
+	free(s);
+	s = ct_render(&t, CTL_STATUS);
+	ct_assert_key(s, "state", "paused");
+	ct_assert_key(s, "eta_s", "-");
+	ct_assert_key_u64(s, "rate_bytes_per_s", 0);
+	free(s);
+	/* Paused: pause again is EBUSY, a new start too. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "pause"), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start"), -EBUSY);
+	/* The guest keeps working while paused. */
+	{
+		uint8_t buf[64];
+		memset(buf, 0x44, sizeof(buf));
+		assert_int_equal(disk_write(t.c.disk, buf, sizeof(buf), CT_BIG - 64), 0);
+		memcpy(t.base + CT_BIG - 64, buf, sizeof(buf));
+	}
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "resume\n"), 0);
+	assert_int_equal(ct_state(&t), STREAM_RUNNING);
+	assert_int_equal(ct_cmd(&t, CTL_SPEED, "0\n"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	ct_assert_events(&t, &cursor, want, 5);
+	assert_null(t.c.disk->top->backing);
+	/* Every byte is either copied by the job or was already there. */
+	assert_int_equal(atomic_load(&t.c.disk->stats.stream_copied) +
+			     atomic_load(&t.c.disk->stats.stream_present),
+			 CT_BIG);
+	ct_assert_disk(&t, t.base);
+	{
+		uint8_t *m = malloc(CT_BIG);
+		assert_non_null(m);
+		memcpy(m, t.base, CT_BIG);
+		ct_close(&t);
+		ct_assert_reopen(m, CT_BIG, NULL);
+		free(m);
+	}
+}
+
+static void test_control_stream_cancel_keeps_backing_and_restart_resumes(void **state)
+{
+	static const char *const want[] = {"started", "cancelled"};
+	struct ct t;
+	struct stream_status st;
+	uint64_t cursor, copied;
+	char *s;
+
+	ct_setup2(&t, CT_BIG, false);
+	cursor = events_cursor(t.c.events);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=" CT_SLOW), 0);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "cancel"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_CANCELLED);
+	ct_assert_events(&t, &cursor, want, 2);
+	/* Cancel keeps what was copied and the backing reference. */
+	assert_non_null(t.c.disk->top->backing);
+	assert_string_equal(t.c.disk->top->backing_name, CT_BASE);
+	copied = atomic_load(&t.c.disk->stats.stream_copied);
+	assert_true(copied < CT_BIG);
+	s = ct_render(&t, CTL_STATUS);
+	ct_assert_key(s, "state", "cancelled");
+	ct_assert_key(s, "backing", CT_BASE);
+	free(s);
+	ct_assert_disk(&t, t.base);
+	/* No job any more: cancel, pause, resume, abort are EBUSY. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "cancel"), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "resume"), -EBUSY);
+	assert_int_equal(ct_cmd(&t, CTL_ABORT, "1"), -EBUSY);
+
+	/* Paused then cancelled through control/abort. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start"), 0);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "pause"), 0);
+	assert_int_equal(ct_cmd(&t, CTL_ABORT, "1\n"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_CANCELLED);
+	assert_non_null(t.c.disk->top->backing);
+
+	/* A restart resumes: what is in the overlay is not copied again. */
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=0"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	stream_get_status(t.c.job, &st);
+	assert_int_equal(st.state, STREAM_COMPLETED);
+	assert_int_equal(atomic_load(&t.c.disk->stats.stream_copied), CT_BIG);
+	assert_null(t.c.disk->top->backing);
+	ct_assert_disk(&t, t.base);
+	ct_close(&t);
+}
+
+static void test_control_pull_copies_range(void **state)
+{
+	struct ct t;
+	uint8_t host[2 * CT_CS];
+	struct extent ext;
+	struct image *top;
+
+	ct_setup2(&t, CT_SIZE, false);
+	top = t.c.disk->top;
+	assert_int_equal(ct_cmd(&t, CTL_PULL, "0x1000 0x2000\n"), 0);
+	assert_int_equal(atomic_load(&t.c.disk->stats.stream_copied), 2 * CT_CS);
+	assert_int_equal(top->drv->map(top, 0, CT_SIZE, &ext), 0);
+	assert_int_equal(ext.type, EXT_UNALLOC);
+	assert_int_equal(ext.len, CT_CS);
+	assert_int_equal(top->drv->map(top, CT_CS, CT_SIZE - CT_CS, &ext), 0);
+	assert_int_equal(ext.type, EXT_DATA);
+	assert_int_equal(ext.len, 2 * CT_CS);
+	assert_int_equal(fetch_pread(top->file, host, sizeof(host), ext.host_off), 0);
+	assert_memory_equal(host, t.base + CT_CS, sizeof(host));
+	/* An unaligned range pulls the clusters it touches. */
+	assert_int_equal(ct_cmd(&t, CTL_PULL, "20000 100"), 0);
+	assert_int_equal(top->drv->map(top, 4 * CT_CS, CT_CS, &ext), 0);
+	assert_int_equal(ext.type, EXT_DATA);
+	assert_int_equal(atomic_load(&t.c.disk->stats.stream_copied), 3 * CT_CS);
+	/* The very end. */
+	assert_int_equal(ct_cmd(&t, CTL_PULL, "262143 1"), 0);
+	assert_int_equal(ct_cmd(&t, CTL_PULL, "262143 2"), -EINVAL);
+	assert_int_equal(ct_cmd(&t, CTL_PULL, "0xffffffffffffffff 2"), -EINVAL);
+	assert_int_equal(top->drv->map(top, CT_SIZE - CT_CS, CT_CS, &ext), 0);
+	assert_int_equal(ext.type, EXT_DATA);
+	/* Pull does not start the job or change the backing. */
+	assert_int_equal(ct_state(&t), STREAM_IDLE);
+	assert_non_null(top->backing);
+	ct_assert_disk(&t, t.base);
+	ct_close(&t);
+}
+
+static void test_control_lookup(void **state)
+{
+	static const char *names[] = {"status", "progress", "speed", "stream",
+				      "abort",	"pull",	    "events", "map"};
+
+	for (int i = 0; i < CTL_COUNT; i++) {
+		assert_int_equal(control_lookup(names[i]), i);
+		assert_string_equal(control_files[i].name, names[i]);
+	}
+	assert_int_equal(control_lookup("disk"), -ENOENT);
+	assert_int_equal(control_lookup(""), -ENOENT);
+	assert_int_equal(control_lookup("Status"), -ENOENT);
+	/* Writable files are exactly the command files. */
+	assert_int_equal(control_files[CTL_STATUS].mode & 0222, 0);
+	assert_int_equal(control_files[CTL_MAP].mode & 0222, 0);
+	assert_int_not_equal(control_files[CTL_STREAM].mode & 0200, 0);
+	assert_int_not_equal(control_files[CTL_SPEED].mode & 0200, 0);
+	assert_int_not_equal(control_files[CTL_PULL].mode & 0200, 0);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_control_parse_stream_verbs),
+	    cmocka_unit_test(test_control_parse_stream_start_options),
+	    cmocka_unit_test(test_control_parse_stream_rejects),
+	    cmocka_unit_test(test_control_parse_speed),
+	    cmocka_unit_test(test_control_parse_pull),
+	    cmocka_unit_test(test_control_parse_pull_rejects_double_hex_prefix),
+	    cmocka_unit_test(test_control_lookup),
+	    cmocka_unit_test(test_control_render_status_idle_and_counters),
+	    cmocka_unit_test(test_control_render_map_covers_disk),
+	    cmocka_unit_test(test_control_render_map_raw_backing_and_cor),
+	    cmocka_unit_test(test_control_stream_start_completes),
+	    cmocka_unit_test(test_control_stream_start_with_base),
+	    cmocka_unit_test(test_control_stream_busy_and_bad_commands),
+	    cmocka_unit_test(test_control_stream_pause_resume),
+	    cmocka_unit_test(test_control_stream_cancel_keeps_backing_and_restart_resumes),
+	    cmocka_unit_test(test_control_pull_copies_range),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
