@@ -515,6 +515,9 @@ int disk_rebase(struct disk *d, struct image *base)
 	 * close them so the daemon never touches them again. */
 	for (cur = top->backing; cur && cur != base; cur = next) {
 		next = cur->backing;
+		if (sfs_is_url(cur->filename))
+			atomic_fetch_add(&d->stats.net_bytes_closed,
+					 atomic_load(&cur->file->stats.bytes_read));
 		cur->backing = NULL;
 		image_close_chain(cur);
 	}

@@ -86,7 +86,7 @@ static void control_render_chain(struct control_buf *b, struct disk *d)
 
 static uint64_t control_network_bytes(struct disk *d)
 {
-	uint64_t n = 0;
+	uint64_t n = atomic_load(&d->stats.net_bytes_closed);
 
 	for (struct image *img = d->top->backing; img; img = img->backing)
 		if (sfs_is_url(img->filename))

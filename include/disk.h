@@ -30,6 +30,7 @@ struct disk_stats {
 	_Atomic uint64_t stream_zero;	 /* bytes the job skipped as holes/zero */
 	_Atomic uint64_t guest_ops;	 /* guest requests seen (for yielding) */
 	_Atomic uint64_t guest_inflight; /* guest requests in progress */
+	_Atomic uint64_t net_bytes_closed; /* HTTP bytes fetched by layers since closed */
 };
 
 struct disk {
