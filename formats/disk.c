@@ -377,36 +377,51 @@ static int disk_populate_run(struct disk *d, uint64_t pos, uint64_t n, uint8_t *
 	return r;
 }
 
-/* Make [pos, pos+n) read as zeros in the top, unless the guest got there
- * first. Used when the chain above base has zeros over base data. */
+/* Make [pos, pos+n) read as zeros in the top, except clusters the guest has
+ * written meanwhile. Used when the chain above base has zeros over base data.
+ * The whole run is re-mapped under the lock: a guest write may have landed
+ * anywhere inside it since image_block_status() looked. */
 static int disk_populate_zero(struct disk *d, uint64_t pos, uint64_t n, uint8_t *buf,
 			      size_t bufsize)
 {
 	struct image *top = d->top;
 	uint32_t cs = top->cluster_size;
-	uint64_t alen = SFS_ALIGN_UP(n, cs), done = 0;
-	struct extent ext;
-	int slot, r;
+	uint64_t alen = SFS_ALIGN_UP(n, cs), end = SFS_MIN(pos + alen, top->size);
+	int slot, r = 0;
 
 	slot = rangelock_lock(d->locks, pos, alen);
 	if (slot < 0)
 		return slot;
-	r = top->drv->map(top, pos, n, &ext);
-	if (r == 0 && ext.type == EXT_UNALLOC) {
-		alen = SFS_ALIGN_UP(ext.len, cs);
-		r = top->drv->zero_clusters ? top->drv->zero_clusters(top, pos, alen) : -ENOTSUP;
+	while (r == 0 && pos < end) {
+		struct extent ext;
+		uint64_t zlen, done = 0;
+
+		r = top->drv->map(top, pos, end - pos, &ext);
+		if (r < 0)
+			break;
+		if (ext.len == 0 || ext.len > end - pos) {
+			r = -EIO;
+			break;
+		}
+		if (ext.type != EXT_UNALLOC) {
+			pos += ext.len;
+			continue;
+		}
+		zlen = SFS_ALIGN_UP(ext.len, cs);
+		r = top->drv->zero_clusters ? top->drv->zero_clusters(top, pos, zlen) : -ENOTSUP;
 		if (r == -ENOTSUP) {
 			/* qcow2 v2 has no zero clusters: write zeros as data. */
 			r = 0;
-			memset(buf, 0, SFS_MIN(bufsize, alen));
-			while (r == 0 && done < alen) {
-				uint64_t c = SFS_MIN((uint64_t)bufsize, alen - done);
+			memset(buf, 0, SFS_MIN(bufsize, zlen));
+			while (r == 0 && done < zlen) {
+				uint64_t c = SFS_MIN((uint64_t)bufsize, zlen - done);
 				r = top->drv->alloc_write(top, pos + done, buf, c);
 				done += c;
 			}
 		}
 		if (r == 0)
 			atomic_store(&d->dirty, true);
+		pos += ext.len;
 	}
 	rangelock_unlock(d->locks, slot);
 	return r;
@@ -417,11 +432,14 @@ int disk_populate(struct disk *d, struct image *base, uint64_t off, uint64_t len
 {
 	struct image *top = d->top;
 	uint8_t *buf = vbuf;
-	uint64_t end = SFS_MIN(off + len, top->size);
+	uint64_t end;
 	uint32_t cs = top->cluster_size;
 	int r = 0;
 
 	*copied = 0;
+	if (!sfs_add_ok(off, len, &end))
+		return -EINVAL;
+	end = SFS_MIN(end, top->size);
 	if (off % cs || bufsize < cs || bufsize % cs)
 		return -EINVAL;
 	if (d->read_only)

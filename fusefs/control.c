@@ -313,7 +313,11 @@ static int control_parse_num(const char *s, uint64_t *out)
 	char *end;
 
 	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-		if (!isxdigit((unsigned char)s[2]))
+		/* strtoull would accept a second "0x" and signs: digits only. */
+		for (const char *q = s + 2; *q; q++)
+			if (!isxdigit((unsigned char)*q))
+				return -EINVAL;
+		if (!s[2])
 			return -EINVAL;
 		errno = 0;
 		*out = strtoull(s + 2, &end, 16);

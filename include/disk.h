@@ -22,14 +22,14 @@ struct rangelock;
 
 /* Counters shown in control/status; all in bytes. */
 struct disk_stats {
-	_Atomic uint64_t guest_read;	 /* bytes read by the guest */
-	_Atomic uint64_t guest_written;	 /* bytes written by the guest */
-	_Atomic uint64_t cor_bytes;	 /* bytes copied into the overlay by guest reads */
-	_Atomic uint64_t stream_copied;	 /* bytes copied by the stream job / pull */
-	_Atomic uint64_t stream_present; /* bytes the job found already in the overlay */
-	_Atomic uint64_t stream_zero;	 /* bytes the job skipped as holes/zero */
-	_Atomic uint64_t guest_ops;	 /* guest requests seen (for yielding) */
-	_Atomic uint64_t guest_inflight; /* guest requests in progress */
+	_Atomic uint64_t guest_read;	   /* bytes read by the guest */
+	_Atomic uint64_t guest_written;	   /* bytes written by the guest */
+	_Atomic uint64_t cor_bytes;	   /* bytes copied into the overlay by guest reads */
+	_Atomic uint64_t stream_copied;	   /* bytes copied by the stream job / pull */
+	_Atomic uint64_t stream_present;   /* bytes the job found already in the overlay */
+	_Atomic uint64_t stream_zero;	   /* bytes the job skipped as holes/zero */
+	_Atomic uint64_t guest_ops;	   /* guest requests seen (for yielding) */
+	_Atomic uint64_t guest_inflight;   /* guest requests in progress */
 	_Atomic uint64_t net_bytes_closed; /* HTTP bytes fetched by layers since closed */
 };
 

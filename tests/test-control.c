@@ -289,12 +289,9 @@ static void test_control_parse_pull(void **state)
 	}
 }
 
-/* BUG (fusefs/control.c, control_parse_num): the hex branch calls
- * strtoull(s + 2, ..., 16), and strtoull with base 16 accepts its own
- * optional "0x" prefix, so "0x0x1000" parses as 0x1000 instead of being
- * rejected as junk (control.h: parsed all or nothing; the man page: "0x
- * hex"). Expected to fail until the prefix is stripped only once (e.g.
- * require s[2..] to be all hex digits before calling strtoull). */
+/* Regression (found by this test): the hex branch called strtoull(s + 2,
+ * ..., 16), which accepts its own optional "0x", so "0x0x1000" parsed as
+ * 0x1000 instead of being rejected (control.h: parsed all or nothing). */
 static void test_control_parse_pull_rejects_double_hex_prefix(void **state)
 {
 	uint64_t off = 0, len = 0;
@@ -1122,6 +1119,27 @@ static void test_control_stream_error_policies(void **state)
 	ct_close(&t);
 }
 
+/* Unmount while a job runs: stream_free stops it promptly, and what it
+ * copied is consistent (the overlay still reads the backing's bytes). */
+static void test_control_stream_free_while_running(void **state)
+{
+	struct ct t;
+	uint64_t t0;
+	uint8_t *m;
+
+	ct_setup2(&t, CT_BIG, false);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start speed=" CT_SLOW), 0);
+	assert_int_equal(ct_state(&t), STREAM_RUNNING);
+	m = malloc(CT_BIG);
+	assert_non_null(m);
+	memcpy(m, t.base, CT_BIG);
+	t0 = sfs_now_ns();
+	ct_close(&t);
+	assert_true(sfs_now_ns() - t0 < 3000000000ull);
+	ct_assert_reopen(m, CT_BIG, CT_BASE);
+	free(m);
+}
+
 static void test_control_pull_copies_range(void **state)
 {
 	struct ct t;
@@ -1199,6 +1217,7 @@ int main(void)
 	    cmocka_unit_test_teardown(test_control_stream_cancel_keeps_backing_and_restart_resumes,
 				      ct_teardown),
 	    cmocka_unit_test_teardown(test_control_stream_error_policies, ct_teardown),
+	    cmocka_unit_test_teardown(test_control_stream_free_while_running, ct_teardown),
 	    cmocka_unit_test_teardown(test_control_pull_copies_range, ct_teardown),
 	};
 

@@ -278,8 +278,12 @@ static int td_setup(void **state)
 	return 0;
 }
 
+static void td_zr_release(void);
+
 static int td_teardown(void **state)
 {
+	td_zr_release();
+	td_arm(UINT64_MAX, NULL);
 	fetch_mem_reset();
 	return 0;
 }
@@ -636,6 +640,36 @@ static void test_disk_populate_rejects_bad_args(void **state)
 	free(base);
 }
 
+/* Regression (found by this test): disk_populate computed
+ * end = SFS_MIN(off + len, size), which wraps when off + len overflows, so
+ * len = UINT64_MAX copied nothing and reported success. Either the range is
+ * clamped (copy to the end) or refused with -EINVAL; silently doing nothing
+ * is wrong. */
+static void test_disk_populate_len_overflow(void **state)
+{
+	uint8_t *base, *buf = td_xmalloc(4 * TD_CS);
+	uint64_t copied = 0;
+	struct disk *d = td_setup_2(td_fmt(state), false, &base);
+	int r;
+
+	r = disk_populate(d, NULL, TD_CS, UINT64_MAX, buf, 4 * TD_CS, &copied);
+	free(buf);
+	free(base);
+	if (r == 0) {
+		uint64_t c = copied;
+		char map[16];
+		for (uint64_t i = 0; i < TD_NCLUST; i++)
+			map[i] = td_type(d->top, i * TD_CS) == EXT_DATA ? 'D' : 'U';
+		map[TD_NCLUST] = '\0';
+		assert_int_equal(disk_close(d), 0);
+		assert_int_equal(c, TD_SIZE - TD_CS);
+		assert_string_equal(map, "UDDDDDDDDDD");
+	} else {
+		assert_int_equal(disk_close(d), 0);
+		assert_int_equal(r, -EINVAL);
+	}
+}
+
 /* mid: a qcow2 image without backing holding data only in clusters 2 and 5
  * and a zero cluster at 7; the rest are holes. Returns the guest view. */
 static uint8_t *td_make_holey_mid(void)
@@ -976,7 +1010,7 @@ static void test_disk_concurrent_read_write_populate(void **state)
 
 static void test_disk_locks_cluster_aligned_ranges(void **state)
 {
-	uint8_t *base, buf[TD_CS] = {0};
+	uint8_t *base, buf[2 * TD_CS] = {0};
 	struct disk *d = td_setup_2(td_fmt(state), true, &base);
 
 	td_arm(UINT64_MAX, NULL);
@@ -1120,38 +1154,50 @@ static uint8_t *td_make_zero_mid(const char *fmt, uint8_t **basep)
  * must still become a zero cluster; otherwise, after the rebase onto base,
  * the guest reads base's stale bytes where it must read zeros.
  *
- * BUG (formats/disk.c, disk_populate_zero): it maps only the first extent
- * of [pos, pos+n) under the lock. If that extent is allocated it does
- * nothing for the whole run; if it is unallocated but shorter than n it
- * zeroes only that extent. disk_populate() then advances by the full pnum,
- * so the rest of the run stays unallocated and shows base's data after
- * disk_rebase(). Expected to fail until disk_populate_zero loops over the
- * run like disk_commit_locked does. */
+ * Regression (found by this test): disk_populate_zero mapped only the first
+ * extent of [pos, pos+n) under the lock, so a guest write landing inside the
+ * run left the rest of it unallocated, showing base's data after
+ * disk_rebase(). It now re-maps the whole run under the lock. */
+/* What td_populate_zero_race holds, released by td_teardown when an
+ * assertion fails midway (so ASan reports the bug, not a leak). */
+static struct {
+	struct disk *d;
+	uint8_t *base, *model, *buf;
+} td_zr;
+
+static void td_zr_release(void)
+{
+	if (td_zr.d)
+		disk_close(td_zr.d);
+	free(td_zr.base);
+	free(td_zr.model);
+	free(td_zr.buf);
+	memset(&td_zr, 0, sizeof(td_zr));
+}
+
 static void td_populate_zero_race(void **state, uint64_t woff, const char *want_map)
 {
-	uint8_t *base, *model, *buf = td_xmalloc(8 * TD_CS);
 	uint64_t copied = 0;
 	struct image *lb;
-	struct disk *d;
 
-	model = td_make_zero_mid(td_fmt(state), &base);
-	d = td_open(TD_OVL, false, false);
-	lb = disk_find_layer(d, TD_BASE_URI);
+	td_zr.buf = td_xmalloc(8 * TD_CS);
+	td_zr.model = td_make_zero_mid(td_fmt(state), &td_zr.base);
+	td_zr.d = td_open(TD_OVL, false, false);
+	lb = disk_find_layer(td_zr.d, TD_BASE_URI);
 	assert_non_null(lb);
-	td_race_setup(d, model, 2 * TD_CS, woff, 10);
-	assert_int_equal(disk_populate(d, lb, 0, TD_SIZE, buf, 8 * TD_CS, &copied), 0);
+	td_race_setup(td_zr.d, td_zr.model, 2 * TD_CS, woff, 10);
+	assert_int_equal(disk_populate(td_zr.d, lb, 0, TD_SIZE, td_zr.buf, 8 * TD_CS, &copied), 0);
 	assert_int_equal(td_race_r, 0);
 	assert_int_equal(copied, 0);
-	td_assert_disk(d, model);
-	td_assert_map(d->top, want_map); /* fails here: the run's other clusters are 'U' */
-	assert_int_equal(disk_rebase(d, lb), 0);
+	td_assert_disk(td_zr.d, td_zr.model);
+	td_assert_map(td_zr.d->top, want_map); /* fails here: the run's other clusters are 'U' */
+	assert_int_equal(disk_rebase(td_zr.d, lb), 0);
 	/* The guest's view must not change across the rebase. */
-	td_assert_disk(d, model);
-	assert_int_equal(disk_close(d), 0);
-	td_assert_reopen(TD_OVL, model, TD_SIZE, TD_BASE_URI);
-	free(buf);
-	free(model);
-	free(base);
+	td_assert_disk(td_zr.d, td_zr.model);
+	assert_int_equal(disk_close(td_zr.d), 0);
+	td_zr.d = NULL;
+	td_assert_reopen(TD_OVL, td_zr.model, TD_SIZE, TD_BASE_URI);
+	td_zr_release();
 }
 
 static void test_disk_populate_zero_race_first_cluster(void **state)
@@ -1406,6 +1452,7 @@ int main(void)
 	    TD_BOTH(test_disk_populate_copies_everything),
 	    TD_BOTH(test_disk_populate_partial_ranges_and_guest_data),
 	    TD_BOTH(test_disk_populate_rejects_bad_args),
+	    TD_BOTH(test_disk_populate_len_overflow),
 	    TD_BOTH(test_disk_populate_skips_holes),
 	    TD_BOTH(test_disk_populate_respects_base_then_rebase),
 	    TD_BOTH(test_disk_populate_whole_chain_then_rebase_null),
