@@ -105,11 +105,9 @@ format-check:
 install: streamfs
 	install -D -m 755 streamfs $(DESTDIR)$(PREFIX)/bin/streamfs
 	install -D -m 644 man/streamfs.1 $(DESTDIR)$(PREFIX)/share/man/man1/streamfs.1
-	ln -sf streamfs $(DESTDIR)$(PREFIX)/bin/mount.fuse.streamfs 2>/dev/null || true
 
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/streamfs $(DESTDIR)$(PREFIX)/bin/mount.fuse.streamfs \
-		$(DESTDIR)$(PREFIX)/share/man/man1/streamfs.1
+	rm -f $(DESTDIR)$(PREFIX)/bin/streamfs $(DESTDIR)$(PREFIX)/share/man/man1/streamfs.1
 
 clean:
 	rm -rf build build-asan build-fuzz streamfs streamfs-asan

@@ -64,4 +64,11 @@ if command -v mount.fuse3 >/dev/null && [ "$(id -u)" = 0 ] && [ ! -e /usr/sbin/s
 	for i in $(seq 1 100); do pgrep -f "streamfs $T/ovl3" >/dev/null || break; sleep 0.05; done
 	qcheck "$T/ovl3"
 fi
+# make install / uninstall with DESTDIR and PREFIX.
+make -s -C "$(dirname "$0")/.." install DESTDIR="$T/inst" PREFIX=/usr >/dev/null || fail "make install"
+[ -x "$T/inst/usr/bin/streamfs" ] || fail "binary not installed"
+[ -f "$T/inst/usr/share/man/man1/streamfs.1" ] || fail "man page not installed"
+"$T/inst/usr/bin/streamfs" --version | grep -q streamfs || fail "installed binary broken"
+make -s -C "$(dirname "$0")/.." uninstall DESTDIR="$T/inst" PREFIX=/usr >/dev/null || fail "make uninstall"
+[ -e "$T/inst/usr/bin/streamfs" ] && fail "uninstall left the binary"
 echo ok
