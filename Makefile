@@ -62,8 +62,15 @@ check-asan:
 		STREAMFS_BIN=streamfs-asan check-unit
 	$(MAKE) BUILD=build-asan OPT="-O1 -g -fno-omit-frame-pointer" \
 		SANITIZE="-fsanitize=address,undefined -fno-sanitize-recover=undefined" streamfs-asan
+	@# The daemon detaches from stderr: sanitizer reports go to files, and
+	@# any report fails the run.
+	rm -rf $(CURDIR)/build-asan/reports; mkdir -p $(CURDIR)/build-asan/reports
 	STREAMFS=$(CURDIR)/streamfs-asan HELPERS=$(CURDIR)/build-asan/tests/helpers \
-		ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 tests/run-shell-tests.sh
+		ASAN_OPTIONS=detect_leaks=1:log_path=$(CURDIR)/build-asan/reports/asan \
+		UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/build-asan/reports/ubsan \
+		tests/run-shell-tests.sh
+	@if ls $(CURDIR)/build-asan/reports/* >/dev/null 2>&1; then \
+		echo "sanitizer reports from the daemon:"; head -50 $(CURDIR)/build-asan/reports/*; exit 1; fi
 
 streamfs-asan: $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(HELPER_BINS)
 	$(CC) -o $@ $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)

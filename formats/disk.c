@@ -574,3 +574,16 @@ struct image *disk_find_layer(struct disk *d, const char *name)
 	}
 	return NULL;
 }
+
+uint64_t disk_network_bytes(struct disk *d)
+{
+	uint64_t n;
+
+	pthread_rwlock_rdlock(&d->chain_lock);
+	n = atomic_load(&d->stats.net_bytes_closed);
+	for (struct image *img = d->top->backing; img; img = img->backing)
+		if (sfs_is_url(img->filename))
+			n += atomic_load(&img->file->stats.bytes_read);
+	pthread_rwlock_unlock(&d->chain_lock);
+	return n;
+}

@@ -84,16 +84,6 @@ static void control_render_chain(struct control_buf *b, struct disk *d)
 	cb_printf(b, "\n");
 }
 
-static uint64_t control_network_bytes(struct disk *d)
-{
-	uint64_t n = atomic_load(&d->stats.net_bytes_closed);
-
-	for (struct image *img = d->top->backing; img; img = img->backing)
-		if (sfs_is_url(img->filename))
-			n += atomic_load(&img->file->stats.bytes_read);
-	return n;
-}
-
 static void control_render_status(struct control_buf *b, struct control_ctx *c)
 {
 	struct stream_status st;
@@ -138,8 +128,9 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_printf(b, "guest_bytes_read: %llu\n", (unsigned long long)atomic_load(&ds->guest_read));
 	cb_printf(b, "guest_bytes_written: %llu\n",
 		  (unsigned long long)atomic_load(&ds->guest_written));
-	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)control_network_bytes(c->disk));
 	pthread_rwlock_unlock(&c->disk->chain_lock);
+	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)disk_network_bytes(c->disk));
+	cb_printf(b, "network_rate_bytes_per_s: %llu\n", (unsigned long long)st.net_rate);
 }
 
 static void control_render_map(struct control_buf *b, struct disk *d)

@@ -49,6 +49,7 @@ struct stream_job {
 	uint64_t copied;		  /* bytes copied by this job */
 	uint64_t bucket_t0, bucket_bytes; /* token bucket origin */
 	uint64_t rate_t[STREAM_RATE_WINDOW], rate_b[STREAM_RATE_WINDOW];
+	uint64_t rate_net[STREAM_RATE_WINDOW]; /* disk_network_bytes() samples */
 	unsigned rate_n;
 };
 
@@ -80,10 +81,12 @@ static void stream_rate_sample(struct stream_job *j, uint64_t now, bool force)
 		return;
 	j->rate_t[j->rate_n % STREAM_RATE_WINDOW] = now;
 	j->rate_b[j->rate_n % STREAM_RATE_WINDOW] = j->copied;
+	j->rate_net[j->rate_n % STREAM_RATE_WINDOW] = disk_network_bytes(j->d);
 	j->rate_n++;
 }
 
-static uint64_t stream_rate(struct stream_job *j, uint64_t now)
+/* Recent rate of copied bytes (net = false) or network bytes; lock held. */
+static uint64_t stream_rate(struct stream_job *j, uint64_t now, bool net)
 {
 	unsigned n = j->rate_n < STREAM_RATE_WINDOW ? j->rate_n : STREAM_RATE_WINDOW;
 	unsigned oldest = (j->rate_n - n) % STREAM_RATE_WINDOW;
@@ -92,7 +95,7 @@ static uint64_t stream_rate(struct stream_job *j, uint64_t now)
 	if (n == 0 || j->state != STREAM_RUNNING)
 		return 0;
 	dt = now - j->rate_t[oldest];
-	db = j->copied - j->rate_b[oldest];
+	db = net ? disk_network_bytes(j->d) - j->rate_net[oldest] : j->copied - j->rate_b[oldest];
 	return dt ? (uint64_t)((double)db * 1e9 / (double)dt) : 0;
 }
 
@@ -446,7 +449,8 @@ void stream_get_status(struct stream_job *j, struct stream_status *st)
 	st->length = j->length;
 	st->resumed_from = j->resumed_from;
 	st->speed = j->speed;
-	st->rate = stream_rate(j, now);
+	st->rate = stream_rate(j, now, false);
+	st->net_rate = stream_rate(j, now, true);
 	st->elapsed =
 	    (double)(j->run_ns + (j->state == STREAM_RUNNING ? now - j->resume_ns : 0)) / 1e9;
 	st->avg_rate = st->elapsed > 0 ? (uint64_t)((double)j->copied / st->elapsed) : 0;

@@ -47,6 +47,7 @@ struct stream_status {
 	uint64_t speed;		 /* limit in bytes/s, 0 = unlimited */
 	uint64_t rate;		 /* recent achieved copy rate in bytes/s */
 	uint64_t avg_rate;	 /* copy rate since the job started */
+	uint64_t net_rate;	 /* recent HTTP(S) fetch rate in bytes/s, while running */
 	double elapsed;		 /* seconds running */
 	char base[1024];	 /* base image name or "" */
 	char error[512];	 /* last error or "" */

@@ -69,6 +69,9 @@ int disk_populate(struct disk *d, struct image *base, uint64_t off, uint64_t len
  * durably, then close the layers that are no longer referenced. */
 int disk_rebase(struct disk *d, struct image *base);
 
+/* Bytes fetched over HTTP(S) by every backing layer, past and present. */
+uint64_t disk_network_bytes(struct disk *d);
+
 /* Find the layer of the chain whose filename (resolved) or backing name
  * equals name; NULL if none (the top itself is not a valid base). */
 struct image *disk_find_layer(struct disk *d, const char *name);

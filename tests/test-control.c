@@ -480,6 +480,7 @@ static const char *ct_status_keys[] = {
     "guest_bytes_read",
     "guest_bytes_written",
     "network_bytes",
+    "network_rate_bytes_per_s",
 };
 
 /* Every line is "key: value" with a documented key, each key once. */
