@@ -30,8 +30,8 @@ static int fetch_trace_open(void)
 	pthread_mutex_lock(&fetch_trace_lock);
 	if (fetch_trace_fd == -2) {
 		const char *path = getenv("STREAMFS_TRACE");
-		fetch_trace_fd = path ? open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644)
-				      : -1;
+		fetch_trace_fd =
+		    path ? open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644) : -1;
 	}
 	pthread_mutex_unlock(&fetch_trace_lock);
 	return fetch_trace_fd;
@@ -55,8 +55,8 @@ static void fetch_trace_put(char kind, uint64_t a, const void *data, uint32_t le
 		memcpy(hdr + 9, &le, 4);
 		n += 4;
 	}
-	iov[0] = (struct iovec){ .iov_base = hdr, .iov_len = n };
-	iov[1] = (struct iovec){ .iov_base = (void *)data, .iov_len = kind == 'W' ? len : 0 };
+	iov[0] = (struct iovec){.iov_base = hdr, .iov_len = n};
+	iov[1] = (struct iovec){.iov_base = (void *)data, .iov_len = kind == 'W' ? len : 0};
 	if (writev(fetch_trace_fd, iov, 2) < 0)
 		sfs_error("STREAMFS_TRACE: %s", strerror(errno));
 }
