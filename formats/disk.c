@@ -508,7 +508,7 @@ static char *disk_backing_name_for(struct image *top, struct image *base)
 
 int disk_rebase(struct disk *d, struct image *base)
 {
-	struct image *top = d->top, *cur, *next;
+	struct image *top = d->top, *old, *cur, *next;
 	char *name = NULL;
 	int r;
 
@@ -516,22 +516,30 @@ int disk_rebase(struct disk *d, struct image *base)
 		return -EROFS;
 	if (!top->drv->set_backing)
 		return -ENOTSUP;
-	pthread_rwlock_wrlock(&d->chain_lock);
 	if (base) {
 		name = disk_backing_name_for(top, base);
-		if (!name) {
-			r = -ENOMEM;
-			goto out;
-		}
+		if (!name)
+			return -ENOMEM;
 	}
+	/* The header rewrite (a flush, a write, a sync) runs beside guest
+	 * I/O: guests read only what is above base, which is in the top now.
+	 * Only the pointer swap excludes readers, so it never stalls them for
+	 * the length of an fdatasync. Callers serialize rebases (one job). */
 	pthread_mutex_lock(&d->flush_lock);
 	r = top->drv->set_backing(top, name, base ? base->drv->name : NULL);
 	pthread_mutex_unlock(&d->flush_lock);
+	free(name);
 	if (r < 0)
-		goto out;
-	/* The header no longer references the layers between top and base:
-	 * close them so the daemon never touches them again. */
-	for (cur = top->backing; cur && cur != base; cur = next) {
+		return r;
+	pthread_rwlock_wrlock(&d->chain_lock);
+	old = top->backing;
+	top->backing = base;
+	for (cur = top; cur && cur->backing; cur = cur->backing)
+		cur->backing->depth = cur->depth + 1;
+	pthread_rwlock_unlock(&d->chain_lock);
+	/* No reader can reach the old layers any more: the header no longer
+	 * names them, so close them and never touch them again. */
+	for (cur = old; cur && cur != base; cur = next) {
 		next = cur->backing;
 		if (sfs_is_url(cur->filename))
 			atomic_fetch_add(&d->stats.net_bytes_closed,
@@ -539,13 +547,7 @@ int disk_rebase(struct disk *d, struct image *base)
 		cur->backing = NULL;
 		image_close_chain(cur);
 	}
-	top->backing = base;
-	for (cur = top; cur && cur->backing; cur = cur->backing)
-		cur->backing->depth = cur->depth + 1;
-out:
-	pthread_rwlock_unlock(&d->chain_lock);
-	free(name);
-	return r;
+	return 0;
 }
 
 static bool disk_same_file(const char *a, const char *b)

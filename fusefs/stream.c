@@ -17,17 +17,22 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "stream.h"
 #include "util.h"
 
-#define STREAM_CHUNK	   (8u << 20)	 /* bytes per chunk when the guest is idle */
-#define STREAM_CHUNK_BUSY  (1u << 20)	 /* bytes per chunk while the guest is active */
-#define STREAM_FLUSH_BYTES (256u << 20)	 /* flush the overlay after this much copied */
-#define STREAM_FLUSH_NS	   2000000000ull /* ... or this long */
-#define STREAM_RATE_WINDOW 8		 /* rate samples kept, STREAM_RATE_NS apart */
-#define STREAM_RATE_NS	   250000000ull
+#define STREAM_CHUNK	  (8u << 20) /* bytes per chunk when the guest is idle */
+#define STREAM_CHUNK_BUSY (1u << 20) /* bytes per chunk while the guest is active */
+/* While the guest is active, sleep (chunk time / this) after each chunk. */
+#define STREAM_BUSY_SLEEP_DIV 2
+#define STREAM_FLUSH_BYTES    (256u << 20)  /* flush the overlay after this much copied */
+#define STREAM_FLUSH_NS	      2000000000ull /* ... or this long */
+#define STREAM_RATE_WINDOW    8		    /* rate samples kept, STREAM_RATE_NS apart */
+#define STREAM_RATE_NS	      250000000ull
 
 struct stream_job {
 	struct disk *d;
@@ -148,7 +153,7 @@ static int stream_pace(struct stream_job *j, uint64_t *chunk, uint64_t last_chun
 	uint64_t c = guest_active ? STREAM_CHUNK_BUSY : STREAM_CHUNK;
 
 	if (guest_active && last_chunk_ns) {
-		stream_timedwait(j, SFS_MIN(last_chunk_ns, 20000000ull));
+		stream_timedwait(j, SFS_MIN(last_chunk_ns / STREAM_BUSY_SLEEP_DIV, 20000000ull));
 		if (j->quit || j->want_pause || j->want_cancel)
 			return 1;
 	}
@@ -168,12 +173,24 @@ static int stream_pace(struct stream_job *j, uint64_t *chunk, uint64_t last_chun
 	return 0;
 }
 
+/* The job yields the CPU to everything else: guest requests are served by
+ * FUSE worker threads, which then win every scheduling decision against the
+ * copy loop. Best effort (needs no privilege to lower one's own priority). */
+static void stream_lower_priority(void)
+{
+	struct sched_param sp = {0};
+
+	pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
+	setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
+}
+
 static void *stream_thread(void *opaque)
 {
 	struct stream_job *j = opaque;
 	struct disk *d = j->d;
 	uint64_t last_ops = 0, last_chunk_ns = 0, flushed_bytes = 0, flushed_ns = sfs_now_ns();
 
+	stream_lower_priority();
 	pthread_mutex_lock(&j->lock);
 	for (;;) {
 		uint64_t pos, chunk, copied = 0, t0, ops;
