@@ -252,3 +252,11 @@ int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data,
 	}
 	return 0;
 }
+
+void fetch_prefetch(struct fetch_source *s, uint64_t off, uint64_t len)
+{
+	uint64_t size = fetch_size(s);
+
+	if (s->ops->prefetch && off < size)
+		s->ops->prefetch(s, off, SFS_MIN(len, size - off));
+}

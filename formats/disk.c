@@ -589,3 +589,30 @@ uint64_t disk_network_bytes(struct disk *d)
 	pthread_rwlock_unlock(&d->chain_lock);
 	return n;
 }
+
+void disk_prefetch(struct disk *d, struct image *base, uint64_t off, uint64_t len)
+{
+	struct image *top = d->top;
+	uint64_t end;
+
+	if (!sfs_add_ok(off, len, &end))
+		return;
+	end = SFS_MIN(end, top->size);
+	pthread_rwlock_rdlock(&d->chain_lock);
+	while (off < end) {
+		uint64_t pnum;
+		enum extent_type type;
+		struct extent ext;
+		struct image *l;
+		int depth;
+
+		if (image_block_status(top, base, off, end - off, &pnum, &depth, &type) < 0)
+			break;
+		l = depth > 0 ? image_layer(top, depth) : NULL;
+		if (l && type == EXT_DATA && l->drv->map(l, off, pnum, &ext) == 0 &&
+		    ext.type == EXT_DATA && ext.len > 0 && ext.len <= pnum)
+			fetch_prefetch(l->file, ext.host_off, ext.len);
+		off += pnum;
+	}
+	pthread_rwlock_unlock(&d->chain_lock);
+}

@@ -56,6 +56,12 @@ struct stream_job {
 	uint64_t rate_t[STREAM_RATE_WINDOW], rate_b[STREAM_RATE_WINDOW];
 	uint64_t rate_net[STREAM_RATE_WINDOW]; /* disk_network_bytes() samples */
 	unsigned rate_n;
+	/* The flusher thread persists progress in the background so the copy
+	 * loop never waits for writeback; protected by lock, signalled on fcond. */
+	pthread_t flusher;
+	pthread_cond_t fcond;
+	bool flush_req, flush_busy;
+	int flush_err;
 };
 
 const char *stream_state_name(enum stream_state s)
@@ -184,6 +190,31 @@ static void stream_lower_priority(void)
 	setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
 }
 
+static void *stream_flusher(void *opaque)
+{
+	struct stream_job *j = opaque;
+	int r;
+
+	stream_lower_priority();
+	pthread_mutex_lock(&j->lock);
+	for (;;) {
+		while (!j->quit && !j->flush_req)
+			pthread_cond_wait(&j->fcond, &j->lock);
+		if (j->quit)
+			break;
+		j->flush_req = false;
+		j->flush_busy = true;
+		pthread_mutex_unlock(&j->lock);
+		r = disk_flush(j->d);
+		pthread_mutex_lock(&j->lock);
+		j->flush_busy = false;
+		if (r < 0)
+			j->flush_err = r;
+	}
+	pthread_mutex_unlock(&j->lock);
+	return NULL;
+}
+
 static void *stream_thread(void *opaque)
 {
 	struct stream_job *j = opaque;
@@ -251,18 +282,28 @@ static void *stream_thread(void *opaque)
 		pthread_mutex_unlock(&j->lock);
 
 		t0 = sfs_now_ns();
+		if (pos + chunk < j->length)
+			disk_prefetch(d, j->base, pos + chunk, chunk);
 		r = disk_populate(d, j->base, pos, chunk, j->buf, j->bufsize, &copied);
 		last_chunk_ns = sfs_now_ns() - t0;
 		flushed_bytes += copied;
+
+		pthread_mutex_lock(&j->lock);
 		if (r == 0 && (flushed_bytes >= STREAM_FLUSH_BYTES ||
 			       sfs_now_ns() - flushed_ns >= STREAM_FLUSH_NS)) {
-			/* Persist progress: what is copied stays copied after a crash. */
-			r = disk_flush(d);
+			/* Persist progress (what is copied stays copied after a
+			 * crash) in the background, one flush at a time. */
+			if (!j->flush_busy && !j->flush_req) {
+				j->flush_req = true;
+				pthread_cond_signal(&j->fcond);
+			}
 			flushed_bytes = 0;
 			flushed_ns = sfs_now_ns();
 		}
-
-		pthread_mutex_lock(&j->lock);
+		if (r == 0 && j->flush_err) {
+			r = j->flush_err;
+			j->flush_err = 0;
+		}
 		j->copied += copied;
 		j->bucket_bytes += copied;
 		stream_rate_sample(j, sfs_now_ns(), false);
@@ -310,8 +351,20 @@ int stream_new(struct disk *d, struct events *ev, struct stream_job **out)
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&j->cond, &ca);
 	pthread_condattr_destroy(&ca);
+	pthread_cond_init(&j->fcond, NULL);
 	r = -pthread_create(&j->thread, NULL, stream_thread, j);
 	if (r < 0) {
+		free(j->buf);
+		free(j);
+		return r;
+	}
+	r = -pthread_create(&j->flusher, NULL, stream_flusher, j);
+	if (r < 0) {
+		pthread_mutex_lock(&j->lock);
+		j->quit = true;
+		pthread_cond_broadcast(&j->cond);
+		pthread_mutex_unlock(&j->lock);
+		pthread_join(j->thread, NULL);
 		free(j->buf);
 		free(j);
 		return r;
@@ -327,10 +380,13 @@ void stream_free(struct stream_job *j)
 	pthread_mutex_lock(&j->lock);
 	j->quit = true;
 	pthread_cond_broadcast(&j->cond);
+	pthread_cond_broadcast(&j->fcond);
 	pthread_mutex_unlock(&j->lock);
 	pthread_join(j->thread, NULL);
+	pthread_join(j->flusher, NULL);
 	pthread_mutex_destroy(&j->lock);
 	pthread_cond_destroy(&j->cond);
+	pthread_cond_destroy(&j->fcond);
 	free(j->buf);
 	free(j);
 }

@@ -65,6 +65,10 @@ int disk_flush(struct disk *d);
 int disk_populate(struct disk *d, struct image *base, uint64_t off, uint64_t len, void *buf,
 		  size_t bufsize, uint64_t *copied);
 
+/* Hint that disk_populate(d, base, off, len) comes next: start reading the
+ * backing data it will copy. Cheap; never fails. */
+void disk_prefetch(struct disk *d, struct image *base, uint64_t off, uint64_t len);
+
 /* After a complete populate: point the overlay at base (NULL = no backing),
  * durably, then close the layers that are no longer referenced. */
 int disk_rebase(struct disk *d, struct image *base);

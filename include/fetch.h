@@ -50,6 +50,9 @@ struct fetch_ops {
 	 * (<= len). Optional (NULL: all data); local files use SEEK_DATA. */
 	int (*extent)(struct fetch_source *s, uint64_t off, uint64_t len, bool *data,
 		      uint64_t *pnum);
+	/* Hint: [off, off+len) will be read soon; start fetching it without
+	 * waiting. Optional (local files: POSIX_FADV_WILLNEED). */
+	void (*prefetch)(struct fetch_source *s, uint64_t off, uint64_t len);
 };
 
 /* Statistics kept by the generic wrappers; read with atomic loads. */
@@ -100,6 +103,8 @@ int fetch_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t o
 /* Durable barrier: every completed write is on stable storage on return. */
 int fetch_flush(struct fetch_source *s);
 int fetch_truncate(struct fetch_source *s, uint64_t size);
+/* Read-ahead hint (see fetch_ops.prefetch); clamped, never fails. */
+void fetch_prefetch(struct fetch_source *s, uint64_t off, uint64_t len);
 /* Data or hole at off (see fetch_ops.extent); "all data" when unknown. */
 int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum);
 
