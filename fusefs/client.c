@@ -4,6 +4,7 @@
  * They only open files under MNT/control; no FUSE calls here. */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,11 +105,25 @@ static const char *client_field(const char *text, const char *key, char *out, si
 	return out;
 }
 
+static int client_wait_loop(const char *mnt, bool tty, char *last, int evfd);
+
 /* Follow the job until it ends; a bar on a terminal, lines otherwise. */
 static int client_wait(const char *mnt)
 {
 	bool tty = isatty(STDOUT_FILENO);
-	char last[64] = "";
+	char last[64] = "", evpath[4096];
+	int evfd = -1, r;
+
+	if (client_path(evpath, sizeof(evpath), mnt, "events") == 0)
+		evfd = open(evpath, O_RDONLY | O_NONBLOCK);
+	r = client_wait_loop(mnt, tty, last, evfd);
+	if (evfd >= 0)
+		close(evfd);
+	return r;
+}
+
+static int client_wait_loop(const char *mnt, bool tty, char *last, int evfd)
+{
 
 	for (;;) {
 		char state[64], pct[32], rate[32], eta[32], err[512], hr[32];
@@ -135,7 +150,7 @@ static int client_wait(const char *mnt)
 		} else if (strcmp(pct, last) != 0 || strcmp(state, "running") != 0) {
 			printf("%s %s%% %llu B/s eta %s\n", state, pct, (unsigned long long)r, eta);
 			fflush(stdout);
-			snprintf(last, sizeof(last), "%s", pct);
+			snprintf(last, 64, "%s", pct);
 		}
 		if (strcmp(state, "running") != 0 && strcmp(state, "paused") != 0) {
 			if (tty)
@@ -148,7 +163,17 @@ static int client_wait(const char *mnt)
 				fprintf(stderr, "streamfs: job %s\n", state);
 			return CLIENT_EXIT_JOB;
 		}
-		usleep(tty ? 200000 : 1000000);
+		/* Sleep until the next event (completion wakes us at once) or
+		 * the next progress update is due. */
+		if (evfd >= 0) {
+			struct pollfd pfd = {.fd = evfd, .events = POLLIN};
+			char drain[4096];
+			if (poll(&pfd, 1, tty ? 200 : 1000) > 0)
+				while (read(evfd, drain, sizeof(drain)) > 0)
+					;
+		} else {
+			usleep(tty ? 200000 : 1000000);
+		}
 	}
 }
 
