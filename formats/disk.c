@@ -97,6 +97,19 @@ int disk_close(struct disk *d)
 	return r;
 }
 
+/* Map a run of the top, refusing a driver answer outside [off, off+len). */
+static int disk_map(struct image *top, uint64_t off, uint64_t len, struct extent *ext)
+{
+	int r = top->drv->map(top, off, len, ext);
+
+	if (r == 0 && (ext->len == 0 || ext->len > len)) {
+		sfs_error("%s: %s driver returned a bad extent at %llu", top->filename,
+			  top->drv->name, (unsigned long long)off);
+		return -EIO;
+	}
+	return r;
+}
+
 /* Current guest contents of a run of the top that is not EXT_DATA. */
 static int disk_fill(struct disk *d, const struct extent *ext, void *buf, size_t len, uint64_t off)
 {
@@ -144,11 +157,9 @@ static int disk_commit_locked(struct disk *d, uint8_t *bounce, uint64_t a, uint6
 
 		if (pos >= top->size)
 			break;
-		r = top->drv->map(top, pos, mlen, &ext);
+		r = disk_map(top, pos, mlen, &ext);
 		if (r < 0)
 			return r;
-		if (ext.len == 0 || ext.len > mlen)
-			return -EIO;
 		if (ext.type == EXT_UNALLOC) {
 			/* Extend to whole clusters: the run may end mid-cluster
 			 * only at the image end. */
@@ -213,13 +224,9 @@ int disk_read(struct disk *d, void *buf, size_t len, uint64_t off)
 	while (len > 0) {
 		struct extent ext;
 
-		r = top->drv->map(top, off, len, &ext);
+		r = disk_map(top, off, len, &ext);
 		if (r < 0)
 			break;
-		if (ext.len == 0 || ext.len > len) {
-			r = -EIO;
-			break;
-		}
 		if (ext.type == EXT_UNALLOC && d->copy_on_read && top->backing)
 			r = disk_cor(d, b, (size_t)ext.len, off);
 		else
@@ -254,11 +261,9 @@ static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uin
 
 		if (pos >= top->size)
 			break;
-		r = top->drv->map(top, pos, mlen, &ext);
+		r = disk_map(top, pos, mlen, &ext);
 		if (r < 0)
 			return r;
-		if (ext.len == 0 || ext.len > mlen)
-			return -EIO;
 		rend = pos + ext.len;
 		/* The part of this run the guest writes: [wa, wb). */
 		wa = SFS_MAX(pos, off);
@@ -396,13 +401,9 @@ static int disk_populate_zero(struct disk *d, uint64_t pos, uint64_t n, uint8_t 
 		struct extent ext;
 		uint64_t zlen, done = 0;
 
-		r = top->drv->map(top, pos, end - pos, &ext);
+		r = disk_map(top, pos, end - pos, &ext);
 		if (r < 0)
 			break;
-		if (ext.len == 0 || ext.len > end - pos) {
-			r = -EIO;
-			break;
-		}
 		if (ext.type != EXT_UNALLOC) {
 			pos += ext.len;
 			continue;
