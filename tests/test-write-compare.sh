@@ -41,7 +41,7 @@ cmp "$T/mnt/disk" "$T/ref.raw" || fail "guest view differs from reference"
 if command -v fio >/dev/null; then
 	# fio writes a verifiable pattern with O_DIRECT at depth, then verifies.
 	fio --name=w --filename="$T/mnt/disk" --rw=randwrite --bs=4k --size=8m --offset=16m \
-		--direct=1 --ioengine=psync --numjobs=1 --verify=crc32c --do_verify=1 \
+		--direct=1 --ioengine=psync --numjobs=1 --verify=crc32c --do_verify=1 --verify_state_save=0 \
 		--randseed=7 --output="$T/fio.txt" >/dev/null || fail "fio verify failed: $(tail "$T/fio.txt")"
 	dd if="$T/mnt/disk" of="$T/ref.raw" bs=1M skip=16 seek=16 count=8 conv=notrunc status=none
 fi
