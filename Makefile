@@ -50,8 +50,15 @@ $(BUILD)/tests/helpers/%: tests/helpers/%.c $(BUILD)/libstreamfs.a
 check-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; MALLOC_PERTURB_=165 $$t; done
 
-check-shell: streamfs $(HELPER_BINS)
-	@STREAMFS=$(CURDIR)/streamfs HELPERS=$(CURDIR)/$(BUILD)/tests/helpers tests/run-shell-tests.sh
+# The fuzz harnesses built with gcc and a file-replaying main(), for make check.
+FUZZ_REPLAY_BINS := $(patsubst tests/fuzz/fuzz-%.c,$(BUILD)/tests/fuzz/replay-%,$(wildcard tests/fuzz/fuzz-*.c))
+$(BUILD)/tests/fuzz/replay-%: tests/fuzz/fuzz-%.c tests/fuzz/replay-main.c $(BUILD)/libstreamfs.a $(wildcard tests/fuzz/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -Ifusefs -o $@ $< tests/fuzz/replay-main.c $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
+
+check-shell: streamfs $(HELPER_BINS) $(FUZZ_REPLAY_BINS)
+	@STREAMFS=$(CURDIR)/streamfs HELPERS=$(CURDIR)/$(BUILD)/tests/helpers \
+		FUZZ_REPLAY=$(CURDIR)/$(BUILD)/tests/fuzz tests/run-shell-tests.sh
 
 check: format-check check-unit check-shell
 
@@ -66,16 +73,16 @@ check-asan:
 	@# any report fails the run.
 	rm -rf $(CURDIR)/build-asan/reports; mkdir -p $(CURDIR)/build-asan/reports
 	STREAMFS=$(CURDIR)/streamfs-asan HELPERS=$(CURDIR)/build-asan/tests/helpers \
-		ASAN_OPTIONS=detect_leaks=1:log_path=$(CURDIR)/build-asan/reports/asan \
+		FUZZ_REPLAY=$(CURDIR)/build-asan/tests/fuzz ASAN_OPTIONS=detect_leaks=1:log_path=$(CURDIR)/build-asan/reports/asan \
 		UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/build-asan/reports/ubsan \
 		tests/run-shell-tests.sh
 	@if ls $(CURDIR)/build-asan/reports/* >/dev/null 2>&1; then \
 		echo "sanitizer reports from the daemon:"; head -50 $(CURDIR)/build-asan/reports/*; exit 1; fi
 
-streamfs-asan: $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(HELPER_BINS)
+streamfs-asan: $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(HELPER_BINS) $(FUZZ_REPLAY_BINS)
 	$(CC) -o $@ $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
 
-check-long: streamfs $(HELPER_BINS)
+check-long: streamfs $(HELPER_BINS) $(FUZZ_REPLAY_BINS)
 	@STREAMFS=$(CURDIR)/streamfs HELPERS=$(CURDIR)/$(BUILD)/tests/helpers LONG=1 tests/run-shell-tests.sh
 
 demo: streamfs
@@ -96,7 +103,8 @@ build-fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard include/*.h)
 	@mkdir -p build-fuzz
 	clang $(FUZZ_FLAGS) -o $@ $< $(LIB_SRCS) $(PKG_LIBS)
 fuzz: $(FUZZ_BINS)
-	@set -e; for f in $(FUZZ_BINS); do n=$${f#build-fuzz/fuzz-}; mkdir -p tests/fuzz/corpus-$$n; \
+	@set -e; for f in $(FUZZ_BINS); do n=$${f#build-fuzz/fuzz-}; \
+		mkdir -p tests/fuzz/corpus-$$n build-fuzz/corpus-$$n; \
 		echo "== $$f ($(FUZZ_TIME)s)"; \
 		$$f -max_total_time=$(FUZZ_TIME) -max_len=65536 -artifact_prefix=tests/fuzz/crash-$$n- \
 			build-fuzz/corpus-$$n tests/fuzz/corpus-$$n 2>&1 | tail -3; done
