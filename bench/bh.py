@@ -348,6 +348,13 @@ def report(path, size_mib):
     a = S("rss_sparse")
     target("daemon RSS <= 64 MiB (64G sparse stream)", (a <= 64) if num(a) else None,
            "%s MiB (all streamfs runs max: %s MiB)" % (fmt(a), fmt(maxall(v))))
+    checks = []
+    for k in sorted(v):
+        if ".verify_" in k:
+            checks.append("%s=%s" % (k, ",".join(v[k])))
+    if checks:
+        print()
+        print("data checks (cmp against the backing): " + " ".join(checks))
     print()
     print("targets:")
     for o in out:

@@ -167,9 +167,9 @@ sfs_down() {
 QSD_PID=
 QSD_SOCK=$W/qmp.sock
 QSD_FILE=$W/qsd.export
-qsd_overlay() { # qsd_overlay OVERLAY BACKING_FILE
+qsd_overlay() { # qsd_overlay OVERLAY BACKING [SIZE]
 	rm -f "$1"
-	qemu-img create -q -f qcow2 -u -b "$2" -F raw "$1" "$SIZE"
+	qemu-img create -q -f qcow2 -u -b "$2" -F raw "$1" "${3:-$SIZE}"
 }
 # qsd_up cor OVERLAY BACKING(file path or http url) | qsd_up floor RAWFILE
 qsd_up() {
@@ -306,6 +306,9 @@ if want reads; then
 			if up_fresh "$s"; then
 				drop
 				rec "$s.cold_seq" "$(dd_rate "$DISK")"
+				if [ "$r" = 1 ]; then
+					if cmp -s "$DISK" "$W/base.raw"; then rec "$s.verify_read" ok; else rec "$s.verify_read" MISMATCH; fi
+				fi
 				rec "$s.warm_seq" "$(dd_rate "$DISK")"
 				rec "$s.warm_seq_direct" "$(dd_rate "$DISK" iflag=direct)"
 				[ "$s" = streamfs ] && rec streamfs.rss_reads "$(hwm_mib "$SFS_PID")"
@@ -383,6 +386,9 @@ if want stream; then
 			rec streamfs.stream_local_sync "$(addf "$t" "$ts")"
 			rec streamfs.rss_local "$(hwm_mib "$SFS_PID")"
 			rec streamfs.stream_local_cpu_s "$(awk -v a="$c0" -v b="$(cpu_s "$SFS_PID")" 'BEGIN {print b - a}')"
+			if [ "$r" = 1 ]; then # the data must be right, or the figures mean nothing
+				if cmp -s "$W/smnt/disk" "$W/base.raw"; then rec streamfs.verify_local ok; else rec streamfs.verify_local MISMATCH; fi
+			fi
 		else
 			rec streamfs.stream_local fail
 		fi
@@ -485,6 +491,9 @@ EOF
 				t=$(res_time "$line")
 				if isnum "$t"; then rec streamfs.stream_http "$(div "$SIZE_MIB" "$t")"; else rec streamfs.stream_http "$t"; fi
 				rec streamfs.rss_http "$(hwm_mib "$SFS_PID")"
+				if [ "$r" = 1 ] && isnum "$t"; then
+					if cmp -s "$W/smnt/disk" "$W/base.raw"; then rec streamfs.verify_http ok; else rec streamfs.verify_http MISMATCH; fi
+				fi
 			else
 				rec streamfs.stream_http n/a
 			fi
@@ -622,7 +631,7 @@ if want rss; then
 		rec streamfs.rss_sparse fail
 	fi
 	sfs_down
-	if qsd_overlay "$W/qsd-sparse.qcow2" "$W/sparse.raw" && qsd_up cor "$W/qsd-sparse.qcow2" "$W/sparse.raw"; then
+	if qsd_overlay "$W/qsd-sparse.qcow2" "$W/sparse.raw" 64G && qsd_up cor "$W/qsd-sparse.qcow2" "$W/sparse.raw"; then
 		line=$(timeout -k 5 610 "${BH[@]}" qmp-stream "$QSD_SOCK" ovl 0 600 || echo result=hang)
 		echo "# qsd sparse stream: $line" >>"$RES"
 		rec qsd.sparse_stream "$(res_time "$line")"

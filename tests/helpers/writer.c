@@ -4,6 +4,7 @@
  *   writer write DISK LOG SEED     random 512-aligned writes until an error,
  *                                  fdatasync every few writes
  *   writer verify DISK LOG BACKING check every sector
+ *   writer verify-weak DISK LOG BACKING  every sector is backing or some write
  *
  * LOG lines: "B" (a session began), "W seq off len" (written before the
  * pwrite is issued, so in-flight writes are known), "S" (an fdatasync
@@ -100,6 +101,11 @@ static int do_write(const char *disk, const char *logpath, unsigned seed)
 	return 0;
 }
 
+/* weak: with nonzero, durability is not required: every sector must just be
+ * the backing's or some logged write's (crash images built from a trace,
+ * where the writer's fsyncs cannot be matched to trace positions). */
+static int verify_weak;
+
 static int do_verify(const char *disk, const char *logpath, const char *backing)
 {
 	FILE *lf = fopen(logpath, "r");
@@ -138,7 +144,7 @@ static int do_verify(const char *disk, const char *logpath, const char *backing)
 			return fprintf(stderr, "verify: read error at %llu\n",
 				       (unsigned long long)pos),
 			       1;
-		for (size_t i = 0; i < nw; i++)
+		for (size_t i = 0; i < nw && !verify_weak; i++)
 			if (w[i].durable && w[i].off <= pos && pos < w[i].off + w[i].len)
 				last_durable = (long)i;
 		/* Candidate: the last durable state... */
@@ -151,7 +157,8 @@ static int do_verify(const char *disk, const char *logpath, const char *backing)
 		ok = memcmp(got, cand, SECTOR) == 0;
 		/* ... or any later non-durable write covering the sector. */
 		for (size_t i = (size_t)(last_durable + 1); !ok && i < nw; i++) {
-			if (w[i].durable || w[i].off > pos || pos >= w[i].off + w[i].len)
+			if ((w[i].durable && !verify_weak) || w[i].off > pos ||
+			    pos >= w[i].off + w[i].len)
 				continue;
 			fill(cand, w[i].seq, pos, SECTOR);
 			ok = memcmp(got, cand, SECTOR) == 0;
@@ -173,6 +180,10 @@ int main(int argc, char **argv)
 		return do_write(argv[2], argv[3], (unsigned)strtoul(argv[4], NULL, 10));
 	if (argc == 5 && strcmp(argv[1], "verify") == 0)
 		return do_verify(argv[2], argv[3], argv[4]);
+	if (argc == 5 && strcmp(argv[1], "verify-weak") == 0) {
+		verify_weak = 1;
+		return do_verify(argv[2], argv[3], argv[4]);
+	}
 	fprintf(stderr, "usage: writer write DISK LOG SEED | writer verify DISK LOG BACKING\n");
 	return 2;
 }
