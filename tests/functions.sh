@@ -115,7 +115,7 @@ wait_state() {
 		[ "$(cat "$mnt/control/stream")" = "$want" ] && return 0
 		sleep 0.05
 	done
-	fail "state never became $want (is $(cat "$mnt/control/stream"))"
+	fail "state never became $want (is $(cat "$mnt/control/stream"); error: $(field "$mnt" error))"
 }
 
 # field MNT KEY: a value from control/status.
