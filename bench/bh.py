@@ -257,6 +257,7 @@ def report(path, size_mib):
         ("warm 4K randread psync qd1 (IOPS)", "warm_rand_qd1", "floor.warm_rand_qd1", "floor"),
         ("warm 4K randread %s qd16 (IOPS)" % (v.get("aio_engine", ["io_uring"])[0]), "warm_rand_qd16",
          "floor.warm_rand_qd16", "floor"),
+        ("  warm 4K randread libaio qd16 (IOPS)", "warm_rand_libaio16", "floor.warm_rand_libaio16", "floor"),
         ("full stream, local backing, job (s)", "stream_local", "limit.cp_sync", "cp+sync"),
         ("full stream, local backing, job+sync (s)", "stream_local_sync", "limit.cp_sync", "cp+sync"),
         ("full stream, HTTP backing (MiB/s)", "stream_http", "limit.curl", "curl"),
@@ -270,6 +271,7 @@ def report(path, size_mib):
         ("  guest IOPS during stream", "lat_busy_iops", None, None),
         ("stream 64G sparse / 1G data (s)", "sparse_stream", None, None),
         ("daemon peak RSS VmHWM, sparse stream (MiB)", "rss_sparse", None, None),
+        ("daemon CPU s during local stream", "stream_local_cpu_s", None, None),
         ("daemon peak RSS VmHWM, local stream (MiB)", "rss_local", None, None),
         ("daemon peak RSS VmHWM, HTTP stream (MiB)", "rss_http", None, None),
     ]
@@ -348,6 +350,12 @@ def report(path, size_mib):
     a = S("rss_sparse")
     target("daemon RSS <= 64 MiB (64G sparse stream)", (a <= 64) if num(a) else None,
            "%s MiB (all streamfs runs max: %s MiB)" % (fmt(a), fmt(maxall(v))))
+    print("notes: dd/stream/curl rows are medians of %s runs; fio rows and the throttled stream run once;"
+          % v.get("runs", ["?"])[0])
+    print("  latency rows: medians of per-run p50/p99 from fio clat logs (psync qd1 on a copied region).")
+    print("  limit column: 'floor' = qsd exporting the raw file over FUSE (no COR), 'raw' = the file without")
+    print("  FUSE, cp+sync / curl / req as named. streamfs opens disk with keep_cache, so its warm buffered")
+    print("  dd is served from the kernel page cache; the iflag=direct rows measure the daemon.")
     checks = []
     for k in sorted(v):
         if ".verify_" in k:

@@ -287,7 +287,12 @@ rec aio_engine "$AIO"
 rec limit.throttle_req "$SPEED_MIB"
 log "work dir $W; backing $SIZE_MIB MiB; runs $RUNS; $(nproc) CPUs; streamfs $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)"
 log "generating random backing image"
-head -c "$SIZE" /dev/urandom >"$W/base.raw" || exit 1
+# AES-CTR keystream: incompressible like /dev/urandom, several times faster
+if have openssl; then
+	openssl enc -aes-128-ctr -pass "pass:streamfs-bench-$RANDOM" -nosalt -pbkdf2 </dev/zero 2>/dev/null |
+		head -c "$SIZE" >"$W/base.raw"
+fi
+[ "$(stat -c %s "$W/base.raw" 2>/dev/null)" = "$SIZE" ] || head -c "$SIZE" /dev/urandom >"$W/base.raw" || exit 1
 BENCH_T0=$SECONDS
 
 # ------------------------------------------------------------ 1-3: reads
@@ -300,9 +305,11 @@ if want reads; then
 	done
 	drop; read -r a _ <<<"$(fio_rand "$W/base.raw" psync 1)"; rec raw.cold_rand_qd1 "$a"
 	drop; read -r a _ <<<"$(fio_rand "$W/base.raw" "$AIO" 16)"; rec raw.cold_rand_qd16 "$a"
-	for s in "${SYSTEMS[@]}"; do
-		log "reads: $s: cold/warm sequential x$RUNS"
-		for ((r = 1; r <= RUNS; r++)); do
+	# runs outermost, systems inside: the host is shared and noisy, so every
+	# system sees the same slices of time
+	for ((r = 1; r <= RUNS; r++)); do
+		for s in "${SYSTEMS[@]}"; do
+			log "reads: sequential cold/warm, run $r/$RUNS: $s"
 			if up_fresh "$s"; then
 				drop
 				rec "$s.cold_seq" "$(dd_rate "$DISK")"
@@ -324,7 +331,9 @@ if want reads; then
 			fi
 			down "$s"
 		done
-		log "reads: $s: 4K random cold/warm"
+	done
+	for s in "${SYSTEMS[@]}"; do
+		log "reads: 4K random cold/warm: $s"
 		if up_fresh "$s"; then
 			drop
 			read -r a _ <<<"$(fio_rand "$DISK" psync 1)"
@@ -342,6 +351,10 @@ if want reads; then
 			rec "$s.warm_rand_qd1" "$a"
 			read -r a _ <<<"$(fio_rand "$DISK" "$AIO" 16)"
 			rec "$s.warm_rand_qd16" "$a"
+			if [ "$AIO" = io_uring ]; then # libaio too: io_uring and libaio differ a lot on FUSE
+				read -r a _ <<<"$(fio_rand "$DISK" libaio 16)"
+				rec "$s.warm_rand_libaio16" "$a"
+			fi
 		else
 			rec "$s.cold_rand_qd16" fail
 		fi
@@ -363,75 +376,89 @@ res_time() {
 timed_sync() { local t0=$EPOCHREALTIME; sync; awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.4f\n", b - a}'; }
 addf() { if isnum "$1" && isnum "$2"; then awk -v a="$1" -v b="$2" 'BEGIN {printf "%.4f\n", a + b}'; else echo "$1"; fi; }
 
-if want stream; then
-	log "stream local: cp+sync x$RUNS"
-	for ((r = 1; r <= RUNS; r++)); do
-		rm -f "$W/copy.raw"
+el() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.4f\n", b - a}'; }
+sl_cp() {
+	rm -f "$W/copy.raw"
+	drop
+	local t0=$EPOCHREALTIME
+	cp "$W/base.raw" "$W/copy.raw" && sync
+	rec limit.cp_sync "$(el "$t0")"
+	rm -f "$W/copy.raw"
+}
+sl_streamfs() {
+	local r=$1 c0 line t ts
+	if sfs_fresh "$W/sfs.qcow2" "$W/base.raw" && sfs_up "$W/sfs.qcow2"; then
+		drop
+		c0=$(cpu_s "$SFS_PID")
+		line=$(sfs_stream 0)
+		t=$(res_time "$line")
+		ts=$(timed_sync)
+		echo "# streamfs local stream: $line" >>"$RES"
+		rec streamfs.stream_local "$t"
+		rec streamfs.stream_local_sync "$(addf "$t" "$ts")"
+		rec streamfs.rss_local "$(hwm_mib "$SFS_PID")"
+		rec streamfs.stream_local_cpu_s "$(awk -v a="$c0" -v b="$(cpu_s "$SFS_PID")" 'BEGIN {print b - a}')"
+		if [ "$r" = 1 ]; then # the data must be right, or the figures mean nothing
+			if cmp -s "$W/smnt/disk" "$W/base.raw"; then rec streamfs.verify_local ok; else rec streamfs.verify_local MISMATCH; fi
+		fi
+	else
+		rec streamfs.stream_local fail
+	fi
+	sfs_down
+}
+sl_qsd() {
+	local c0 line t ts
+	if qsd_overlay "$W/qsd.qcow2" "$W/base.raw" && qsd_up cor "$W/qsd.qcow2" "$W/base.raw"; then
+		drop
+		c0=$(cpu_s "$QSD_PID")
+		line=$(qsd_stream 0)
+		t=$(res_time "$line")
+		ts=$(timed_sync)
+		echo "# qsd local stream: $line" >>"$RES"
+		rec qsd.stream_local "$t"
+		rec qsd.stream_local_sync "$(addf "$t" "$ts")"
+		rec qsd.rss_local "$(hwm_mib "$QSD_PID")"
+		rec qsd.stream_local_cpu_s "$(awk -v a="$c0" -v b="$(cpu_s "$QSD_PID")" 'BEGIN {print b - a}')"
+	else
+		rec qsd.stream_local fail
+	fi
+	qsd_down
+}
+# nbdkit has no stream job: a client-driven pull through cow-on-read
+sl_nbdkit() { # sl_nbdkit KEY PLUGIN ARGS...
+	local key=$1 t0 t ts
+	shift
+	if nbdkit_only "$@"; then
 		drop
 		t0=$EPOCHREALTIME
-		cp "$W/base.raw" "$W/copy.raw" && sync
-		rec limit.cp_sync "$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.4f\n", b - a}')"
-		rm -f "$W/copy.raw"
-	done
-	log "stream local: streamfs x$RUNS"
-	for ((r = 1; r <= RUNS; r++)); do
-		if sfs_fresh "$W/sfs.qcow2" "$W/base.raw" && sfs_up "$W/sfs.qcow2"; then
-			drop
-			c0=$(cpu_s "$SFS_PID")
-			line=$(sfs_stream 0)
-			t=$(res_time "$line")
-			ts=$(timed_sync)
-			echo "# streamfs local stream: $line" >>"$RES"
-			rec streamfs.stream_local "$t"
-			rec streamfs.stream_local_sync "$(addf "$t" "$ts")"
-			rec streamfs.rss_local "$(hwm_mib "$SFS_PID")"
-			rec streamfs.stream_local_cpu_s "$(awk -v a="$c0" -v b="$(cpu_s "$SFS_PID")" 'BEGIN {print b - a}')"
-			if [ "$r" = 1 ]; then # the data must be right, or the figures mean nothing
-				if cmp -s "$W/smnt/disk" "$W/base.raw"; then rec streamfs.verify_local ok; else rec streamfs.verify_local MISMATCH; fi
-			fi
+		if timeout -k 5 "$TMO" nbdcopy "nbd+unix:///?socket=$NBD_SOCK" null: 2>>"$W/nbdkit.log"; then
+			t=$(el "$t0")
 		else
-			rec streamfs.stream_local fail
+			t=fail
 		fi
-		sfs_down
-	done
-	log "stream local: qsd block-stream x$RUNS"
-	for ((r = 1; r <= RUNS; r++)); do
-		if qsd_overlay "$W/qsd.qcow2" "$W/base.raw" && qsd_up cor "$W/qsd.qcow2" "$W/base.raw"; then
-			drop
-			c0=$(cpu_s "$QSD_PID")
-			line=$(qsd_stream 0)
-			t=$(res_time "$line")
-			ts=$(timed_sync)
-			echo "# qsd local stream: $line" >>"$RES"
-			rec qsd.stream_local "$t"
-			rec qsd.stream_local_sync "$(addf "$t" "$ts")"
-			rec qsd.rss_local "$(hwm_mib "$QSD_PID")"
-			rec qsd.stream_local_cpu_s "$(awk -v a="$c0" -v b="$(cpu_s "$QSD_PID")" 'BEGIN {print b - a}')"
+		ts=$(timed_sync)
+		if [ "$key" = stream_local ]; then
+			rec nbdkit.stream_local "$t"
+			rec nbdkit.stream_local_sync "$(addf "$t" "$ts")"
+		elif isnum "$t"; then
+			rec "nbdkit.$key" "$(div "$SIZE_MIB" "$t")"
 		else
-			rec qsd.stream_local fail
+			rec "nbdkit.$key" "$t"
 		fi
-		qsd_down
-	done
-	if have nbdcopy; then
-		log "stream local: nbdkit cow + nbdcopy pull x$RUNS"
-		for ((r = 1; r <= RUNS; r++)); do
-			if nbdkit_only file "$W/base.raw"; then
-				drop
-				t0=$EPOCHREALTIME
-				if timeout -k 5 "$TMO" nbdcopy "nbd+unix:///?socket=$NBD_SOCK" null: 2>>"$W/nbdkit.log"; then
-					t=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.4f\n", b - a}')
-				else
-					t=fail
-				fi
-				ts=$(timed_sync)
-				rec nbdkit.stream_local "$t"
-				rec nbdkit.stream_local_sync "$(addf "$t" "$ts")"
-			else
-				rec nbdkit.stream_local fail
-			fi
-			nbd_down
-		done
+	else
+		rec "nbdkit.$key" fail
 	fi
+	nbd_down
+}
+
+if want stream; then
+	for ((r = 1; r <= RUNS; r++)); do
+		log "stream local, run $r/$RUNS: cp+sync, streamfs, qsd block-stream, nbdkit cow + nbdcopy pull"
+		sl_cp
+		sl_streamfs "$r"
+		sl_qsd
+		have nbdcopy && sl_nbdkit stream_local file "$W/base.raw"
+	done
 fi
 
 # ------------------------------------------------------------ 5: full stream, HTTP
@@ -472,18 +499,16 @@ EOF
 		for s in streamfs qsd nbdkit; do rec "$s.stream_http" n/a; done
 		rec limit.curl n/a
 	else
-		log "stream http: curl x$RUNS ($URL)"
+		log "stream http: $URL"
 		for ((r = 1; r <= RUNS; r++)); do
+			log "stream http, run $r/$RUNS: curl, streamfs, qsd http block-stream, nbdkit curl + cow + nbdcopy"
 			drop
 			t0=$EPOCHREALTIME
 			if timeout -k 5 "$TMO" curl -sf -o /dev/null "$URL"; then
-				rec limit.curl "$(div "$SIZE_MIB" "$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {print b - a}')")"
+				rec limit.curl "$(div "$SIZE_MIB" "$(el "$t0")")"
 			else
 				rec limit.curl fail
 			fi
-		done
-		log "stream http: streamfs x$RUNS"
-		for ((r = 1; r <= RUNS; r++)); do
 			if sfs_fresh "$W/sfs-http.qcow2" "$URL" && sfs_up "$W/sfs-http.qcow2"; then
 				drop
 				line=$(sfs_stream 0)
@@ -498,9 +523,6 @@ EOF
 				rec streamfs.stream_http n/a
 			fi
 			sfs_down
-		done
-		log "stream http: qsd http block-stream x$RUNS"
-		for ((r = 1; r <= RUNS; r++)); do
 			if qsd_overlay "$W/qsd.qcow2" "$URL" && qsd_up cor "$W/qsd.qcow2" "$URL"; then
 				drop
 				line=$(qsd_stream 0)
@@ -511,24 +533,8 @@ EOF
 				rec qsd.stream_http fail
 			fi
 			qsd_down
+			have nbdcopy && sl_nbdkit stream_http curl "url=$URL"
 		done
-		if have nbdcopy; then
-			log "stream http: nbdkit curl + cow + nbdcopy x$RUNS"
-			for ((r = 1; r <= RUNS; r++)); do
-				if nbdkit_only curl "url=$URL"; then
-					drop
-					t0=$EPOCHREALTIME
-					if timeout -k 5 "$TMO" nbdcopy "nbd+unix:///?socket=$NBD_SOCK" null: 2>>"$W/nbdkit.log"; then
-						rec nbdkit.stream_http "$(div "$SIZE_MIB" "$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {print b - a}')")"
-					else
-						rec nbdkit.stream_http fail
-					fi
-				else
-					rec nbdkit.stream_http fail
-				fi
-				nbd_down
-			done
-		fi
 	fi
 	stop_pid "$NGINX_PID"
 	wait "$NGINX_PID" 2>/dev/null
@@ -632,9 +638,13 @@ if want rss; then
 	fi
 	sfs_down
 	if qsd_overlay "$W/qsd-sparse.qcow2" "$W/sparse.raw" 64G && qsd_up cor "$W/qsd-sparse.qcow2" "$W/sparse.raw"; then
-		line=$(timeout -k 5 610 "${BH[@]}" qmp-stream "$QSD_SOCK" ovl 0 600 || echo result=hang)
+		# qsd copies the 63 GiB of holes too (minutes): capped, reported as ">N s"
+		QCAP=${BENCH_QSD_SPARSE_CAP:-40}
+		line=$(timeout -k 5 $((QCAP + 10)) "${BH[@]}" qmp-stream "$QSD_SOCK" ovl 0 "$QCAP" || echo result=hang)
 		echo "# qsd sparse stream: $line" >>"$RES"
-		rec qsd.sparse_stream "$(res_time "$line")"
+		t=$(res_time "$line")
+		[ "$t" = hang ] && t=">${QCAP}s"
+		rec qsd.sparse_stream "$t"
 		rec qsd.rss_sparse "$(hwm_mib "$QSD_PID")"
 	fi
 	qsd_down
