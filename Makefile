@@ -92,22 +92,33 @@ bench: streamfs
 	bench/run.sh
 
 # libFuzzer harnesses (tests/fuzz/fuzz-*.c), each run for FUZZ_TIME seconds
-# over its seed corpus tests/fuzz/corpus-<name>/ (crashers are kept there as
-# regression inputs; tests/fuzz/run-corpus.sh replays them in make check).
+# over its seed corpus tests/fuzz/corpus-<name>/ plus the inputs it found
+# before (build-fuzz/corpus-<name>/). Crashes go to build-fuzz/crash-<name>-*:
+# minimize them (build-fuzz/fuzz-<name> -minimize_crash=1 FILE) and keep them
+# as tests/fuzz/regress-<name>-<n>, which tests/test-fuzz-corpus.sh replays
+# in make check. Regenerate the seeds with tests/fuzz/make-corpus.sh.
 FUZZ_TIME ?= 60
+FUZZ_OPTS ?= -max_len=65536 -timeout=25 -rss_limit_mb=2560 -entropic_scale_per_exec_time=1
 FUZZ_SRCS := $(wildcard tests/fuzz/fuzz-*.c)
 FUZZ_BINS := $(FUZZ_SRCS:tests/fuzz/%.c=build-fuzz/%)
 FUZZ_FLAGS := -g -O1 -std=gnu11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -pthread -Iinclude -Ifusefs \
-	$(PKG_CFLAGS) -fsanitize=fuzzer,address,undefined
-build-fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard include/*.h)
+	$(PKG_CFLAGS) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+build-fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard include/*.h) $(wildcard */*.h) \
+		$(wildcard tests/fuzz/*.h)
 	@mkdir -p build-fuzz
 	clang $(FUZZ_FLAGS) -o $@ $< $(LIB_SRCS) $(PKG_LIBS)
 fuzz: $(FUZZ_BINS)
-	@set -e; for f in $(FUZZ_BINS); do n=$${f#build-fuzz/fuzz-}; \
+	@for f in $(FUZZ_BINS); do n=$${f#build-fuzz/fuzz-}; \
 		mkdir -p tests/fuzz/corpus-$$n build-fuzz/corpus-$$n; \
-		echo "== $$f ($(FUZZ_TIME)s)"; \
-		$$f -max_total_time=$(FUZZ_TIME) -max_len=65536 -artifact_prefix=tests/fuzz/crash-$$n- \
-			build-fuzz/corpus-$$n tests/fuzz/corpus-$$n 2>&1 | tail -3; done
+		echo "== $$f ($(FUZZ_TIME)s, log build-fuzz/fuzz-$$n.log)"; \
+		$$f -max_total_time=$(FUZZ_TIME) $(FUZZ_OPTS) -print_final_stats=1 \
+			-artifact_prefix=build-fuzz/crash-$$n- \
+			build-fuzz/corpus-$$n tests/fuzz/corpus-$$n >build-fuzz/fuzz-$$n.log 2>&1; \
+		rc=$$?; grep -E "^(#[0-9]+.*DONE|stat::number_of_executed_units|stat::average_exec_per_sec)" \
+			build-fuzz/fuzz-$$n.log; \
+		if [ $$rc -ne 0 ]; then grep -A30 -E "^==[0-9]+==ERROR|runtime error|^SUMMARY" \
+			build-fuzz/fuzz-$$n.log | head -60; echo "fuzz-$$n FAILED (see build-fuzz/crash-$$n-*)"; \
+			exit 1; fi; done
 
 format:
 	clang-format -i $(wildcard */*.c */*.h tests/*/*.c)

@@ -1,5 +1,12 @@
-/* libFuzzer harness: the control-file command parsers and size parsing. */
+/* libFuzzer harness: the control-file command parsers (fusefs/control.c) and
+ * sfs_parse_size (util/util.c). Besides memory errors it checks the parsers'
+ * contracts: a START's base points into cmd.base and is NUL-terminated, a
+ * pull length is never 0, and a parsed speed reads back the same in decimal.
+ * It also resolves the input as a backing name stored in an image header
+ * (sfs_resolve_backing), against file and URL parents and as the parent. */
+#include <inttypes.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,21 +18,46 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct control_stream_cmd cmd;
-	uint64_t a, b;
+	uint64_t a, b, c;
+	char num[32];
 	char *s;
 
 	sfs_log_level = -1;
-	if (control_parse_stream((const char *)data, size, &cmd) == 0 && cmd.params.base &&
-	    strlen(cmd.params.base) >= sizeof(cmd.base))
-		abort(); /* base must point into cmd.base, NUL-terminated */
-	control_parse_speed((const char *)data, size, &a);
-	control_parse_pull((const char *)data, size, &a, &b);
+	if (control_parse_stream((const char *)data, size, &cmd) == 0) {
+		if (cmd.action != CTL_STREAM_START && (cmd.params.base || cmd.params.speed_set))
+			abort(); /* only start takes arguments */
+		if (cmd.params.base && cmd.params.base != cmd.base)
+			abort(); /* base must point into the command itself */
+		if (cmd.params.base && strnlen(cmd.base, sizeof(cmd.base)) >= sizeof(cmd.base))
+			abort();
+	}
+	if (control_parse_speed((const char *)data, size, &a) == 0) {
+		snprintf(num, sizeof(num), "%" PRIu64, a);
+		if (control_parse_speed(num, strlen(num), &c) != 0 || c != a)
+			abort();
+	}
+	if (control_parse_pull((const char *)data, size, &a, &b) == 0 && b == 0)
+		abort();
 	s = malloc(size + 1);
 	if (!s)
 		return 0;
 	memcpy(s, data, size);
 	s[size] = '\0';
-	sfs_parse_size(s, &a);
+	if (sfs_parse_size(s, &a) == 0) {
+		snprintf(num, sizeof(num), "%" PRIu64, a);
+		if (sfs_parse_size(num, &c) != 0 || c != a)
+			abort();
+	}
+	for (size_t i = 0; i < 3; i++) {
+		static const char *const parents[] = {"/img/t.qcow2", "http://h", "https://h/d/x"};
+		char *r = sfs_resolve_backing(parents[i], s);
+
+		/* The name is always kept whole, at the end. */
+		if (r && (strlen(r) < strlen(s) || strcmp(r + strlen(r) - strlen(s), s) != 0))
+			abort();
+		free(r);
+	}
+	free(sfs_resolve_backing(s, "base.raw"));
 	free(s);
 	return 0;
 }
