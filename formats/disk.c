@@ -338,8 +338,11 @@ int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
 	pthread_rwlock_unlock(&d->chain_lock);
 	atomic_fetch_sub(&d->stats.guest_inflight, 1);
 	atomic_fetch_add(&d->stats.guest_ops, 1);
-	if (r == 0)
+	if (r == 0) {
+		/* In-place writes too: they need an fdatasync to be durable. */
+		atomic_store(&d->dirty, true);
 		atomic_fetch_add(&d->stats.guest_written, len);
+	}
 	return r;
 }
 

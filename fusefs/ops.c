@@ -291,8 +291,10 @@ static int sfs_flush(const char *path, struct fuse_file_info *fi)
 {
 	struct sfs_mount *m = sfs_ctx();
 
-	/* close() of a writer of /disk: make its writes durable. */
-	if (!fi->fh && (fi->flags & O_ACCMODE) != O_RDONLY)
+	/* close() of /disk after writes: make them durable. libfuse 3.14 does
+	 * not pass the open flags to flush, so decide on "written since the
+	 * last flush" rather than on the access mode. */
+	if (!fi->fh && !m->ctl.disk->read_only && atomic_load(&m->ctl.disk->dirty))
 		return disk_flush(m->ctl.disk);
 	return 0;
 }
