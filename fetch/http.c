@@ -1315,6 +1315,7 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 
 const struct fetch_ops fetch_http_ops = {
     .scheme = "http",
+    .network = true,
     .priv_size = sizeof(struct http_priv),
     .open = http_open,
     .close = http_close,

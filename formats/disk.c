@@ -110,33 +110,10 @@ static int disk_map(struct image *top, uint64_t off, uint64_t len, struct extent
 	return r;
 }
 
-/* Current guest contents of a run of the top that is not EXT_DATA. */
+/* Current guest contents of a run of the top. */
 static int disk_fill(struct disk *d, const struct extent *ext, void *buf, size_t len, uint64_t off)
 {
-	struct image *top = d->top, *b = top->backing;
-
-	switch (ext->type) {
-	case EXT_ZERO:
-		memset(buf, 0, len);
-		return 0;
-	case EXT_COMPRESSED:
-		if (!top->drv->read_compressed)
-			return -EIO;
-		return top->drv->read_compressed(top, off, ext, buf, len);
-	case EXT_UNALLOC:
-		if (b && off < b->size) {
-			size_t in = (size_t)SFS_MIN((uint64_t)len, b->size - off);
-			int r = image_pread(b, buf, in, off);
-			if (in < len)
-				memset((uint8_t *)buf + in, 0, len - in);
-			return r;
-		}
-		memset(buf, 0, len);
-		return 0;
-	case EXT_DATA:
-	default:
-		return fetch_pread(top->file, buf, len, ext->host_off);
-	}
+	return image_read_extent(d->top, ext, buf, len, off);
 }
 
 /* Under the range lock on the cluster-aligned [a, a+alen), which the caller
@@ -502,7 +479,7 @@ static char *disk_backing_name_for(struct image *top, struct image *base)
 
 	if (top->backing == base && top->backing_name)
 		return strdup(top->backing_name);
-	if (!slash || sfs_is_url(base->filename))
+	if (!slash)
 		return strdup(base->filename);
 	dirlen = (size_t)(slash - top->filename) + 1;
 	if (strncmp(base->filename, top->filename, dirlen) == 0)
@@ -545,7 +522,7 @@ int disk_rebase(struct disk *d, struct image *base)
 	 * names them, so close them and never touch them again. */
 	for (cur = old; cur && cur != base; cur = next) {
 		next = cur->backing;
-		if (sfs_is_url(cur->filename))
+		if (fetch_is_network(cur->file))
 			atomic_fetch_add(&d->stats.net_bytes_closed,
 					 atomic_load(&cur->file->stats.bytes_read));
 		cur->backing = NULL;
@@ -554,16 +531,12 @@ int disk_rebase(struct disk *d, struct image *base)
 	return 0;
 }
 
+/* Same file (device and inode), or the same name when either is not a
+ * local file (a URL). */
 static bool disk_same_file(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
-	if (sfs_is_url(a) || sfs_is_url(b))
-		return strcmp(a, b) == 0;
-	if (strncmp(a, "file://", 7) == 0)
-		a += 7;
-	if (strncmp(b, "file://", 7) == 0)
-		b += 7;
 	if (stat(a, &sa) < 0 || stat(b, &sb) < 0)
 		return strcmp(a, b) == 0;
 	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
@@ -588,7 +561,7 @@ uint64_t disk_network_bytes(struct disk *d)
 	pthread_rwlock_rdlock(&d->chain_lock);
 	n = atomic_load(&d->stats.net_bytes_closed);
 	for (struct image *img = d->top->backing; img; img = img->backing)
-		if (sfs_is_url(img->filename))
+		if (fetch_is_network(img->file))
 			n += atomic_load(&img->file->stats.bytes_read);
 	pthread_rwlock_unlock(&d->chain_lock);
 	return n;

@@ -136,11 +136,10 @@ struct image_id {
 static void image_identify(const char *uri, struct image_id *id)
 {
 	struct stat st;
-	const char *path = strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri;
 
 	memset(id, 0, sizeof(*id));
 	id->uri = uri;
-	if (!sfs_is_url(uri) && stat(path, &st) == 0) {
+	if (stat(uri, &st) == 0) {
 		id->dev = st.st_dev;
 		id->ino = st.st_ino;
 	}
@@ -252,6 +251,36 @@ struct image *image_layer(struct image *img, int n)
 	return img;
 }
 
+int image_read_extent(struct image *img, const struct extent *ext, void *buf, size_t len,
+		      uint64_t off)
+{
+	struct image *b = img->backing;
+
+	switch (ext->type) {
+	case EXT_DATA:
+		return fetch_pread(img->file, buf, len, ext->host_off);
+	case EXT_ZERO:
+		memset(buf, 0, len);
+		return 0;
+	case EXT_COMPRESSED:
+		if (!img->drv->read_compressed)
+			return -EIO;
+		return img->drv->read_compressed(img, off, ext, buf, len);
+	case EXT_UNALLOC:
+	default:
+		/* A shorter backing reads as zeros past its end. */
+		if (b && off < b->size) {
+			size_t in = (size_t)SFS_MIN((uint64_t)len, b->size - off);
+			int r = image_pread(b, buf, in, off);
+			if (in < len)
+				memset((uint8_t *)buf + in, 0, len - in);
+			return r;
+		}
+		memset(buf, 0, len);
+		return 0;
+	}
+}
+
 int image_pread(struct image *img, void *buf, size_t len, uint64_t off)
 {
 	uint8_t *b = buf;
@@ -262,7 +291,6 @@ int image_pread(struct image *img, void *buf, size_t len, uint64_t off)
 		return -EINVAL;
 	while (len > 0) {
 		struct extent ext;
-		size_t n;
 
 		r = img->drv->map(img, off, len, &ext);
 		if (r < 0)
@@ -272,38 +300,12 @@ int image_pread(struct image *img, void *buf, size_t len, uint64_t off)
 				  img->drv->name);
 			return -EIO;
 		}
-		n = (size_t)ext.len;
-		switch (ext.type) {
-		case EXT_DATA:
-			r = fetch_pread(img->file, b, n, ext.host_off);
-			break;
-		case EXT_ZERO:
-			memset(b, 0, n);
-			r = 0;
-			break;
-		case EXT_COMPRESSED:
-			r = img->drv->read_compressed
-				? img->drv->read_compressed(img, off, &ext, b, n)
-				: -EIO;
-			break;
-		case EXT_UNALLOC:
-		default:
-			if (img->backing && off < img->backing->size) {
-				size_t in = (size_t)SFS_MIN((uint64_t)n, img->backing->size - off);
-				r = image_pread(img->backing, b, in, off);
-				if (in < n)
-					memset(b + in, 0, n - in);
-			} else {
-				memset(b, 0, n);
-				r = 0;
-			}
-			break;
-		}
+		r = image_read_extent(img, &ext, b, (size_t)ext.len, off);
 		if (r < 0)
 			return r;
-		b += n;
-		off += n;
-		len -= n;
+		b += ext.len;
+		off += ext.len;
+		len -= (size_t)ext.len;
 	}
 	return 0;
 }

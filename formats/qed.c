@@ -1156,19 +1156,29 @@ static int qed_set_entries(struct image *img, uint64_t c0, uint64_t n, uint64_t 
 	return 0;
 }
 
+/* Common start of an allocating call: check the range, set need-check on
+ * disk, make room in the table cache. Returns 1 to go on, 0 for an empty
+ * range, or -errno. */
+static int qed_begin_alloc(struct image *img, uint64_t off, uint64_t len)
+{
+	int r = qed_check_write(img, off, len);
+
+	if (r < 0 || len == 0)
+		return r;
+	r = qed_mark_dirty(img);
+	if (r == 0)
+		r = qed_relieve(img);
+	return r < 0 ? r : 1;
+}
+
 static int qed_alloc_write(struct image *img, uint64_t off, const void *buf, size_t len)
 {
 	struct qed_priv *p = img->priv;
 	uint64_t c0 = off >> p->cluster_bits, n = len >> p->cluster_bits, host;
 	int r;
 
-	r = qed_check_write(img, off, len);
-	if (r < 0 || len == 0)
-		return r;
-	r = qed_mark_dirty(img);
-	if (r == 0)
-		r = qed_relieve(img);
-	if (r < 0)
+	r = qed_begin_alloc(img, off, len);
+	if (r <= 0)
 		return r;
 	pthread_mutex_lock(&p->lock);
 	r = qed_reserve(img, c0, n, len, &host);
@@ -1195,13 +1205,8 @@ static int qed_zero_clusters(struct image *img, uint64_t off, uint64_t len)
 	uint64_t c0 = off >> p->cluster_bits, n = len >> p->cluster_bits, unused;
 	int r;
 
-	r = qed_check_write(img, off, len);
-	if (r < 0 || len == 0)
-		return r;
-	r = qed_mark_dirty(img);
-	if (r == 0)
-		r = qed_relieve(img);
-	if (r < 0)
+	r = qed_begin_alloc(img, off, len);
+	if (r <= 0)
 		return r;
 	pthread_mutex_lock(&p->lock);
 	r = qed_reserve(img, c0, n, 0, &unused);

@@ -282,7 +282,7 @@ static int sfs_mount_main(int argc, char **argv)
 	}
 	for (struct image *l = top; l; l = l->backing) {
 		char real[PATH_MAX];
-		if (sfs_is_url(l->filename) || !realpath(l->filename, real))
+		if (!realpath(l->filename, real)) /* not a local file */
 			continue;
 		if (sfs_path_inside(real, mnt)) {
 			fprintf(stderr, "streamfs: %s lies inside the mountpoint %s\n", real, mnt);
@@ -291,9 +291,9 @@ static int sfs_mount_main(int argc, char **argv)
 			goto out;
 		}
 	}
-	if (top->drv == &image_raw_driver && !o.ro)
-		sfs_warn("%s is a raw image: writes go straight into it, there is no overlay",
-			 overlay);
+	if (!top->drv->alloc_write && !o.ro)
+		sfs_warn("%s has no overlay format (%s): writes go straight into it", overlay,
+			 top->drv->name);
 	r = disk_new(top, cor, o.ro, &disk);
 	if (r < 0) {
 		image_close_chain(top);

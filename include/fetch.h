@@ -32,6 +32,7 @@ struct fetch_source;
 
 struct fetch_ops {
 	const char *scheme; /* "file", "http" (also serves "https") */
+	bool network;	    /* bytes come over the network (counted in status) */
 	size_t priv_size;   /* bytes of zeroed private state at s->priv */
 	/* Open s->uri; set s->size. Log a clear message and return -errno on failure. */
 	int (*open)(struct fetch_source *s, int flags);
@@ -107,6 +108,11 @@ int fetch_truncate(struct fetch_source *s, uint64_t size);
 void fetch_prefetch(struct fetch_source *s, uint64_t off, uint64_t len);
 /* Data or hole at off (see fetch_ops.extent); "all data" when unknown. */
 int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum);
+
+static inline bool fetch_is_network(const struct fetch_source *s)
+{
+	return s->ops->network;
+}
 
 static inline uint64_t fetch_size(struct fetch_source *s)
 {

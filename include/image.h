@@ -147,6 +147,12 @@ void image_close_chain(struct image *img);
  * (no copy-on-read; that is disk.c's job). Past img->size: -EINVAL. */
 int image_pread(struct image *img, void *buf, size_t len, uint64_t off);
 
+/* Read [off, off+len) lying inside the extent ext that map() returned for
+ * img at off: its data, zeros, inflated data, or (EXT_UNALLOC) what the
+ * backing chain holds there, zeros past a shorter backing's end. */
+int image_read_extent(struct image *img, const struct extent *ext, void *buf, size_t len,
+		      uint64_t off);
+
 /* Where does the run starting at off live? Walks the chain from img down
  * to (but not into) 'base' (NULL = the whole chain). Sets *depth to the
  * layer index holding the data (0 = img), or -1 for zeros/holes in every
