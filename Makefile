@@ -73,7 +73,7 @@ check-asan:
 	@# any report fails the run.
 	rm -rf $(CURDIR)/build-asan/reports; mkdir -p $(CURDIR)/build-asan/reports
 	STREAMFS=$(CURDIR)/streamfs-asan HELPERS=$(CURDIR)/build-asan/tests/helpers \
-		FUZZ_REPLAY=$(CURDIR)/build-asan/tests/fuzz ASAN_OPTIONS=detect_leaks=1:log_path=$(CURDIR)/build-asan/reports/asan \
+		SFS_SANITIZED=1 FUZZ_REPLAY=$(CURDIR)/build-asan/tests/fuzz ASAN_OPTIONS=detect_leaks=1:log_path=$(CURDIR)/build-asan/reports/asan \
 		UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/build-asan/reports/ubsan \
 		tests/run-shell-tests.sh
 	@if ls $(CURDIR)/build-asan/reports/* >/dev/null 2>&1; then \

@@ -412,6 +412,8 @@ static int do_build(const char *initial, const char *trace, const char *outdir, 
 	       "points, %u crash images (%s model%s)\n",
 	       nrec, nw, ncut - 1, nm, ncut, made, record_model ? "record" : "page",
 	       brk ? ", BROKEN on purpose" : "");
+	free(cuts);
+	free(pick);
 	return 0;
 }
 
