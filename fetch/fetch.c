@@ -195,6 +195,21 @@ int fetch_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t o
 	return 0;
 }
 
+int fetch_write_zeros(struct fetch_source *s, uint64_t off, uint64_t len)
+{
+	static const uint8_t zero[65536];
+	int r = 0;
+
+	while (len && r == 0) {
+		size_t n = (size_t)SFS_MIN(len, (uint64_t)sizeof(zero));
+
+		r = fetch_pwrite(s, zero, n, off);
+		off += n;
+		len -= n;
+	}
+	return r;
+}
+
 int fetch_flush(struct fetch_source *s)
 {
 	int r;

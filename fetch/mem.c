@@ -21,7 +21,14 @@ struct mem_file {
 	int fail_mask;	     /* FETCH_MEM_* kinds that are armed */
 	uint64_t fail_after; /* successful calls left before failing */
 	int fail_err;
+	/* Disk-full model: which MEM_BLOCK blocks were ever written (a hole
+	 * costs nothing until written, as on a real filesystem), and how many
+	 * may be (0: unlimited). */
+	uint8_t *blk;
+	uint64_t nblk_used, nblk_max;
 };
+
+#define MEM_BLOCK 4096
 
 static pthread_mutex_t mem_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct mem_file *mem_files;
@@ -68,7 +75,29 @@ static int mem_reserve(struct mem_file *f, size_t len)
 		return -ENOMEM;
 	memset(n + f->cap, 0, cap - f->cap);
 	f->data = n;
+	n = realloc(f->blk, cap / MEM_BLOCK + 1);
+	if (!n)
+		return -ENOMEM; /* f->data is grown, harmlessly */
+	memset(n + f->cap / MEM_BLOCK, 0, cap / MEM_BLOCK + 1 - f->cap / MEM_BLOCK);
+	f->blk = n;
 	f->cap = cap;
+	return 0;
+}
+
+/* Called with mem_lock held, after mem_reserve(off + len): account the
+ * blocks [off, off+len) newly written; -ENOSPC, with nothing changed, if
+ * they do not fit. */
+static int mem_use_blocks(struct mem_file *f, uint64_t off, uint64_t len)
+{
+	uint64_t first = off / MEM_BLOCK, last = (off + len - 1) / MEM_BLOCK, fresh = 0;
+
+	for (uint64_t b = first; b <= last; b++)
+		fresh += !f->blk[b];
+	if (f->nblk_max && f->nblk_used + fresh > f->nblk_max)
+		return -ENOSPC;
+	for (uint64_t b = first; b <= last; b++)
+		f->blk[b] = 1;
+	f->nblk_used += fresh;
 	return 0;
 }
 
@@ -84,10 +113,15 @@ int fetch_mem_put(const char *name, const void *data, size_t len)
 		f->fail_mask = 0;
 		r = mem_reserve(f, len);
 		if (r == 0) {
-			if (f->cap)
+			if (f->cap) {
 				memset(f->data, 0, f->cap);
-			if (len)
+				memset(f->blk, 0, f->cap / MEM_BLOCK + 1);
+			}
+			f->nblk_used = f->nblk_max = 0;
+			if (len) {
 				memcpy(f->data, data, len);
+				mem_use_blocks(f, 0, len);
+			}
 			f->len = len;
 		}
 	}
@@ -128,6 +162,21 @@ int fetch_mem_fail(const char *name, int op_mask, uint64_t after, int err)
 	return r;
 }
 
+int fetch_mem_limit(const char *name, uint64_t bytes)
+{
+	struct mem_file *f;
+	int r = -ENOENT;
+
+	pthread_mutex_lock(&mem_lock);
+	f = mem_find(name);
+	if (f) {
+		f->nblk_max = bytes ? f->nblk_used + SFS_DIV_ROUND_UP(bytes, MEM_BLOCK) : 0;
+		r = 0;
+	}
+	pthread_mutex_unlock(&mem_lock);
+	return r;
+}
+
 void fetch_mem_reset(void)
 {
 	struct mem_file *f, *next;
@@ -137,6 +186,7 @@ void fetch_mem_reset(void)
 		next = f->next;
 		free(f->name);
 		free(f->data);
+		free(f->blk);
 		free(f);
 	}
 	mem_files = NULL;
@@ -206,6 +256,8 @@ static int mem_pwrite(struct fetch_source *s, const void *buf, size_t len, uint6
 		r = -EFBIG; /* tests never need more; keeps fuzzers bounded */
 	if (r == 0)
 		r = mem_reserve(f, off + len);
+	if (r == 0 && len)
+		r = mem_use_blocks(f, off, len);
 	if (r == 0) {
 		memcpy(f->data + off, buf, len);
 		if (off + len > f->len)

@@ -120,9 +120,12 @@ static int disk_fill(struct disk *d, const struct extent *ext, void *buf, size_t
  * has already filled in bounce[] with the chain's data: allocate every run
  * still unallocated in the top; runs that became allocated meanwhile are
  * re-read from the overlay into bounce[] so the caller returns current data.
- * Called with chain_lock read-held. Adds the bytes allocated to *copied. */
+ * Called with chain_lock read-held. Adds the bytes allocated to *copied.
+ * With best_effort (a guest read), a full overlay is not an error: the run
+ * stays unallocated and the read is served from bounce[], which holds the
+ * chain's data and cannot be stale (the range lock keeps writers out). */
 static int disk_commit_locked(struct disk *d, uint8_t *bounce, uint64_t a, uint64_t alen,
-			      uint64_t *copied)
+			      bool best_effort, uint64_t *copied)
 {
 	struct image *top = d->top;
 	uint64_t pos = a, end = a + alen;
@@ -142,10 +145,18 @@ static int disk_commit_locked(struct disk *d, uint8_t *bounce, uint64_t a, uint6
 			 * only at the image end. */
 			uint64_t wlen = SFS_ALIGN_UP(ext.len, top->cluster_size);
 			r = top->drv->alloc_write(top, pos, bounce + (pos - a), wlen);
-			if (r < 0)
+			if (best_effort && (r == -ENOSPC || r == -EDQUOT)) {
+				if (atomic_fetch_add(&d->stats.cor_skipped, ext.len) == 0)
+					sfs_warn(
+					    "%s: overlay full: guest reads are served from the "
+					    "backing without being copied",
+					    top->filename);
+			} else if (r < 0) {
 				return r;
-			atomic_store(&d->dirty, true);
-			*copied += ext.len;
+			} else {
+				atomic_store(&d->dirty, true);
+				*copied += ext.len;
+			}
 		} else {
 			r = disk_fill(d, &ext, bounce + (pos - a), (size_t)ext.len, pos);
 			if (r < 0)
@@ -178,7 +189,7 @@ static int disk_cor(struct disk *d, uint8_t *buf, size_t len, uint64_t off)
 	slot = rangelock_lock(d->locks, a, alen);
 	if (slot < 0)
 		return slot;
-	r = disk_commit_locked(d, bounce, a, alen, &copied);
+	r = disk_commit_locked(d, bounce, a, alen, true, &copied);
 	rangelock_unlock(d->locks, slot);
 	if (r < 0)
 		return r;
@@ -357,7 +368,7 @@ static int disk_populate_run(struct disk *d, uint64_t pos, uint64_t n, uint8_t *
 	slot = rangelock_lock(d->locks, pos, alen);
 	if (slot < 0)
 		return slot;
-	r = disk_commit_locked(d, buf, pos, alen, copied);
+	r = disk_commit_locked(d, buf, pos, alen, false, copied);
 	rangelock_unlock(d->locks, slot);
 	return r;
 }

@@ -620,6 +620,20 @@ static void qcow2_pins_release(struct qcow2_pins *ps)
 	free(ps->v);
 }
 
+/* Write zeros over new metadata clusters now, while the guest write that
+ * needs them can still fail: the flush that later fills them must not be
+ * the first write into a sparse hole, or a full disk would fail it after
+ * the guest write was acknowledged. Called with p->lock held (rare: one L2
+ * table per cluster_size/8 guest clusters). */
+static int qcow2_prezero(struct image *img, uint64_t off, uint64_t len)
+{
+	int r = fetch_write_zeros(img->file, off, len);
+
+	if (r < 0)
+		qcow2_err(img, "cannot reserve space for metadata: %s", strerror(-r));
+	return r;
+}
+
 /* Allocate n contiguous new clusters at the end of the file with refcount 1;
  * return the host offset of the first in *host. New refcount blocks (and a
  * relocated, bigger refcount table) needed to count them are placed right
@@ -709,6 +723,11 @@ retry:
 			}
 		}
 	}
+	if (m_rb + m_rct) {
+		r = qcow2_prezero(img, s << p->cluster_bits, (m_rb + m_rct) << p->cluster_bits);
+		if (r < 0)
+			goto out;
+	}
 	/* Commit (no lock drop from here). */
 	if (m_rct) {
 		uint64_t entries = m_rct * p->cs / 8;
@@ -794,6 +813,11 @@ static int qcow2_get_l2(struct image *img, uint64_t l1i, bool alloc, struct qcow
 			if (r < 0)
 				return r;
 			continue;
+		}
+		r = qcow2_prezero(img, host, p->cs);
+		if (r < 0) {
+			qcow2_free_now(img, host, p->cs);
+			return r;
 		}
 		r = qcow2_cache_new(img, host, false, out);
 		if (r < 0)
@@ -1240,6 +1264,132 @@ static int qcow2_init_cache(struct qcow2_priv *p, bool writable)
 }
 
 /* Read and check the header and tables. Called from qcow2_open only. */
+/* Set bit c of bm; return its old value. */
+static bool qcow2_bit_test_set(uint64_t *bm, uint64_t c)
+{
+	bool was = bm[c / 64] & (1ULL << (c % 64));
+
+	bm[c / 64] |= 1ULL << (c % 64);
+	return was;
+}
+
+/* Mark host clusters [off, off+len) as referenced; true if one already was.
+ * Clusters past the end of the file (nclusters) are not tracked. */
+static bool qcow2_mark_range(const struct qcow2_priv *p, uint64_t *bm, uint64_t nclusters,
+			     uint64_t off, uint64_t len)
+{
+	uint64_t end = SFS_MIN(SFS_DIV_ROUND_UP(off + len, p->cs), nclusters);
+	bool dup = false;
+
+	for (uint64_t c = off >> p->cluster_bits; c < end; c++)
+		dup |= qcow2_bit_test_set(bm, c);
+	return dup;
+}
+
+/* Before we write to an image, prove that no host cluster is referenced
+ * twice: a guest cluster mapped onto the header, the L1 or refcount table, a
+ * refcount block, an L2 table or another guest cluster would have our
+ * in-place writes corrupt metadata or other guest data (QEMU guards this
+ * with its overlap checks on every write; we check once, at open, since
+ * every cluster we allocate afterwards comes from past the end of the file
+ * and is verified free). Also refuses L2 tables, refcount blocks and data
+ * clusters past the end of the file, which our own allocations would
+ * otherwise land on once the file grows. Compressed clusters may share host
+ * clusters and are never written in place, so only their bounds are
+ * checked. Costs one read of every L2 table. */
+static int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes)
+{
+	struct qcow2_priv *p = img->priv;
+	uint64_t nclusters = SFS_DIV_ROUND_UP(fsize, p->cs), bad = 0;
+	uint64_t *bm = calloc(nclusters / 64 + 1, sizeof(uint64_t));
+	uint8_t *l2 = malloc(p->cs);
+	int r = 0;
+
+	if (!bm || !l2) {
+		r = -ENOMEM;
+		goto out;
+	}
+#define QCOW2_REF_BAD(...)                                                                         \
+	do {                                                                                       \
+		if (bad++ < 8)                                                                     \
+			qcow2_err(img, __VA_ARGS__);                                               \
+	} while (0)
+	qcow2_mark_range(p, bm, nclusters, 0, p->cs);
+	if (qcow2_mark_range(p, bm, nclusters, p->l1_offset, (uint64_t)p->l1_size * 8))
+		QCOW2_REF_BAD("L1 table overlaps other metadata");
+	if (qcow2_mark_range(p, bm, nclusters, p->rct_offset, rct_bytes))
+		QCOW2_REF_BAD("refcount table overlaps other metadata");
+	for (uint64_t i = 0; i < p->rct_entries; i++) {
+		uint64_t off = p->rct[i] & QCOW2_RCT_OFFSET_MASK;
+
+		if (!off)
+			continue;
+		if (off + p->cs > fsize)
+			QCOW2_REF_BAD("refcount block %llu at %#llx is past the end of the file",
+				      (unsigned long long)i, (unsigned long long)off);
+		else if (qcow2_mark_range(p, bm, nclusters, off, p->cs))
+			QCOW2_REF_BAD("refcount block %llu at %#llx overlaps other metadata",
+				      (unsigned long long)i, (unsigned long long)off);
+	}
+	for (uint64_t i = 0; i < p->l1_size; i++) {
+		uint64_t t = p->l1[i] & QCOW2_OFFSET_MASK;
+
+		if (!t)
+			continue;
+		if ((t & (p->cs - 1)) || t + p->cs > fsize) {
+			QCOW2_REF_BAD(
+			    "L2 table %llu at %#llx is unaligned or past the end of the file",
+			    (unsigned long long)i, (unsigned long long)t);
+			continue;
+		}
+		if (qcow2_mark_range(p, bm, nclusters, t, p->cs)) {
+			QCOW2_REF_BAD("L2 table %llu at %#llx overlaps other metadata",
+				      (unsigned long long)i, (unsigned long long)t);
+			continue;
+		}
+		r = fetch_pread(img->file, l2, p->cs, t);
+		if (r < 0)
+			goto out;
+		for (uint64_t j = 0; j < (1ULL << p->l2_bits); j++) {
+			uint64_t e = qcow2_get64(l2 + 8 * j), off;
+			uint64_t g = ((i << p->l2_bits) + j) << p->cluster_bits;
+
+			/* Compressed data is read with bounds checks and never
+			 * written in place; QEMU lets its sector count run past
+			 * the end of the file. */
+			if (e & QCOW2_OFLAG_COMPRESSED)
+				continue;
+			off = e & QCOW2_OFFSET_MASK;
+			if (!off || g >= img->size)
+				continue;
+			/* Unaligned entries fail their reads (see classify). */
+			if (off & (p->cs - 1))
+				continue;
+			if (off + SFS_MIN((uint64_t)p->cs, img->size - g) > fsize)
+				QCOW2_REF_BAD("L2 entry for guest offset %#llx points past the end "
+					      "of the file (%#llx)",
+					      (unsigned long long)g, (unsigned long long)off);
+			else if (qcow2_mark_range(p, bm, nclusters, off, p->cs))
+				QCOW2_REF_BAD("guest offset %#llx is mapped to host cluster %#llx, "
+					      "which is already in use",
+					      (unsigned long long)g, (unsigned long long)off);
+		}
+	}
+#undef QCOW2_REF_BAD
+	if (bad) {
+		qcow2_err(img,
+			  "%llu overlapping or out-of-file references: the image is corrupt; "
+			  "it can be opened read-only (-o ro), or repaired with 'qemu-img check "
+			  "-r all' if QEMU can",
+			  (unsigned long long)bad);
+		r = -EINVAL;
+	}
+out:
+	free(bm);
+	free(l2);
+	return r;
+}
+
 static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 {
 	uint8_t fixed[QCOW2_V3_HEADER_BYTES + 8] = {0};
@@ -1447,6 +1597,9 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 			goto out;
 		}
 	}
+	r = qcow2_check_refs(img, fsize, rct_bytes);
+	if (r < 0)
+		goto out;
 	if (autoclear) {
 		uint8_t zero[8] = {0};
 
@@ -1542,6 +1695,28 @@ static int qcow2_update_l2(struct image *img, uint64_t off, uint64_t len, uint64
 	return 0;
 }
 
+/* Make sure the L2 tables covering guest [off, off+len) exist (tables are
+ * never freed), so that the update after the data write cannot fail for
+ * lack of space, leaking the data clusters. Called with p->lock held. */
+static int qcow2_ensure_l2(struct image *img, uint64_t off, uint64_t len)
+{
+	struct qcow2_priv *p = img->priv;
+	uint32_t table_bits = p->cluster_bits + p->l2_bits;
+	int r = 0;
+
+	if (len == 0)
+		return 0;
+	for (uint64_t l1i = off >> table_bits; r == 0 && l1i <= (off + len - 1) >> table_bits;
+	     l1i++) {
+		struct qcow2_meta *t;
+
+		r = qcow2_get_l2(img, l1i, true, &t);
+		if (r == 0)
+			qcow2_cache_put(t);
+	}
+	return r;
+}
+
 static int qcow2_check_write(struct image *img, uint64_t off, uint64_t len)
 {
 	struct qcow2_priv *p = img->priv;
@@ -1566,7 +1741,9 @@ static int qcow2_alloc_write(struct image *img, uint64_t off, const void *buf, s
 	if (r < 0)
 		return r;
 	pthread_mutex_lock(&p->lock);
-	r = qcow2_alloc_clusters(img, len >> p->cluster_bits, &host);
+	r = qcow2_ensure_l2(img, off, len);
+	if (r == 0)
+		r = qcow2_alloc_clusters(img, len >> p->cluster_bits, &host);
 	pthread_mutex_unlock(&p->lock);
 	if (r < 0)
 		return r;

@@ -644,14 +644,24 @@ static bool qed_bit_test_set(uint64_t *bm, uint64_t c)
 	return was;
 }
 
+enum qed_check_mode {
+	QED_CHECK_FIX,	  /* need-check set, writable: drop invalid entries */
+	QED_CHECK_REFUSE, /* need-check set, read-only: invalid entries fail the open */
+	QED_CHECK_CLEAN,  /* clean, writable: invalid entries fail the open */
+};
+
 /* Consistency check, as for QED_F_NEED_CHECK (after QEMU's qed-check.c):
  * every table and data cluster lies inside the file, aligned, past the
- * header, and is referenced once. With fix, invalid entries are dropped and
- * the fixed tables written back (L2 before L1, synced); without, they make
- * the open fail. A cluster referenced twice cannot be repaired safely.
- * Unreferenced clusters (leaks from a crash) are only counted. */
-static int qed_check(struct image *img, uint64_t file_end, bool fix)
+ * header, and is referenced once. With QED_CHECK_FIX, invalid entries are
+ * dropped and the fixed tables written back (L2 before L1, synced); with
+ * QED_CHECK_REFUSE and QED_CHECK_CLEAN they make the open fail (a clean
+ * image has none unless crafted, and an entry past the end of the file would
+ * become valid once our appends reach it). A cluster referenced twice
+ * cannot be repaired safely and always fails the open. Unreferenced clusters (leaks from a
+ * crash) are only counted. */
+static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode mode)
 {
+	bool fix = mode == QED_CHECK_FIX;
 	struct qed_priv *p = img->priv;
 	uint64_t nclusters = file_end >> p->cluster_bits;
 	uint64_t table_clusters = p->table_bytes >> p->cluster_bits;
@@ -752,7 +762,7 @@ static int qed_check(struct image *img, uint64_t file_end, bool fix)
 		r = -EINVAL;
 		goto out;
 	}
-	if (invalid && !fix) {
+	if (invalid && mode == QED_CHECK_REFUSE) {
 		qed_err(img,
 			"%llu invalid table entries; open the image writable once (or run "
 			"'qemu-img check -r all') to drop them",
@@ -760,10 +770,18 @@ static int qed_check(struct image *img, uint64_t file_end, bool fix)
 		r = -EINVAL;
 		goto out;
 	}
-	if (invalid)
+	if (invalid && mode == QED_CHECK_CLEAN) {
+		qed_err(img,
+			"%llu invalid table entries in an image closed cleanly: it is corrupt; "
+			"open it read-only (-o ro) or repair it with 'qemu-img check -r all'",
+			(unsigned long long)invalid);
+		r = -EINVAL;
+		goto out;
+	}
+	if (invalid && fix)
 		sfs_warn("%s: qed: dropped %llu invalid table entries (unsynced allocations)",
 			 img->filename, (unsigned long long)invalid);
-	if (leaks)
+	if (leaks && mode != QED_CHECK_CLEAN)
 		sfs_info("%s: qed: %llu leaked clusters (unreferenced space from an interrupted "
 			 "write; harmless)",
 			 img->filename, (unsigned long long)leaks);
@@ -847,10 +865,18 @@ static int qed_do_open(struct image *img)
 	}
 	if (p->hdr.features & QED_F_NEED_CHECK) {
 		sfs_info("%s: qed: image was not closed cleanly; checking it", img->filename);
-		r = qed_check(img, file_end, !img->read_only);
+		r = qed_check(img, file_end, img->read_only ? QED_CHECK_REFUSE : QED_CHECK_FIX);
 		if (r < 0)
 			return r;
 	} else {
+		/* Before we write in place, prove no cluster is referenced
+		 * twice (a guest cluster on a table or on another guest
+		 * cluster) and none lies past the end of the file. */
+		if (!img->read_only) {
+			r = qed_check(img, file_end, QED_CHECK_CLEAN);
+			if (r < 0)
+				return r;
+		}
 		qed_validate_l1(img, file_end);
 	}
 	if (!img->read_only && fsize != file_end) {
@@ -1094,6 +1120,18 @@ static int qed_reserve(struct image *img, uint64_t c0, uint64_t n, uint64_t data
 	if (!sfs_mul_ok(need, p->table_bytes, &total) || !sfs_add_ok(total, data_len, &total) ||
 	    !sfs_add_ok(p->alloc_end, total, &end) || end > QED_MAX_FILE_SIZE)
 		return -EFBIG;
+	/* New tables are consecutive at alloc_end. Write their zeros now,
+	 * while this write can still fail: the flush that fills them must not
+	 * be the first write into a sparse hole, or a full disk would fail it
+	 * after the guest write was acknowledged. */
+	if (need) {
+		int r = fetch_write_zeros(img->file, p->alloc_end, need * p->table_bytes);
+
+		if (r < 0) {
+			qed_err(img, "cannot reserve space for L2 tables: %s", strerror(-r));
+			return r;
+		}
+	}
 	if (need && p->nfresh + need > p->fresh_cap) {
 		size_t cap = SFS_MAX(p->fresh_cap * 2, p->nfresh + need + 16);
 		uint64_t *nf = realloc(p->fresh, cap * sizeof(*nf));
@@ -1185,12 +1223,18 @@ static int qed_alloc_write(struct image *img, uint64_t off, const void *buf, siz
 	pthread_mutex_unlock(&p->lock);
 	if (r < 0)
 		return r;
-	/* One pwrite for the whole request, unlocked. If it fails, the
-	 * reserved range is simply leaked. */
+	/* One pwrite for the whole request, unlocked. If it fails (a full
+	 * disk), the range is handed back when nobody reserved after it, so
+	 * a guest retrying writes does not grow the file; otherwise it is
+	 * leaked (harmless, 'qemu-img check' calls it a leak). */
 	r = fetch_pwrite(img->file, buf, len, host);
 	if (r < 0) {
 		qed_err(img, "cannot write %zu bytes of data at offset %llu: %s", len,
 			(unsigned long long)host, strerror(-r));
+		pthread_mutex_lock(&p->lock);
+		if (p->alloc_end == host + len)
+			p->alloc_end = host;
+		pthread_mutex_unlock(&p->lock);
 		return r;
 	}
 	pthread_mutex_lock(&p->lock);

@@ -125,6 +125,8 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 		  (unsigned long long)atomic_load(&ds->stream_zero));
 	cb_printf(b, "bytes_copied_on_read: %llu\n",
 		  (unsigned long long)atomic_load(&ds->cor_bytes));
+	cb_printf(b, "bytes_not_copied_overlay_full: %llu\n",
+		  (unsigned long long)atomic_load(&ds->cor_skipped));
 	cb_printf(b, "guest_bytes_read: %llu\n", (unsigned long long)atomic_load(&ds->guest_read));
 	cb_printf(b, "guest_bytes_written: %llu\n",
 		  (unsigned long long)atomic_load(&ds->guest_written));

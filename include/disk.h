@@ -25,6 +25,7 @@ struct disk_stats {
 	_Atomic uint64_t guest_read;	   /* bytes read by the guest */
 	_Atomic uint64_t guest_written;	   /* bytes written by the guest */
 	_Atomic uint64_t cor_bytes;	   /* bytes copied into the overlay by guest reads */
+	_Atomic uint64_t cor_skipped;	   /* bytes read but not copied: the overlay was full */
 	_Atomic uint64_t stream_copied;	   /* bytes copied by the stream job / pull */
 	_Atomic uint64_t stream_present;   /* bytes the job found already in the overlay */
 	_Atomic uint64_t stream_zero;	   /* bytes the job skipped as holes/zero */

@@ -101,6 +101,9 @@ void fetch_close(struct fetch_source *s);
 int fetch_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off);
 /* Write exactly len bytes at off; -EROFS on read-only sources. */
 int fetch_pwrite(struct fetch_source *s, const void *buf, size_t len, uint64_t off);
+/* Write len zero bytes at off: reserves the space of a range that a later
+ * flush fills, so that flush cannot be the one to hit a full disk. */
+int fetch_write_zeros(struct fetch_source *s, uint64_t off, uint64_t len);
 /* Durable barrier: every completed write is on stable storage on return. */
 int fetch_flush(struct fetch_source *s);
 int fetch_truncate(struct fetch_source *s, uint64_t size);
@@ -135,6 +138,10 @@ int fetch_mem_get(const char *name, const void **data, size_t *len);
 #define FETCH_MEM_WRITE 2
 #define FETCH_MEM_FLUSH 4
 int fetch_mem_fail(const char *name, int op_mask, uint64_t after, int err);
+/* Disk-full model: from now on, at most 'bytes' more of NAME's holes may be
+ * written (in 4 KiB blocks; rewriting written blocks is free); a write
+ * needing more fails with -ENOSPC. 0 lifts the limit. */
+int fetch_mem_limit(const char *name, uint64_t bytes);
 /* Drop every in-memory file. */
 void fetch_mem_reset(void);
 

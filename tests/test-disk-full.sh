@@ -38,4 +38,31 @@ cmp "$T/mnt/disk" "$T/ref.raw" || fail "content differs after recovery"
 sfs_umount "$T/mnt"
 qcheck_crash "$T/small/ovl"
 qemu-img compare -f "$FMT" -F raw "$T/small/ovl" "$T/ref.raw" || fail "overlay differs"
+
+# Small clusters, random writes: new metadata (L2 tables, refcount blocks)
+# is needed all along. Its space is taken when a write allocates it, so the
+# disk filling up fails a write (ENOSPC), never a later fdatasync of writes
+# already acknowledged; every write synced before that is on disk.
+umount -l "$T/small"
+mount -t tmpfs -o size=6m tmpfs "$T/small" || skip "cannot mount tmpfs"
+"$STREAMFS" create -f "$FMT" -c 4096 -b "$T/base.raw" -F raw "$T/small/ovl2" >/dev/null
+sfs_mount "$T/small/ovl2" "$T/mnt"
+timeout 120 "$HELPERS/writer" write "$T/mnt/disk" "$T/wlog" 77 2>"$T/writer.err" ||
+	fail "writer: $(cat "$T/writer.err")"
+info "full disk: $(cat "$T/writer.err"); $(grep -c '^W' "$T/wlog") writes issued"
+grep -q "stopped: pwrite: No space left" "$T/writer.err" ||
+	fail "the full disk did not fail a write with ENOSPC: $(cat "$T/writer.err")"
+# Reads still work on the full disk (copy-on-read on): served from the
+# backing without being copied, every sector right.
+"$HELPERS/writer" verify "$T/mnt/disk" "$T/wlog" "$T/base.raw" ||
+	fail "reads failed or returned wrong data on a full overlay"
+skipped=$(field "$T/mnt" bytes_not_copied_overlay_full)
+[ "$skipped" -gt 0 ] || fail "no read was served uncopied (bytes_not_copied_overlay_full=$skipped)"
+info "reads on the full overlay: $skipped bytes served from the backing uncopied"
+sfs_umount "$T/mnt" || true
+qcheck_crash "$T/small/ovl2"
+sfs_mount "$T/small/ovl2" "$T/mnt" -o ro,copy_on_read=off
+"$HELPERS/writer" verify "$T/mnt/disk" "$T/wlog" "$T/base.raw" ||
+	fail "synced writes lost on a full disk"
+sfs_umount "$T/mnt"
 echo ok

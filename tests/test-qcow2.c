@@ -853,6 +853,67 @@ static void test_qcow2_map_hostile_l2_entries(void **state)
 	tq_close(img);
 }
 
+/* A writable open refuses images whose clusters are referenced twice or past
+ * the end of the file (in-place writes would corrupt metadata or other guest
+ * data, or land on our own future allocations); read-only opens serve them. */
+static void test_qcow2_hostile_overlaps_refused_rw(void **state)
+{
+	const uint64_t cs = 65536;
+	uint8_t buf[65536], *c;
+	uint64_t l1_off, l2, rct_off, rb, d0;
+	struct image *img;
+	struct extent e;
+	size_t n;
+
+	/* 1 GiB: two L1 entries, the second one free to patch */
+	assert_int_equal(tq_create("mem:ov", 1024 * TQ_MIB, cs, 3, NULL, NULL), 0);
+	img = tq_open_ok("mem:ov", true);
+	memset(buf, 0x5a, sizeof(buf));
+	assert_int_equal(drv->alloc_write(img, 0, buf, cs), 0);
+	assert_int_equal(drv->alloc_write(img, 2 * cs, buf, cs), 0);
+	tq_close(img);
+	c = tq_mem_copy("ov", &n);
+	l1_off = tq_get64(c + 40);
+	rct_off = tq_get64(c + 48);
+	rb = tq_get64(c + rct_off);
+	l2 = tq_get64(c + l1_off) & 0x00fffffffffffe00ULL;
+	d0 = tq_get64(c + l2) & 0x00fffffffffffe00ULL;
+	assert_true(d0 && l2 && rb);
+
+	const struct {
+		uint64_t at, value;
+		const char *needle;
+	} cases[] = {
+	    {l2 + 8, l1_off, "already in use"},	      /* guest cluster onto the L1 table */
+	    {l2 + 8, rct_off, "already in use"},      /* ... onto the refcount table */
+	    {l2 + 8, rb, "already in use"},	      /* ... onto a refcount block */
+	    {l2 + 8, l2, "already in use"},	      /* ... onto its own L2 table */
+	    {l2 + 8, d0, "already in use"},	      /* two guest clusters, one host cluster */
+	    {l2 + 8, n + 4 * cs, "past the end"},     /* where our next allocation would go */
+	    {rct_off + 8, l2, "overlaps"},	      /* a refcount block onto the L2 table */
+	    {l1_off + 8, d0, "overlaps"},	      /* an L2 table onto guest data */
+	    {l1_off + 8, n + 8 * cs, "past the end"}, /* an L2 table past the end */
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		/* refcount table entries carry no flags; L1/L2 entries COPIED */
+		uint64_t v = cases[i].value | (cases[i].at == rct_off + 8 ? 0 : 1ULL << 63);
+
+		assert_int_equal(fetch_mem_put("ov", c, n), 0);
+		tq_patch64("ov", cases[i].at, v);
+		tq_expect_refusal("mem:ov", true, -EINVAL, cases[i].needle);
+		/* Read-only, the rest of the image is served. */
+		img = tq_open_ok("mem:ov", false);
+		assert_int_equal(drv->map(img, 0, cs, &e), 0);
+		assert_int_equal(e.type, EXT_DATA);
+		tq_close(img);
+	}
+	/* The intact image still opens writable. */
+	assert_int_equal(fetch_mem_put("ov", c, n), 0);
+	img = tq_open_ok("mem:ov", true);
+	tq_close(img);
+	free(c);
+}
+
 /* ==== allocation, refcounts, flush ==== */
 
 static void tq_random_workload(const char *name, uint64_t size, uint32_t cs, unsigned ops,
@@ -989,6 +1050,57 @@ static void test_qcow2_flush_write_failure_recovers(void **state)
 		uint8_t ref[16 * 4096] = {0};
 		memcpy(ref, buf, sizeof(buf));
 		tq_expect_read(img, ref, 0, sizeof(ref));
+	}
+	tq_close(img);
+}
+
+/* A full disk fails the guest write that needs the space, never the flush
+ * of writes already acknowledged: new L2 tables and refcount blocks take
+ * their space when allocated. Every acknowledged write then flushes and
+ * reads back; the refcounts stay exact. */
+static void test_qcow2_full_disk_fails_writes_not_flush(void **state)
+{
+	const uint32_t cs = 4096; /* a filesystem block: metadata gets blocks of its own */
+	const uint64_t size = 1024 * TQ_MIB;
+	uint64_t done[4096];
+	unsigned n = 0, seed = 99;
+	uint8_t buf[4096];
+	struct image *img;
+	int r = 0;
+
+	assert_int_equal(tq_create("mem:full", size, cs, 3, NULL, NULL), 0);
+	img = tq_open_ok("mem:full", true);
+	assert_int_equal(fetch_mem_limit("full", 256 * 1024), 0);
+	tq_capture();
+	while (n < 4096) {
+		/* scattered: most writes need a new L2 table */
+		uint64_t off = (uint64_t)(rand_r(&seed) % (size / cs)) * cs;
+
+		tq_fill(buf, cs, off, 7);
+		r = drv->alloc_write(img, off, buf, cs);
+		if (r < 0)
+			break;
+		done[n++] = off;
+	}
+	tq_captured();
+	assert_int_equal(r, -ENOSPC);
+	assert_true(n > 16);
+	assert_int_equal(drv->flush(img), 0);
+	tq_close(img);
+	assert_int_equal(fetch_mem_limit("full", 0), 0);
+	tq_assert_clean("full");
+	img = tq_open_ok("mem:full", false);
+	for (unsigned i = 0; i < n; i++) {
+		uint8_t want[4096], got[4096];
+		bool later = false;
+
+		for (unsigned j = i + 1; j < n; j++)
+			later |= done[j] == done[i];
+		if (later)
+			continue;
+		tq_fill(want, cs, done[i], 7);
+		assert_int_equal(tq_read(img, done[i], got, cs), 0);
+		assert_memory_equal(got, want, cs);
 	}
 	tq_close(img);
 }
@@ -2012,10 +2124,12 @@ int main(void)
 	    cmocka_unit_test_setup(test_qcow2_header_v2_name_right_after_header, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_map_runs_merge, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_map_hostile_l2_entries, tq_setup),
+	    cmocka_unit_test_setup(test_qcow2_hostile_overlaps_refused_rw, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_alloc_write_refcounts_exact, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_alloc_write_all_refcount_orders, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_refcount_table_growth_512, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_flush_write_failure_recovers, tq_setup),
+	    cmocka_unit_test_setup(test_qcow2_full_disk_fails_writes_not_flush, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_crash_order_only_leaks, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_concurrent_alloc_flush_map, tq_setup),
 	    cmocka_unit_test_setup(test_qcow2_cache_eviction_many_tables, tq_setup),

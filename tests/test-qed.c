@@ -670,14 +670,15 @@ static void test_qed_map_bad_offsets_eio(void **state)
 	}
 	image_close_chain(img);
 
-	/* Writing into the region of a bad L1 entry fails too. */
+	/* Writable, the same image is refused: an entry past the end of the
+	 * file would become valid once our appends reach it. */
+	assert_int_equal(tqed_open("mem:m", true, &img), -EINVAL);
 	tqed_craft_standard(&c);
 	tqed_craft_l1(&c, 2, 8 * 4096 + 8);
 	tqed_craft_put(&c, "m");
-	img = tqed_open_ok("mem:m", true);
-	memset(buf, 1, sizeof(buf));
-	assert_int_equal(drv->alloc_write(img, 4 * TQED_MIB, buf, 4096), -EIO);
-	assert_int_equal(drv->alloc_write(img, 2 * TQED_MIB + 8192, buf, 4096), 0);
+	assert_int_equal(tqed_open("mem:m", true, &img), -EINVAL);
+	img = tqed_open_ok("mem:m", false);
+	assert_int_equal(drv->map(img, 4 * TQED_MIB, 4096, &e), -EIO);
 	image_close_chain(img);
 }
 
@@ -793,6 +794,49 @@ static void tqed_expect_zero(struct image *img, uint64_t off, uint64_t len)
 	if (!tqed_is(buf, len, 0))
 		fail_msg("not zero at guest offset %llu", (unsigned long long)off);
 	free(buf);
+}
+
+/* A full disk fails the guest write that needs the space, never the flush
+ * of writes already acknowledged: new L2 tables take their space when they
+ * are reserved. Every acknowledged write then flushes and reads back. */
+static void test_qed_full_disk_fails_writes_not_flush(void **state)
+{
+	const uint32_t cs = 4096;
+	const uint64_t size = 1024 * TQED_MIB;
+	uint64_t done[4096];
+	unsigned n = 0, seed = 99;
+	uint8_t buf[4096];
+	struct image *img;
+	int r = 0;
+
+	tqed_create("full", cs, size, NULL);
+	img = tqed_open_ok("mem:full", true);
+	assert_int_equal(fetch_mem_limit("full", 512 * 1024), 0);
+	while (n < 4096) {
+		/* scattered: most writes need a new L2 table */
+		uint64_t off = (uint64_t)(rand_r(&seed) % (size / cs)) * cs;
+
+		tqed_fill(buf, cs, off, 7);
+		r = drv->alloc_write(img, off, buf, cs);
+		if (r < 0)
+			break;
+		done[n++] = off;
+	}
+	assert_int_equal(r, -ENOSPC);
+	assert_true(n > 8);
+	assert_int_equal(drv->flush(img), 0);
+	image_close_chain(img);
+	assert_int_equal(fetch_mem_limit("full", 0), 0);
+	img = tqed_open_ok("mem:full", false);
+	for (unsigned i = 0; i < n; i++) {
+		bool later = false;
+
+		for (unsigned j = i + 1; j < n; j++)
+			later |= done[j] == done[i];
+		if (!later)
+			tqed_expect_pattern(img, done[i], cs, 7);
+	}
+	image_close_chain(img);
 }
 
 /* A legal but extreme geometry: 16 MiB clusters address more than 2^64
@@ -1059,11 +1103,26 @@ static void test_qed_check_refuses_double_reference(void **state)
 	tqed_craft_put(&c, "k");
 	assert_int_equal(tqed_open("mem:k", true, &img), -EINVAL);
 
-	/* Without the need-check bit the same image opens (no check). */
+	/* Without the need-check bit, the same images open read-only (reads
+	 * are harmless) but never writable: in-place writes to one guest
+	 * cluster would change another, or a table. */
+	for (int k = 0; k < 3; k++) {
+		tqed_craft_standard(&c);
+		if (k == 0)
+			tqed_craft_l2(&c, 8 * 4096, 1, 3 * 4096); /* guest cluster 0's */
+		else if (k == 1)
+			tqed_craft_l2(&c, 8 * 4096, 1, 2 * 4096); /* an L2 table */
+		else
+			tqed_craft_l2(&c, 8 * 4096, 1, 4096); /* the L1 table */
+		tqed_craft_put(&c, "k");
+		img = tqed_open_ok("mem:k", false);
+		image_close_chain(img);
+		assert_int_equal(tqed_open("mem:k", true, &img), -EINVAL);
+		assert_int_equal(tqed_mem_features("k"), 0); /* nothing written */
+	}
 	tqed_craft_standard(&c);
-	tqed_craft_l2(&c, 8 * 4096, 1, 3 * 4096);
 	tqed_craft_put(&c, "k");
-	img = tqed_open_ok("mem:k", false);
+	img = tqed_open_ok("mem:k", true);
 	image_close_chain(img);
 }
 
@@ -1710,6 +1769,8 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_qed_check_drops_entries_past_eof, tqed_setup,
 					    tqed_teardown),
 	    cmocka_unit_test_setup_teardown(test_qed_check_drops_l1_entry_past_eof, tqed_setup,
+					    tqed_teardown),
+	    cmocka_unit_test_setup_teardown(test_qed_full_disk_fails_writes_not_flush, tqed_setup,
 					    tqed_teardown),
 	    cmocka_unit_test_setup_teardown(test_qed_check_refuses_double_reference, tqed_setup,
 					    tqed_teardown),

@@ -86,11 +86,23 @@ static int do_write(const char *disk, const char *logpath, unsigned seed)
 			     (unsigned long long)off, (unsigned long long)len);
 		if (write(logfd, line, (size_t)k) != k)
 			return 2;
-		if (pwrite(fd, buf, len, (off_t)off) != (ssize_t)len)
+		ssize_t w = 0;
+
+		/* A short write (a full disk part way) is retried for its errno. */
+		for (uint64_t done = 0; done < len && w >= 0; done += (uint64_t)w) {
+			w = pwrite(fd, buf + done, len - done, (off_t)(off + done));
+			if (w == 0)
+				w = -1, errno = EIO;
+		}
+		if (w < 0) {
+			perror("writer: stopped: pwrite");
 			break;
+		}
 		if (n % 8 == 7) {
-			if (fdatasync(fd) != 0)
+			if (fdatasync(fd) != 0) {
+				perror("writer: stopped: fdatasync");
 				break;
+			}
 			if (write(logfd, "S\n", 2) != 2)
 				return 2;
 		}
