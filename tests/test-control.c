@@ -477,6 +477,7 @@ static const char *ct_status_keys[] = {
     "bytes_already_present",
     "bytes_skipped_zero",
     "bytes_copied_on_read",
+    "bytes_not_copied_overlay_full",
     "guest_bytes_read",
     "guest_bytes_written",
     "network_bytes",
