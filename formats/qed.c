@@ -762,19 +762,13 @@ static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode m
 		r = -EINVAL;
 		goto out;
 	}
-	if (invalid && mode == QED_CHECK_REFUSE) {
-		qed_err(img,
-			"%llu invalid table entries; open the image writable once (or run "
-			"'qemu-img check -r all') to drop them",
-			(unsigned long long)invalid);
-		r = -EINVAL;
-		goto out;
-	}
-	if (invalid && mode == QED_CHECK_CLEAN) {
-		qed_err(img,
-			"%llu invalid table entries in an image closed cleanly: it is corrupt; "
-			"open it read-only (-o ro) or repair it with 'qemu-img check -r all'",
-			(unsigned long long)invalid);
+	if (invalid && !fix) {
+		qed_err(img, "%llu invalid table entries%s", (unsigned long long)invalid,
+			mode == QED_CHECK_CLEAN
+			    ? " in an image closed cleanly: it is corrupt; open it read-only "
+			      "(-o ro) or repair it with 'qemu-img check -r all'"
+			    : "; open the image writable once (or run 'qemu-img check -r all') "
+			      "to drop them");
 		r = -EINVAL;
 		goto out;
 	}
