@@ -25,7 +25,7 @@ UNIT_BINS := $(UNIT_SRCS:tests/%.c=$(BUILD)/tests/%)
 HELPER_SRCS := $(wildcard tests/helpers/*.c)
 HELPER_BINS := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
 
-.PHONY: all check check-unit check-shell check-asan check-long clean install uninstall demo bench format format-check fuzz
+.PHONY: all check check-unit check-shell check-asan check-long check-valgrind clean install uninstall demo bench format format-check fuzz
 
 all: streamfs
 
@@ -82,7 +82,13 @@ check-asan:
 streamfs-asan: $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(HELPER_BINS) $(FUZZ_REPLAY_BINS)
 	$(CC) -o $@ $(FUSE_OBJS) $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
 
-check-long: streamfs $(HELPER_BINS) $(FUZZ_REPLAY_BINS)
+# The unit tests under valgrind memcheck (the daemon's run is test-valgrind.sh).
+check-valgrind: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== valgrind $$t"; \
+		valgrind -q --leak-check=full --errors-for-leak-kinds=definite,indirect \
+			--error-exitcode=9 $$t >/dev/null; done
+
+check-long: streamfs $(HELPER_BINS) $(FUZZ_REPLAY_BINS) check-valgrind
 	@STREAMFS=$(CURDIR)/streamfs HELPERS=$(CURDIR)/$(BUILD)/tests/helpers LONG=1 tests/run-shell-tests.sh
 
 demo: streamfs

@@ -7,7 +7,7 @@ SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 PKGS="build-essential pkg-config libfuse3-dev fuse3 zlib1g-dev libcurl4-openssl-dev \
 libcmocka-dev qemu-utils fio nginx-light python3 curl clang-format procps psmisc bc tmux openssl \
-util-linux"
+util-linux valgrind"
 [ "${1:-}" = --bench ] && PKGS="$PKGS qemu-system-common qemu-block-extra nbdkit libnbd-bin"
 missing=
 for p in $PKGS; do
