@@ -334,6 +334,105 @@ int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
 	return r;
 }
 
+/* Make the unallocated (or compressed) whole clusters [pos, pos+zlen) of the
+ * top read as zeros: zero clusters, or zero data where the format has none
+ * (qcow2 v2). zbuf holds zbuflen (>= one cluster) zero bytes. Called under
+ * the range lock. */
+static int disk_zero_run(struct disk *d, uint64_t pos, uint64_t zlen, const uint8_t *zbuf,
+			 size_t zbuflen)
+{
+	struct image *top = d->top;
+	int r = top->drv->zero_clusters ? top->drv->zero_clusters(top, pos, zlen) : -ENOTSUP;
+
+	if (r == -ENOTSUP) {
+		r = 0;
+		for (uint64_t done = 0; r == 0 && done < zlen;) {
+			uint64_t c = SFS_MIN((uint64_t)zbuflen, zlen - done);
+
+			r = top->drv->alloc_write(top, pos + done, zbuf, c);
+			done += c;
+		}
+	}
+	if (r == 0)
+		atomic_store(&d->dirty, true);
+	return r;
+}
+
+/* Whole clusters [pos, end) of the top read as zeros afterwards: data runs
+ * are overwritten in place (no metadata change, nothing to free, and QED
+ * could not free them anyway), the rest becomes zero clusters. zbuf holds
+ * one cluster of zeros. Called under the range lock. */
+static int disk_zero_clusters_locked(struct disk *d, uint64_t pos, uint64_t end,
+				     const uint8_t *zbuf)
+{
+	struct image *top = d->top;
+	uint32_t cs = top->cluster_size;
+	int r = 0;
+
+	end = SFS_MIN(end, top->size);
+	while (r == 0 && pos < end) {
+		struct extent ext;
+
+		r = disk_map(top, pos, end - pos, &ext);
+		if (r == 0 && ext.type == EXT_DATA)
+			r = fetch_write_zeros(top->file, ext.host_off, ext.len);
+		else if (r == 0 && ext.type != EXT_ZERO)
+			r = disk_zero_run(d, pos, SFS_ALIGN_UP(ext.len, cs), zbuf, cs);
+		pos += ext.len;
+	}
+	return r;
+}
+
+int disk_zero(struct disk *d, uint64_t off, uint64_t len)
+{
+	struct image *top = d->top;
+	uint32_t cs = top->cluster_size;
+	uint64_t end, a, alen, ca, cb;
+	uint8_t *zbuf;
+	int slot, r = 0;
+
+	if (d->read_only)
+		return -EROFS;
+	if (!sfs_add_ok(off, len, &end) || end > top->size)
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	if (!top->drv->alloc_write)
+		return -EROFS;
+	zbuf = calloc(1, cs);
+	if (!zbuf)
+		return -ENOMEM;
+	a = SFS_ALIGN_DOWN(off, cs);
+	alen = SFS_ALIGN_UP(end, cs) - a;
+	/* Whole clusters [ca, cb); the partial ones at either end (and a last
+	 * cluster cut by the image end counts as whole) get written zeros. */
+	ca = SFS_ALIGN_UP(off, cs);
+	cb = end == top->size ? SFS_ALIGN_UP(end, cs) : SFS_ALIGN_DOWN(end, cs);
+	atomic_fetch_add(&d->stats.guest_inflight, 1);
+	pthread_rwlock_rdlock(&d->chain_lock);
+	slot = rangelock_lock(d->locks, a, alen);
+	if (slot < 0) {
+		r = slot;
+	} else {
+		if (ca >= cb)
+			ca = cb = end; /* inside one cluster: all partial */
+		if (off < ca)
+			r = disk_write_locked(d, zbuf, ca - off, off, a, cs);
+		if (r == 0 && ca < cb)
+			r = disk_zero_clusters_locked(d, ca, cb, zbuf);
+		if (r == 0 && cb < end)
+			r = disk_write_locked(d, zbuf, end - cb, cb, cb, cs);
+		rangelock_unlock(d->locks, slot);
+	}
+	pthread_rwlock_unlock(&d->chain_lock);
+	free(zbuf);
+	atomic_fetch_sub(&d->stats.guest_inflight, 1);
+	atomic_fetch_add(&d->stats.guest_ops, 1);
+	if (r == 0)
+		atomic_store(&d->dirty, true);
+	return r;
+}
+
 int disk_flush(struct disk *d)
 {
 	int r;
@@ -388,31 +487,13 @@ static int disk_populate_zero(struct disk *d, uint64_t pos, uint64_t n, uint8_t 
 	slot = rangelock_lock(d->locks, pos, alen);
 	if (slot < 0)
 		return slot;
+	memset(buf, 0, bufsize);
 	while (r == 0 && pos < end) {
 		struct extent ext;
-		uint64_t zlen, done = 0;
 
 		r = disk_map(top, pos, end - pos, &ext);
-		if (r < 0)
-			break;
-		if (ext.type != EXT_UNALLOC) {
-			pos += ext.len;
-			continue;
-		}
-		zlen = SFS_ALIGN_UP(ext.len, cs);
-		r = top->drv->zero_clusters ? top->drv->zero_clusters(top, pos, zlen) : -ENOTSUP;
-		if (r == -ENOTSUP) {
-			/* qcow2 v2 has no zero clusters: write zeros as data. */
-			r = 0;
-			memset(buf, 0, SFS_MIN(bufsize, zlen));
-			while (r == 0 && done < zlen) {
-				uint64_t c = SFS_MIN((uint64_t)bufsize, zlen - done);
-				r = top->drv->alloc_write(top, pos + done, buf, c);
-				done += c;
-			}
-		}
-		if (r == 0)
-			atomic_store(&d->dirty, true);
+		if (r == 0 && ext.type == EXT_UNALLOC)
+			r = disk_zero_run(d, pos, SFS_ALIGN_UP(ext.len, cs), buf, bufsize);
 		pos += ext.len;
 	}
 	rangelock_unlock(d->locks, slot);

@@ -54,6 +54,11 @@ int disk_close(struct disk *d);
 int disk_read(struct disk *d, void *buf, size_t len, uint64_t off);
 /* Guest write: -ENOSPC past the size, -EROFS when read-only. */
 int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off);
+/* Make [off, off+len) read as zeros (guest discard / write-zeroes): whole
+ * clusters become zero clusters or are zeroed in place, partial ones are
+ * written; the backing is hidden, so the stream job skips them. -EINVAL past
+ * the size, -EROFS when read-only. */
+int disk_zero(struct disk *d, uint64_t off, uint64_t len);
 /* Durable barrier (guest fsync). */
 int disk_flush(struct disk *d);
 

@@ -491,6 +491,52 @@ static void test_disk_write_at_image_end(void **state)
 	free(base);
 }
 
+/* disk_zero: partial clusters are written, whole ones become zero clusters
+ * (or, when they hold data, are zeroed in place); the backing is hidden,
+ * the result survives a reopen and the stream job leaves it alone. */
+static void test_disk_zero_ranges(void **state)
+{
+	uint8_t *base, *model;
+	struct disk *d = td_setup_2(td_fmt(state), false, &base);
+	uint64_t copied = 0;
+	uint8_t *buf = td_xmalloc(4 * TD_CS);
+
+	model = td_xmalloc(TD_SIZE);
+	memcpy(model, base, TD_SIZE);
+	td_write(d, model, 4 * TD_CS, TD_CS, 1); /* cluster 4: data */
+	/* From the middle of cluster 1 to the middle of cluster 5. */
+	assert_int_equal(disk_zero(d, TD_CS + 100, 4 * TD_CS), 0);
+	memset(model + TD_CS + 100, 0, 4 * TD_CS);
+	td_assert_map(d->top, "UDZZDDUUUUU");
+	td_assert_disk(d, model);
+	/* Inside one cluster, and a single byte. */
+	assert_int_equal(disk_zero(d, 7 * TD_CS + 5, 10), 0);
+	memset(model + 7 * TD_CS + 5, 0, 10);
+	assert_int_equal(disk_zero(d, 0, 1), 0);
+	model[0] = 0;
+	/* The partial last cluster, from its start to the image end. */
+	assert_int_equal(disk_zero(d, (TD_NCLUST - 1) * TD_CS, TD_TAIL), 0);
+	memset(model + (TD_NCLUST - 1) * TD_CS, 0, TD_TAIL);
+	td_assert_map(d->top, "DDZZDDUDUUZ");
+	td_assert_disk(d, model);
+	/* Bounds. */
+	assert_int_equal(disk_zero(d, TD_SIZE - 1, 2), -EINVAL);
+	assert_int_equal(disk_zero(d, UINT64_MAX, 2), -EINVAL);
+	assert_int_equal(disk_zero(d, 5, 0), 0);
+	/* The job copies the rest and leaves the zeros zero. */
+	assert_int_equal(disk_populate(d, NULL, 0, TD_SIZE, buf, 4 * TD_CS, &copied), 0);
+	td_assert_disk(d, model);
+	assert_int_equal(disk_close(d), 0);
+	td_assert_reopen(TD_OVL, model, TD_SIZE, TD_BASE_URI);
+	/* Read-only. */
+	d = td_open(TD_OVL, false, true);
+	assert_int_equal(disk_zero(d, 0, TD_CS), -EROFS);
+	assert_int_equal(disk_close(d), 0);
+	free(buf);
+	free(model);
+	free(base);
+}
+
 static void test_disk_write_past_size_enospc(void **state)
 {
 	uint8_t *base, buf[16] = {1, 2, 3};
@@ -1448,6 +1494,7 @@ int main(void)
 	    TD_BOTH(test_disk_write_across_clusters),
 	    TD_BOTH(test_disk_write_at_image_end),
 	    TD_BOTH(test_disk_write_past_size_enospc),
+	    TD_BOTH(test_disk_zero_ranges),
 	    TD_BOTH(test_disk_read_only_erofs),
 	    TD_BOTH(test_disk_populate_copies_everything),
 	    TD_BOTH(test_disk_populate_partial_ranges_and_guest_data),
