@@ -297,7 +297,14 @@ static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uin
 	return 0;
 }
 
-int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
+/* A guest update of [off, off+len) (checked against the size: past_end is
+ * the error) done by fn under the range lock on its cluster-aligned cover
+ * [a, a+alen), counted as guest I/O for the job's yielding. */
+typedef int (*disk_update_fn)(struct disk *d, const void *arg, uint64_t off, uint64_t len,
+			      uint64_t a, uint64_t alen);
+
+static int disk_guest_update(struct disk *d, uint64_t off, uint64_t len, int past_end,
+			     disk_update_fn fn, const void *arg)
 {
 	struct image *top = d->top;
 	uint32_t cs = top->cluster_size;
@@ -307,7 +314,7 @@ int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
 	if (d->read_only)
 		return -EROFS;
 	if (!sfs_add_ok(off, len, &end) || end > top->size)
-		return -ENOSPC;
+		return past_end;
 	if (len == 0)
 		return 0;
 	if (!top->drv->alloc_write)
@@ -320,17 +327,30 @@ int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
 	if (slot < 0) {
 		r = slot;
 	} else {
-		r = disk_write_locked(d, buf, len, off, a, alen);
+		r = fn(d, arg, off, len, a, alen);
 		rangelock_unlock(d->locks, slot);
 	}
 	pthread_rwlock_unlock(&d->chain_lock);
 	atomic_fetch_sub(&d->stats.guest_inflight, 1);
 	atomic_fetch_add(&d->stats.guest_ops, 1);
-	if (r == 0) {
-		/* In-place writes too: they need an fdatasync to be durable. */
+	/* In-place writes too: they need an fdatasync to be durable. */
+	if (r == 0)
 		atomic_store(&d->dirty, true);
+	return r;
+}
+
+static int disk_write_fn(struct disk *d, const void *buf, uint64_t off, uint64_t len, uint64_t a,
+			 uint64_t alen)
+{
+	return disk_write_locked(d, buf, (size_t)len, off, a, alen);
+}
+
+int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
+{
+	int r = disk_guest_update(d, off, len, -ENOSPC, disk_write_fn, buf);
+
+	if (r == 0)
 		atomic_fetch_add(&d->stats.guest_written, len);
-	}
 	return r;
 }
 
@@ -383,54 +403,35 @@ static int disk_zero_clusters_locked(struct disk *d, uint64_t pos, uint64_t end,
 	return r;
 }
 
-int disk_zero(struct disk *d, uint64_t off, uint64_t len)
+/* Whole clusters [ca, cb) are zeroed as clusters; the partial ones at
+ * either end (a last cluster cut by the image end counts as whole) get
+ * written zeros. */
+static int disk_zero_fn(struct disk *d, const void *unused, uint64_t off, uint64_t len, uint64_t a,
+			uint64_t alen)
 {
-	struct image *top = d->top;
-	uint32_t cs = top->cluster_size;
-	uint64_t end, a, alen, ca, cb;
-	uint8_t *zbuf;
-	int slot, r = 0;
+	uint32_t cs = d->top->cluster_size;
+	uint64_t end = off + len, ca = SFS_ALIGN_UP(off, cs);
+	uint64_t cb = end == d->top->size ? SFS_ALIGN_UP(end, cs) : SFS_ALIGN_DOWN(end, cs);
+	uint8_t *zbuf = calloc(1, cs);
+	int r = 0;
 
-	if (d->read_only)
-		return -EROFS;
-	if (!sfs_add_ok(off, len, &end) || end > top->size)
-		return -EINVAL;
-	if (len == 0)
-		return 0;
-	if (!top->drv->alloc_write)
-		return -EROFS;
-	zbuf = calloc(1, cs);
 	if (!zbuf)
 		return -ENOMEM;
-	a = SFS_ALIGN_DOWN(off, cs);
-	alen = SFS_ALIGN_UP(end, cs) - a;
-	/* Whole clusters [ca, cb); the partial ones at either end (and a last
-	 * cluster cut by the image end counts as whole) get written zeros. */
-	ca = SFS_ALIGN_UP(off, cs);
-	cb = end == top->size ? SFS_ALIGN_UP(end, cs) : SFS_ALIGN_DOWN(end, cs);
-	atomic_fetch_add(&d->stats.guest_inflight, 1);
-	pthread_rwlock_rdlock(&d->chain_lock);
-	slot = rangelock_lock(d->locks, a, alen);
-	if (slot < 0) {
-		r = slot;
-	} else {
-		if (ca >= cb)
-			ca = cb = end; /* inside one cluster: all partial */
-		if (off < ca)
-			r = disk_write_locked(d, zbuf, ca - off, off, a, cs);
-		if (r == 0 && ca < cb)
-			r = disk_zero_clusters_locked(d, ca, cb, zbuf);
-		if (r == 0 && cb < end)
-			r = disk_write_locked(d, zbuf, end - cb, cb, cb, cs);
-		rangelock_unlock(d->locks, slot);
-	}
-	pthread_rwlock_unlock(&d->chain_lock);
+	if (ca >= cb)
+		ca = cb = end; /* inside one cluster: all partial */
+	if (off < ca)
+		r = disk_write_locked(d, zbuf, ca - off, off, a, cs);
+	if (r == 0 && ca < cb)
+		r = disk_zero_clusters_locked(d, ca, cb, zbuf);
+	if (r == 0 && cb < end)
+		r = disk_write_locked(d, zbuf, end - cb, cb, cb, cs);
 	free(zbuf);
-	atomic_fetch_sub(&d->stats.guest_inflight, 1);
-	atomic_fetch_add(&d->stats.guest_ops, 1);
-	if (r == 0)
-		atomic_store(&d->dirty, true);
 	return r;
+}
+
+int disk_zero(struct disk *d, uint64_t off, uint64_t len)
+{
+	return disk_guest_update(d, off, len, -EINVAL, disk_zero_fn, NULL);
 }
 
 int disk_flush(struct disk *d)
