@@ -5,6 +5,7 @@
   bh.py qmp-stream SOCK DEVICE SPEED TIMEOUT   block-stream, wait for completion
   bh.py qmp-cmd SOCK JSON                      one QMP command, print the reply
   bh.py sfs-stream MNT SPEED TIMEOUT           start the streamfs job, wait for completion
+  bh.py sfs-rate MNT SPEED SECS                start the job, print its rate over SECS, cancel
   bh.py fio JSONFILE                           print "iops p50_us p99_us"
   bh.py latwin CLATLOG T_START T_END T_KILL    idle/busy p50 p99 from a fio clat log
   bh.py report RESULTS SIZE_MIB                print the table
@@ -140,6 +141,45 @@ def sfs_stream(mnt, speed, timeout):
            st.get("elapsed_s", "-"), st.get("error", "-").replace(" ", "_")))
 
 
+def sfs_rate(mnt, speed, secs):
+    """Achieved job rate in MiB/s: least-squares slope of control/progress
+    offsets sampled every 0.2 s for secs, after 1 s of warm-up."""
+    secs = float(secs)
+    try:
+        with open(os.path.join(mnt, "control/stream"), "w") as f:
+            f.write("start speed=%s\n" % speed)
+    except OSError as e:
+        print("result=fail error=start:%s" % str(e).replace(" ", "_"))
+        return
+    time.sleep(1.0)
+    pts = []
+    end = time.monotonic() + secs
+    try:
+        while time.monotonic() < end:
+            a = time.monotonic()
+            with open(os.path.join(mnt, "control/progress")) as f:
+                off = int(f.read().split()[0])
+            pts.append(((a + time.monotonic()) / 2, off))
+            time.sleep(0.2)
+    except (OSError, ValueError, IndexError) as e:
+        print("result=fail error=progress:%s" % str(e).replace(" ", "_"))
+        return
+    state = read_status(mnt).get("state", "?")
+    try:
+        with open(os.path.join(mnt, "control/stream"), "w") as f:
+            f.write("cancel\n")
+    except OSError:
+        pass
+    n = len(pts)
+    mt, mo = sum(t for t, _ in pts) / n, sum(o for _, o in pts) / n
+    den = sum((t - mt) ** 2 for t, _ in pts)
+    if n < 3 or den <= 0 or state != "running":
+        print("result=fail error=state:%s_samples:%d" % (state, n))
+        return
+    slope = sum((t - mt) * (o - mo) for t, o in pts) / den
+    print("result=ok rate_mib=%.4f samples=%d" % (slope / 1048576, n))
+
+
 def fio_parse(path):
     try:
         with open(path) as f:
@@ -233,6 +273,11 @@ def fmt(x):
     return "%.3g" % x
 
 
+def mib(x):
+    """A requested speed for a label: 100, 8."""
+    return "%g" % x if isinstance(x, float) else "?"
+
+
 def ratio(a, b):
     if isinstance(a, float) and isinstance(b, float) and b > 0:
         return a / b
@@ -263,6 +308,9 @@ def report(path, size_mib):
         ("full stream, HTTP backing (MiB/s)", "stream_http", "limit.curl", "curl"),
         ("throttled stream speed=100M, achieved (MiB/s)", "throttle", "limit.throttle_req", "req"),
         ("  streamfs avg_rate_bytes_per_s (MiB/s)", "throttle_avg", "limit.throttle_req", "req"),
+        ("throttled speed=%sM, CPU load, achieved (MiB/s)" % mib(med(v, "limit.throttle_req")),
+         "throttle_load", "limit.throttle_req", "req"),
+        ("throttled speed=8M, CPU load, achieved (MiB/s)", "throttle_load8", "limit.throttle_req8", "req"),
         ("guest 4K read p50 idle (us)", "lat_idle_p50", None, None),
         ("guest 4K read p99 idle (us)", "lat_idle_p99", None, None),
         ("guest 4K read p50 during stream (us)", "lat_busy_p50", None, None),
@@ -342,6 +390,12 @@ def report(path, size_mib):
     target("speed limit within +-5% of requested", (abs(a - r) <= 0.05 * r) if num(a, r) else None,
            "achieved %s MiB/s (own timing) vs %s requested; avg_rate %s" %
            (fmt(a), fmt(r), fmt(S("throttle_avg"))))
+    for k, rk in (("throttle_load", "limit.throttle_req"), ("throttle_load8", "limit.throttle_req8")):
+        a, r = S(k), L(rk)
+        target("speed limit %sM within +-5%% under CPU load" % mib(r),
+               (abs(a - r) <= 0.05 * r) if num(a, r) else None,
+               "achieved %s MiB/s (progress over time) vs %s requested, %s busy loops" %
+               (fmt(a), fmt(r), fmt(L("limit.load_hogs"))))
     a = S("lat_p99_ratio")
     target("guest 4K p99 during unthrottled stream <= 2x idle",
            (a <= 2.0) if num(a) else None,
@@ -396,6 +450,8 @@ def main():
         qmp_cmd(a[1], a[2])
     elif c == "sfs-stream":
         sfs_stream(*a[1:4])
+    elif c == "sfs-rate":
+        sfs_rate(*a[1:4])
     elif c == "fio":
         fio_parse(a[1])
     elif c == "latwin":

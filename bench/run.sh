@@ -157,6 +157,25 @@ sfs_up() { # sfs_up OVERLAY [-o opts...]
 	[ -n "$SFS_PID" ] && PIDS+=("$SFS_PID")
 	is_mounted "$W/smnt" || { log "streamfs not mounted"; return 1; }
 }
+# sfs_up_fg OVERLAY: like sfs_up, but in the foreground (-f), so the daemon
+# stays in this session: with autogroup scheduling (the default on most
+# distributions) a daemonized streamfs sits in its own group and CPU load
+# started here cannot compete with its threads at all.
+sfs_up_fg() {
+	local i
+	mkdir -p "$W/smnt"
+	rm -f "$W/sfs.pid"
+	SFS_PID=
+	MOUNTS+=("$W/smnt")
+	"$SFS" "$1" "$W/smnt" -f -o "pidfile=$W/sfs.pid" >>"$W/streamfs.log" 2>&1 &
+	PIDS+=($!)
+	for ((i = 0; i < 200; i++)); do
+		[ -s "$W/sfs.pid" ] && break
+		sleep 0.05
+	done
+	SFS_PID=$(cat "$W/sfs.pid" 2>/dev/null)
+	is_mounted "$W/smnt" || { log "streamfs not mounted"; return 1; }
+}
 sfs_down() {
 	umount_path "$W/smnt"
 	[ -n "$SFS_PID" ] && { wait_gone "$SFS_PID" 60 || stop_pid "$SFS_PID"; }
@@ -561,6 +580,32 @@ if want throttle; then
 		rec streamfs.throttle fail
 	fi
 	sfs_down
+	# The same limit and 8M with one busy loop per CPU competing with the
+	# daemon (same session, see sfs_up_fg); rates from control/progress.
+	HOGS=()
+	for ((i = 0; i < $(nproc); i++)); do
+		yes >/dev/null &
+		HOGS+=($!)
+		PIDS+=($!)
+	done
+	rec limit.load_hogs "${#HOGS[@]}"
+	rec limit.throttle_req8 8
+	for key in throttle_load throttle_load8; do
+		spd=$SPEED_MIB
+		[ "$key" = throttle_load8 ] && spd=8
+		key=streamfs.$key
+		log "throttled stream ${spd}M under CPU load: streamfs"
+		if sfs_fresh "$W/sfs.qcow2" "$W/base.raw" && sfs_up_fg "$W/sfs.qcow2"; then
+			line=$(timeout -k 5 60 "${BH[@]}" sfs-rate "$W/smnt" "${spd}M" 8 || echo result=hang)
+			echo "# streamfs throttled ${spd}M under load: $line" >>"$RES"
+			r=$(kv result "$line")
+			if [ "$r" = ok ]; then rec "$key" "$(kv rate_mib "$line")"; else rec "$key" "${r:-fail}"; fi
+		else
+			rec "$key" fail
+		fi
+		sfs_down
+	done
+	for h in "${HOGS[@]}"; do stop_pid "$h"; done
 	log "throttled stream ${SPEED_MIB}M: qsd"
 	if qsd_overlay "$W/qsd.qcow2" "$W/base.raw" && qsd_up cor "$W/qsd.qcow2" "$W/base.raw"; then
 		line=$(qsd_stream "$SPD")

@@ -12,8 +12,12 @@
  * - Yielding: when the guest has requests in flight or issued any since the
  *   last chunk, the job uses small chunks and sleeps as long as the chunk
  *   took (50% duty cycle), so guest requests rarely queue behind it.
+ * - CPU priority follows the limit (stream_apply_priority): low while
+ *   unthrottled, the daemon's own with a limit. Each of the job's threads
+ *   sets its own, under lock, between chunks or flushes.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,7 +66,14 @@ struct stream_job {
 	pthread_cond_t fcond;
 	bool flush_req, flush_busy;
 	int flush_err;
+	/* The daemon's scheduling at stream_new(): what "normal priority" is. */
+	int base_policy, base_nice;
+	struct sched_param base_param;
+	bool warned_nice; /* protected by lock */
 };
+
+/* A thread's priority as last set by stream_apply_priority(). */
+enum stream_prio { STREAM_PRIO_NORMAL, STREAM_PRIO_LOW };
 
 const char *stream_state_name(enum stream_state s)
 {
@@ -179,29 +190,56 @@ static int stream_pace(struct stream_job *j, uint64_t *chunk, uint64_t last_chun
 	return 0;
 }
 
-/* The job yields the CPU to everything else: guest requests are served by
- * FUSE worker threads, which then win every scheduling decision against the
- * copy loop. Best effort (needs no privilege to lower one's own priority). */
-static void stream_lower_priority(void)
+/* Set the calling job thread's CPU priority for the current limit; called
+ * with lock held, by the thread itself (policy and nice are per thread).
+ * Unthrottled, the job yields the CPU to everything else (SCHED_BATCH, nice
+ * 19): guest requests are served by FUSE worker threads, which then win
+ * every scheduling decision against the copy loop. With a limit, the limit
+ * keeps the job from hurting the guest, and at nice 19 it could not keep up
+ * with the limit under CPU load (8.3 MiB/s of 100 requested, two busy loops
+ * in the daemon's session on 2 CPUs), so it runs at the daemon's priority.
+ * Lowering needs no privilege; raising nice back needs CAP_SYS_NICE or
+ * RLIMIT_NICE, so threads start at normal priority and a job started with a
+ * limit never lowers it; without the privilege, a limit set after the job
+ * ran unthrottled is warned about once and kept at low priority. */
+static void stream_apply_priority(struct stream_job *j, enum stream_prio *cur)
 {
+	enum stream_prio want = j->speed ? STREAM_PRIO_NORMAL : STREAM_PRIO_LOW;
 	struct sched_param sp = {0};
+	pid_t tid = gettid();
 
-	pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
-	setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
+	if (*cur == want)
+		return;
+	*cur = want;
+	if (want == STREAM_PRIO_LOW) {
+		pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
+		setpriority(PRIO_PROCESS, (id_t)tid, 19);
+		return;
+	}
+	pthread_setschedparam(pthread_self(), j->base_policy, &j->base_param);
+	if (setpriority(PRIO_PROCESS, (id_t)tid, j->base_nice) < 0 && !j->warned_nice) {
+		j->warned_nice = true;
+		sfs_warn("stream: cannot raise the job's priority back for its speed limit (%s; "
+			 "needs CAP_SYS_NICE): under CPU load it may fall short of the limit",
+			 strerror(errno));
+	}
 }
 
 static void *stream_flusher(void *opaque)
 {
 	struct stream_job *j = opaque;
+	enum stream_prio prio = STREAM_PRIO_NORMAL;
 	int r;
 
-	stream_lower_priority();
 	pthread_mutex_lock(&j->lock);
 	for (;;) {
 		while (!j->quit && !j->flush_req)
 			pthread_cond_wait(&j->fcond, &j->lock);
 		if (j->quit)
 			break;
+		/* The job's own priority: a starved flusher would hold the
+		 * overlay's metadata lock the job needs. */
+		stream_apply_priority(j, &prio);
 		j->flush_req = false;
 		j->flush_busy = true;
 		pthread_mutex_unlock(&j->lock);
@@ -220,8 +258,8 @@ static void *stream_thread(void *opaque)
 	struct stream_job *j = opaque;
 	struct disk *d = j->d;
 	uint64_t last_ops = 0, last_chunk_ns = 0, flushed_bytes = 0, flushed_ns = sfs_now_ns();
+	enum stream_prio prio = STREAM_PRIO_NORMAL;
 
-	stream_lower_priority();
 	pthread_mutex_lock(&j->lock);
 	for (;;) {
 		uint64_t pos, chunk, copied = 0, t0, ops;
@@ -277,6 +315,9 @@ static void *stream_thread(void *opaque)
 		last_ops = ops;
 		if (stream_pace(j, &chunk, last_chunk_ns, guest_active))
 			continue;
+		/* After pacing, which a speed change (control/speed) wakes:
+		 * every chunk runs at the priority for the current limit. */
+		stream_apply_priority(j, &prio);
 		pos = j->offset;
 		chunk = SFS_MIN(chunk, j->length - pos);
 		pthread_mutex_unlock(&j->lock);
@@ -345,6 +386,15 @@ int stream_new(struct disk *d, struct events *ev, struct stream_job **out)
 		return -ENOMEM;
 	}
 	j->length = d->top->size;
+	/* Threads inherit the creator's policy and nice: remember them. */
+	if (pthread_getschedparam(pthread_self(), &j->base_policy, &j->base_param) != 0) {
+		j->base_policy = SCHED_OTHER;
+		memset(&j->base_param, 0, sizeof(j->base_param));
+	}
+	errno = 0;
+	j->base_nice = getpriority(PRIO_PROCESS, (id_t)gettid());
+	if (errno)
+		j->base_nice = 0;
 	pthread_mutex_init(&j->lock, NULL);
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);
