@@ -22,13 +22,30 @@ _run_cleanups() {
 	set +e
 	for ((i = ${#_cleanups[@]} - 1; i >= 0; i--)); do eval "${_cleanups[$i]}"; done
 	# Never leave a mount behind.
-	for m in $(awk -v t="$T" '$2 ~ "^"t {print $2}' /proc/mounts); do
-		fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
-	done
+	umount_all
 	rm -rf "$T"
 	exit $rc
 }
 trap _run_cleanups EXIT
+
+# umount_all: unmount everything mounted under $T, and wait for the daemon
+# of the last sfs_mount (if still mounted) to exit; kill it if it hangs.
+umount_all() {
+	local m i
+	for m in $(awk -v t="$T" '$2 ~ "^"t {print $2}' /proc/mounts); do
+		fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+	done
+	[ -n "${SFS_PID:-}" ] || return 0
+	for ((i = 0; i < 200; i++)); do
+		alive "$SFS_PID" || break
+		sleep 0.05
+	done
+	if alive "$SFS_PID"; then
+		echo "  $TESTNAME: daemon $SFS_PID still running 10 s after unmount: killed" >&2
+		kill -9 "$SFS_PID"
+	fi
+	SFS_PID=
+}
 
 fail() { echo "FAIL: $TESTNAME: $*" >&2; exit 1; }
 skip() { echo "SKIP: $TESTNAME: $*" >&2; exit 77; }
@@ -50,6 +67,20 @@ mkbacking() {
 		dd if=/dev/urandom of="$p" bs=1M seek=$i count=3 conv=notrunc status=none
 	done
 	dd if=/dev/zero of="$p" bs=4096 seek=100 count=7 conv=notrunc status=none
+}
+
+# alive PID: the process exists and has not exited. Nobody here waits for a
+# daemon: once exited it stays a zombie until init reaps it, which can take
+# seconds, and kill -0 still finds it. (A zombie main thread with other
+# threads still running is alive.)
+alive() {
+	local st tasks
+	kill -0 "$1" 2>/dev/null || return 1
+	read -r st <"/proc/$1/stat" 2>/dev/null || return 1
+	st=${st##*) }
+	[ "${st%% *}" != Z ] && return 0
+	tasks=("/proc/$1/task/"*)
+	[ ${#tasks[@]} -gt 1 ]
 }
 
 # sfs_mount OVERLAY MNT [streamfs options...]: mount, wait for the pid file.
@@ -77,10 +108,10 @@ sfs_umount() {
 	if [ -n "$pid" ]; then
 		local i
 		for ((i = 0; i < 600; i++)); do
-			kill -0 "$pid" 2>/dev/null || break
+			alive "$pid" || break
 			sleep 0.05
 		done
-		kill -0 "$pid" 2>/dev/null && fail "daemon $pid did not exit after unmount"
+		alive "$pid" && fail "daemon $pid did not exit after unmount"
 	fi
 	SFS_PID=
 }
@@ -89,7 +120,7 @@ sfs_umount() {
 sfs_kill9() {
 	local mnt=$1
 	kill -9 "$SFS_PID"
-	while kill -0 "$SFS_PID" 2>/dev/null; do sleep 0.02; done
+	while alive "$SFS_PID"; do sleep 0.02; done
 	fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
 	SFS_PID=
 }
@@ -120,3 +151,82 @@ wait_state() {
 
 # field MNT KEY: a value from control/status.
 field() { awk -v k="$2:" '$1 == k {print $2}' "$1/control/status"; }
+
+# wait_offset MNT BYTES [TIMEOUT_S]: wait until the running job has covered
+# BYTES of the disk (control/progress). Fails if the job stops running first.
+wait_offset() {
+	local mnt=$1 want=$2 t=${3:-120} i off len pct st
+	for ((i = 0; i < t * 50; i++)); do
+		read -r st <"$mnt/control/stream"
+		read -r off len pct <"$mnt/control/progress"
+		[ "$st" = running ] || fail "job $st at $off of $len before reaching $want (error: $(field "$mnt" error))"
+		[ "$off" -ge "$want" ] && return 0
+		sleep 0.02
+	done
+	fail "job at $off of $len ($pct), never reached $want"
+}
+
+# http_serve DIR: serve DIR over HTTP with a private nginx on a free
+# 127.0.0.1 port, stopped by PID at exit. Sets HTTP_URL. Returns 1 and
+# sets HTTP_ERR if nginx, curl or python3 is missing or nginx does not start
+# (callers skip); fails if it starts but does not answer.
+# shellcheck disable=SC2034 # HTTP_URL, HTTP_ERR are for the caller
+http_serve() {
+	local root=$1 ngx=$T/ngx port="" i
+	HTTP_ERR=
+	for i in nginx curl python3; do
+		command -v $i >/dev/null 2>&1 || { HTTP_ERR="needs $i"; return 1; }
+	done
+	mkdir -p "$ngx"
+	chmod 755 "$T" "$root" # nginx workers run as an unprivileged user
+	# The port is free when probed; another process may take it before
+	# nginx binds it, hence the retries.
+	for i in 1 2 3; do
+		port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+		cat >"$ngx/nginx.conf" <<NGX
+daemon on;
+pid $ngx/nginx.pid;
+error_log $ngx/error.log;
+worker_processes 1;
+events { worker_connections 64; }
+http {
+	access_log off;
+	client_body_temp_path $ngx;
+	proxy_temp_path $ngx;
+	fastcgi_temp_path $ngx;
+	uwsgi_temp_path $ngx;
+	scgi_temp_path $ngx;
+	server {
+		listen 127.0.0.1:$port;
+		root $root;
+	}
+}
+NGX
+		nginx -c "$ngx/nginx.conf" -p "$ngx" 2>"$ngx/start.log" && break
+		port=""
+	done
+	[ -n "$port" ] || { HTTP_ERR="nginx does not start: $(cat "$ngx/start.log")"; return 1; }
+	cleanup_fn http_stop
+	HTTP_URL=http://127.0.0.1:$port
+	# The daemonised master writes its pid file after nginx returns.
+	for ((i = 0; i < 100; i++)); do
+		[ -s "$ngx/nginx.pid" ] && curl -s -o /dev/null "$HTTP_URL/" && return 0
+		sleep 0.05
+	done
+	fail "nginx not serving on $HTTP_URL: $(cat "$ngx/error.log")"
+}
+
+# http_stop: stop http_serve's nginx (by the PID in its pid file), wait for
+# it. It runs at exit: first unmount, since a daemon whose server is gone
+# retries its requests before it exits.
+http_stop() {
+	local pid i
+	umount_all
+	pid=$(cat "$T/ngx/nginx.pid" 2>/dev/null) || return 0
+	kill "$pid" 2>/dev/null || return 0
+	for ((i = 0; i < 100; i++)); do
+		alive "$pid" || return 0
+		sleep 0.05
+	done
+	echo "nginx $pid did not stop" >&2
+}

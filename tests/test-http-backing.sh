@@ -5,38 +5,15 @@
 # -o backing=URL overrides the header for one mount.
 # formats: qcow2 qed
 . "$(dirname "$0")/functions.sh"
-requires qemu-img fusermount3 nginx curl
+requires qemu-img fusermount3 nginx curl python3
 
-mkdir -p "$T/www" "$T/ngx"
-chmod 755 "$T" "$T/www" # nginx workers run as an unprivileged user
+mkdir -p "$T/www"
 mkbacking "$T/www/base.raw" 32
 qemu-img convert -f raw -O qcow2 "$T/www/base.raw" "$T/www/base.qcow2"
 qemu-img convert -f raw -O qed "$T/www/base.raw" "$T/www/base.qed"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$T/ngx/nginx.conf" <<NGX
-daemon on;
-pid $T/ngx/nginx.pid;
-error_log $T/ngx/error.log;
-worker_processes 1;
-events { worker_connections 64; }
-http {
-	access_log off;
-	client_body_temp_path $T/ngx;
-	proxy_temp_path $T/ngx;
-	fastcgi_temp_path $T/ngx;
-	uwsgi_temp_path $T/ngx;
-	scgi_temp_path $T/ngx;
-	server {
-		listen 127.0.0.1:$port;
-		root $T/www;
-	}
-}
-NGX
-nginx -c "$T/ngx/nginx.conf" -p "$T/ngx" 2>"$T/ngx/start.log" || skip "nginx does not start: $(cat "$T/ngx/start.log")"
-cleanup_fn 'kill $(cat "$T/ngx/nginx.pid") 2>/dev/null'
-url=http://127.0.0.1:$port
-for i in $(seq 1 50); do curl -sf -r 0-0 "$url/base.raw" -o /dev/null && break; sleep 0.1; done
-curl -sf -r 0-0 "$url/base.raw" -o /dev/null || fail "nginx not serving: $(cat "$T/ngx/error.log")"
+http_serve "$T/www" || skip "$HTTP_ERR"
+url=$HTTP_URL
+curl -sf -r 0-0 "$url/base.raw" -o /dev/null || fail "nginx does not serve base.raw"
 
 for b in raw qcow2 qed; do
 	"$STREAMFS" create -f "$FMT" -b "$url/base.$b" -F $b "$T/ovl-$b" >/dev/null ||
