@@ -104,7 +104,7 @@ static void sfs_usage(FILE *f)
 	fprintf(
 	    f,
 	    "usage: streamfs [options] OVERLAY MOUNTPOINT\n"
-	    "       streamfs create [-f qcow2|qed] [-b BACKING [-F FMT]] [-c CLUSTER] "
+	    "       streamfs create [-f qcow2|qed] [-b BACKING [-F FMT] [-u]] [-c CLUSTER] "
 	    "OVERLAY [SIZE]\n"
 	    "       streamfs status|progress|map|events MOUNTPOINT\n"
 	    "       streamfs stream MOUNTPOINT [--base B] [--speed S] [--on-error E] [--wait]\n"
@@ -307,10 +307,10 @@ static char *sfs_resolve_base(struct disk *disk, const char *name)
 {
 	char real[PATH_MAX];
 
-	if (disk_find_layer(disk, name))
-		return strdup(name);
 	if (realpath(name, real) && disk_find_layer(disk, real))
 		return strdup(real);
+	if (disk_find_layer(disk, name))
+		return strdup(name);
 	fprintf(stderr, "streamfs: base '%s' is not an image of the backing chain\n", name);
 	return NULL;
 }
@@ -527,12 +527,14 @@ out:
 	return ret;
 }
 
-/* streamfs create [-f FMT] [-b BACKING [-F BFMT]] [-c CLUSTER] [-o compat=0.10|1.1]
- *                 OVERLAY [SIZE] */
+/* streamfs create [-f FMT] [-b BACKING [-F BFMT]] [-u] [-c CLUSTER] [-o compat=0.10|1.1]
+ *                 OVERLAY [SIZE]
+ * -u (unsafe, as in qemu-img): record the backing without opening it. */
 static int sfs_create_main(int argc, char **argv)
 {
 	const char *fmt = "qcow2", *backing = NULL, *bfmt = NULL, *path;
 	struct image_create_opts co = {0};
+	bool unsafe = false;
 	uint64_t v;
 	int c, r;
 
@@ -567,6 +569,7 @@ static int sfs_create_main(int argc, char **argv)
 			}
 			break;
 		case 'u':
+			unsafe = true;
 			break;
 		case 'h':
 			sfs_usage(stdout);
@@ -594,7 +597,17 @@ static int sfs_create_main(int argc, char **argv)
 		fprintf(stderr, "streamfs create: format must be qcow2 or qed\n");
 		return EXIT_USAGE;
 	}
-	if (backing) {
+	if (unsafe && (!backing || !bfmt || !co.size)) {
+		/* As qemu-img's -u: the backing is not opened (it may not
+		 * exist yet), so nothing can be learnt from it. */
+		fprintf(stderr, "streamfs create: -u needs -b BACKING, -F FMT and SIZE\n");
+		return EXIT_USAGE;
+	}
+	if (unsafe) {
+		co.backing_name = backing;
+		co.backing_fmt = bfmt;
+		r = image_create(path, fmt, &co);
+	} else if (backing) {
 		/* Open the chain to learn its size and check it is sane; a
 		 * relative name is relative to the overlay, as in the header. */
 		struct image *b;

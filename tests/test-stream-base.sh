@@ -15,6 +15,19 @@ qemu-io -f qcow2 -c "write -P 0x5a 1M 3M" -c "write -z 8M 2M" -c "write -P 0x33 
 "$STREAMFS" create -f "$FMT" -b "$T/mid.qcow2" -F qcow2 "$T/ovl" >/dev/null
 qemu-img convert -O raw "$T/ovl" "$T/ref.raw"
 
+# -o base= is resolved against the caller's directory (the daemon runs in
+# /), and a base outside the chain is refused at mount, not left in syslog.
+cd "$T"
+mkdir -p mnt
+"$STREAMFS" ovl mnt -o stream,base=./nothere.raw 2>"$T/err" && fail "mount with a bad base succeeded"
+grep -q "not an image of the backing chain" "$T/err" || fail "bad base message: $(cat "$T/err")"
+mountpoint -q mnt && fail "mounted with a bad base"
+sfs_mount ovl mnt -o stream,speed=1M,base=./template.raw
+cd /
+[ "$(field "$T/mnt" base)" = "$T/template.raw" ] || fail "relative base at mount: $(field "$T/mnt" base)"
+echo 1 >"$T/mnt/control/abort"
+sfs_umount "$T/mnt"
+
 sfs_mount "$T/ovl" "$T/mnt"
 if echo "start base=$T/nothere.raw" >"$T/mnt/control/stream" 2>/dev/null; then
 	fail "base outside the chain accepted"
@@ -44,6 +57,29 @@ cmp "$T/mnt/disk" "$T/ref.raw" || fail "content differs after rebase"
 # Only the intermediate's data was copied (3M + 64k of data), not the template.
 copied=$(field "$T/mnt" bytes_copied_by_job)
 [ "$copied" -le $((4 * 1024 * 1024)) ] || fail "copied $copied bytes, expected only the intermediate's"
+
+# Starting again with the same base has nothing to do: it completes at once
+# from the end (resumed_from = the size), does not rewrite the header and
+# posts no backing-changed.
+mtime=$(stat -c %y "$T/ovl")
+cat "$T/mnt/control/events" >"$T/events" &
+EVP=$!
+cleanup_fn "kill $EVP 2>/dev/null"
+# Events are seen from the open on: wait until the reader holds the file.
+for ((i = 0; i < 200; i++)); do
+	ls -l "/proc/$EVP/fd" 2>/dev/null | grep -q control/events && break
+	sleep 0.05
+done
+echo "start base=$T/template.raw" >"$T/mnt/control/stream"
+wait_state "$T/mnt" completed
+for ((i = 0; i < 200; i++)); do grep -q " completed " "$T/events" && break; sleep 0.05; done
+grep -q " completed " "$T/events" || fail "no completed event: $(cat "$T/events")"
+kill $EVP
+wait $EVP 2>/dev/null || true
+grep -q "backing-changed" "$T/events" && fail "backing-changed posted again: $(cat "$T/events")"
+[ "$(field "$T/mnt" resumed_from)" = "$(field "$T/mnt" length)" ] ||
+	fail "resumed_from $(field "$T/mnt" resumed_from), expected the size"
+[ "$(stat -c %y "$T/ovl")" = "$mtime" ] || fail "the overlay was rewritten by a no-op job"
 sfs_umount "$T/mnt"
 
 info=$(qemu-img info "$T/ovl")
