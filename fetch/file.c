@@ -41,11 +41,39 @@ static int file_lock_range(int fd, short type, off_t start, off_t len)
 	return 0;
 }
 
+/* What a non-disk file is, for the message refusing it. */
+static const char *file_kind(mode_t mode)
+{
+	if (S_ISFIFO(mode))
+		return "a FIFO (named pipe)";
+	if (S_ISSOCK(mode))
+		return "a socket";
+	if (S_ISCHR(mode))
+		return "a character device";
+	if (S_ISDIR(mode))
+		return "a directory";
+	return "not a regular file";
+}
+
+/* Only regular files and block devices (sized by seeking to the end, as
+ * QEMU accepts them) hold images. Anything else is refused by kind, before
+ * it is opened when it can be: open() of a FIFO waits for a writer. */
+static int file_check_type(const char *path, mode_t mode)
+{
+	if (S_ISREG(mode) || S_ISBLK(mode))
+		return 0;
+	sfs_error("%s: is %s, not a regular file or block device: it cannot hold a disk image",
+		  path, file_kind(mode));
+	return S_ISDIR(mode) ? -EISDIR : -EINVAL;
+}
+
 static int file_open(struct fetch_source *s, int flags)
 {
 	struct file_priv *p = s->priv;
 	const char *path = file_path(s->uri);
-	int oflags = O_CLOEXEC;
+	/* O_NONBLOCK: if the path turns into a FIFO between stat() and
+	 * open(), the open returns at once and the fstat() refuses it. */
+	int oflags = O_CLOEXEC | O_NOCTTY | O_NONBLOCK, fl;
 	struct stat st;
 	int r;
 
@@ -55,20 +83,31 @@ static int file_open(struct fetch_source *s, int flags)
 		oflags |= O_RDONLY;
 	if (flags & FETCH_CREATE)
 		oflags |= O_CREAT | O_EXCL;
+	if (!(flags & FETCH_CREATE) && stat(path, &st) == 0) {
+		r = file_check_type(path, st.st_mode);
+		if (r < 0)
+			return r;
+	}
 	pthread_mutex_init(&p->lock, NULL);
 	p->fd = open(path, oflags, 0644);
 	if (p->fd < 0) {
 		r = -errno;
 		sfs_error("%s: %s", path, strerror(-r));
+		pthread_mutex_destroy(&p->lock);
 		return r;
 	}
 	if (fstat(p->fd, &st) < 0) {
 		r = -errno;
 		goto fail;
 	}
-	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-		sfs_error("%s: not a regular file or block device", path);
-		r = -EINVAL;
+	r = file_check_type(path, st.st_mode);
+	if (r < 0)
+		goto fail_quiet;
+	/* Regular files and block devices ignore O_NONBLOCK today; clear it
+	 * so no future kernel makes our preads short or EAGAIN. */
+	fl = fcntl(p->fd, F_GETFL);
+	if (fl < 0 || fcntl(p->fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+		r = -errno;
 		goto fail;
 	}
 	if (S_ISBLK(st.st_mode)) {
@@ -94,18 +133,19 @@ static int file_open(struct fetch_source *s, int flags)
 				  "qemu-img hold a lock on it)",
 				  path);
 			r = -EBUSY;
-			goto fail;
+			goto fail_quiet;
 		}
 		if (r < 0 && r != -EINVAL && r != -ENOTSUP) {
 			sfs_error("%s: cannot lock: %s", path, strerror(-r));
-			goto fail;
+			goto fail_quiet;
 		}
 	}
 	return 0;
 fail:
-	if (r != -EBUSY && r != -EINVAL)
-		sfs_error("%s: %s", path, strerror(-r));
+	sfs_error("%s: %s", path, strerror(-r));
+fail_quiet:
 	close(p->fd);
+	pthread_mutex_destroy(&p->lock);
 	return r;
 }
 

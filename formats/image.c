@@ -91,15 +91,28 @@ int image_open_one(const char *uri, const char *fmt, int flags, struct image **o
 	r = fetch_open(uri, (img->read_only ? FETCH_RDONLY : FETCH_RDWR) | FETCH_LOCK, &img->file);
 	if (r < 0)
 		goto fail;
+	if (fetch_size(img->file) == 0) {
+		/* Every format has a header, and a raw disk of 0 bytes holds
+		 * nothing: an empty file is a mistake (a failed download or
+		 * copy), never a disk. */
+		sfs_error("%s: the file is empty (0 bytes): not a disk image", uri);
+		r = -EINVAL;
+		goto fail;
+	}
 	if (!drv) {
 		r = image_probe(img->file, &drv);
 		if (r < 0)
 			goto fail;
 	}
 	img->drv = drv;
-	if (!img->read_only && !drv->alloc_write && drv != &image_raw_driver) {
-		sfs_error("%s: %s images cannot be written", uri, drv->name);
-		r = -EROFS;
+	if (!img->read_only && !drv->alloc_write) {
+		/* Writes could only go into the image itself: refuse rather
+		 * than mount a disk whose every write fails. */
+		sfs_error("%s: a %s image is not an overlay and is not written in place; make "
+			  "an overlay over it ('streamfs create -b %s -F %s OVERLAY') and mount "
+			  "that, or serve it read-only (-o ro)",
+			  uri, drv->name, uri, drv->name);
+		r = -EMEDIUMTYPE;
 		goto fail;
 	}
 	if (drv->priv_size) {

@@ -16,6 +16,10 @@
  *             backing file), 1 = zero cluster (reads as zeros)
  *
  * NOTES ON THE DESIGN
+ * - create() makes only images QEMU opens: table size 4 (QEMU's default),
+ *   8 or 16 when the guest needs them, 2 for 4 MiB clusters; clusters over
+ *   4 MiB are refused (see qed_qemu_geometry_ok()). Open accepts every
+ *   header the spec allows.
  * - Tables are table_size clusters (up to 1 GiB for legal but absurd
  *   headers), so the unit of caching is a "slice" of an L2 table of at most
  *   QED_SLICE_MAX bytes, kept in the on-disk (little-endian) layout, keyed by
@@ -227,14 +231,60 @@ static bool qed_table_size_ok(uint32_t ts)
 	return SFS_IS_POW2(ts) && ts >= QED_MIN_TABLE_SIZE && ts <= QED_MAX_TABLE_SIZE;
 }
 
+/* log2 of the guest bytes the tables can address. */
+static uint32_t qed_address_bits(uint32_t cs, uint32_t ts)
+{
+	return 2 * qed_log2((uint64_t)cs * ts / sizeof(uint64_t)) + qed_log2(cs);
+}
+
 /* Largest guest size the tables can address (saturates at UINT64_MAX). */
 static uint64_t qed_max_image_size(uint32_t cs, uint32_t ts)
 {
-	uint32_t entry_bits = qed_log2((uint64_t)cs * ts / sizeof(uint64_t));
-	uint32_t bits = 2 * entry_bits + qed_log2(cs);
+	uint32_t bits = qed_address_bits(cs, ts);
 
 	return bits >= 64 ? UINT64_MAX : 1ULL << bits;
 }
+
+/* Can QEMU open an image of this geometry? Two bugs in QEMU's block/qed.c
+ * and qed.h (7.2 and later) refuse legal headers: qed_max_image_size()
+ * computes entries * entries * cluster_size in 64 bits, which wraps to 0
+ * from 2^64 on ("QED image size is invalid" for any size), and
+ * qed_check_table_offset() takes table size 1 for an overflow (offset +
+ * (table_size - 1) * cluster_size <= offset: "QED table offset is invalid"). */
+static bool qed_qemu_geometry_ok(uint32_t cs, uint32_t ts)
+{
+	return ts >= 2 && qed_address_bits(cs, ts) < 64;
+}
+
+/* Table sizes for a new image, in order of preference: QEMU's default,
+ * larger ones for guests it cannot address, then 2 (for 4 MiB clusters). */
+static const uint32_t qed_table_sizes[] = {QED_DEFAULT_TABLE_SIZE, 8, 16, 2};
+
+/* Table size for a new image of size bytes that QEMU can open, or 0. */
+static uint32_t qed_pick_table_size(uint32_t cs, uint64_t size)
+{
+	for (size_t i = 0; i < sizeof(qed_table_sizes) / sizeof(qed_table_sizes[0]); i++) {
+		uint32_t ts = qed_table_sizes[i];
+
+		if (qed_qemu_geometry_ok(cs, ts) && size <= qed_max_image_size(cs, ts))
+			return ts;
+	}
+	return 0;
+}
+
+/* Largest guest size of a new image with clusters of cs bytes. */
+static uint64_t qed_create_max_size(uint32_t cs)
+{
+	uint64_t max = 0;
+
+	for (size_t i = 0; i < sizeof(qed_table_sizes) / sizeof(qed_table_sizes[0]); i++)
+		if (qed_qemu_geometry_ok(cs, qed_table_sizes[i]))
+			max = SFS_MAX(max, qed_max_image_size(cs, qed_table_sizes[i]));
+	return max;
+}
+
+/* Largest cluster size QEMU opens (with table size 2). */
+#define QED_QEMU_MAX_CLUSTER_SIZE (4u * 1024 * 1024) /* in bytes */
 
 /* Write the header struct (not the backing name) at offset 0. Called with
  * hdr_lock held (or single-threaded). */
@@ -1439,9 +1489,9 @@ out:
 
 static int qed_create(struct fetch_source *f, const struct image_create_opts *opts)
 {
-	uint32_t cs = opts->cluster_size ? opts->cluster_size : QED_DEFAULT_CLUSTER_SIZE;
+	uint32_t cs = opts->cluster_size ? opts->cluster_size : QED_DEFAULT_CLUSTER_SIZE, ts;
 	size_t namelen = opts->backing_name ? strlen(opts->backing_name) : 0;
-	uint64_t table_bytes = (uint64_t)cs * QED_DEFAULT_TABLE_SIZE, size, done;
+	uint64_t table_bytes, size, done;
 	struct qed_header h = {0};
 	uint8_t *buf;
 	int r = 0;
@@ -1451,15 +1501,28 @@ static int qed_create(struct fetch_source *f, const struct image_create_opts *op
 			  QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
 		return -EINVAL;
 	}
+	/* The spec allows up to 64 MiB, but an image QEMU cannot open is no
+	 * use: refuse it here rather than after hours of streaming. */
+	if (cs > QED_QEMU_MAX_CLUSTER_SIZE) {
+		sfs_error("%s: qed: cluster size %u: QEMU cannot open QED images with clusters "
+			  "over %u MiB (its image size limit overflows: 'QED image size is "
+			  "invalid'); use -c 4M or less",
+			  f->uri, cs, QED_QEMU_MAX_CLUSTER_SIZE >> 20);
+		return -EINVAL;
+	}
 	/* Guest sizes are whole 512-byte sectors, as qemu-img rounds them. */
 	size = opts->size;
 	if (sfs_add_ok(opts->size, QED_SECTOR - 1, &size))
 		size = SFS_ALIGN_DOWN(size, QED_SECTOR);
-	if (size < opts->size || size > qed_max_image_size(cs, QED_DEFAULT_TABLE_SIZE)) {
-		sfs_error("%s: qed: image size %llu is too large for cluster size %u", f->uri,
-			  (unsigned long long)opts->size, cs);
+	ts = size < opts->size ? 0 : qed_pick_table_size(cs, size);
+	if (ts == 0) {
+		sfs_error("%s: qed: image size %llu is too large for cluster size %u (at most "
+			  "%llu bytes)",
+			  f->uri, (unsigned long long)opts->size, cs,
+			  (unsigned long long)qed_create_max_size(cs));
 		return -EINVAL;
 	}
+	table_bytes = (uint64_t)cs * ts;
 	if (opts->backing_name &&
 	    (namelen == 0 || namelen > QED_MAX_BACKING_NAME || QED_HEADER_BYTES + namelen > cs)) {
 		sfs_error("%s: qed: backing file name of %zu bytes does not fit in the header",
@@ -1467,7 +1530,7 @@ static int qed_create(struct fetch_source *f, const struct image_create_opts *op
 		return -EINVAL;
 	}
 	h.cluster_size = cs;
-	h.table_size = QED_DEFAULT_TABLE_SIZE;
+	h.table_size = ts;
 	h.header_size = 1;
 	h.l1_table_offset = cs;
 	h.image_size = size;

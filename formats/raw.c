@@ -1,12 +1,14 @@
 /* streamfs: raw format driver. The guest view is the file itself; there is
- * no allocation metadata, so everything is EXT_DATA (a raw image never has a
- * backing file and is never the writable overlay). */
+ * no allocation metadata, so everything is EXT_DATA or, where the file has a
+ * hole, EXT_ZERO. A raw image never has a backing file and is always opened
+ * read-only: it has no alloc_write, so image_open_one() refuses it as a
+ * writable top (-EMEDIUMTYPE). */
 #include <errno.h>
 
 #include "image.h"
 #include "util.h"
 
-/* Nominal allocation unit used for alignment when a raw image is the top. */
+/* Nominal allocation unit reported for a raw layer (it has none). */
 #define RAW_CLUSTER_SIZE (64 * 1024) /* in bytes */
 
 static int raw_probe(const uint8_t *buf, size_t len)
@@ -30,10 +32,8 @@ static int raw_map(struct image *img, uint64_t off, uint64_t len, struct extent 
 	bool data = true;
 	uint64_t n = len;
 
-	/* Holes of a read-only raw image read as zeros and need no copying;
-	 * a writable raw top is always data, so writes go in place. */
-	if (img->read_only)
-		fetch_extent(img->file, off, len, &data, &n);
+	/* Holes read as zeros and need no copying. */
+	fetch_extent(img->file, off, len, &data, &n);
 	ext->type = data ? EXT_DATA : EXT_ZERO;
 	ext->len = n;
 	ext->host_off = off;

@@ -557,6 +557,59 @@ static void test_disk_write_past_size_enospc(void **state)
 	free(base);
 }
 
+/* A format with no overlay support (raw) is never the writable top: every
+ * write would fail. Read-only it is served; the overlay over it (fmt) is
+ * writable as usual. */
+static void test_image_raw_top_rdwr_refused(void **state)
+{
+	struct image *img = NULL;
+	uint8_t *base;
+
+	base = td_put_base(TD_SIZE, 1);
+	assert_int_equal(image_open_one(TD_BASE_URI, NULL, IMAGE_RDWR, &img), -EMEDIUMTYPE);
+	assert_null(img);
+	assert_int_equal(image_open_one(TD_BASE_URI, "raw", IMAGE_RDWR, &img), -EMEDIUMTYPE);
+	assert_int_equal(image_open_chain(TD_BASE_URI, NULL, IMAGE_RDWR, NULL, &img), -EMEDIUMTYPE);
+	assert_null(img);
+	assert_int_equal(td_mem_len("base"), TD_SIZE);
+
+	assert_int_equal(image_open_chain(TD_BASE_URI, NULL, 0, NULL, &img), 0);
+	assert_string_equal(img->drv->name, "raw");
+	assert_true(img->read_only);
+	image_close_chain(img);
+
+	td_create(TD_OVL, td_fmt(state), TD_SIZE, TD_BASE_URI, "raw");
+	assert_int_equal(image_open_chain(TD_OVL, NULL, IMAGE_RDWR, NULL, &img), 0);
+	assert_false(img->read_only);
+	image_close_chain(img);
+	free(base);
+}
+
+/* An empty file is no disk: refused in every mode and format, as the top
+ * and as a backing, and nothing is written into it. */
+static void test_image_empty_file_refused(void **state)
+{
+	const char *fmts[] = {NULL, "raw", "qcow2", "qed"};
+	struct image *img = NULL;
+
+	assert_int_equal(fetch_mem_put("empty", NULL, 0), 0);
+	for (size_t i = 0; i < sizeof(fmts) / sizeof(fmts[0]); i++) {
+		assert_int_equal(image_open_one("mem:empty", fmts[i], 0, &img), -EINVAL);
+		assert_int_equal(image_open_one("mem:empty", fmts[i], IMAGE_RDWR, &img), -EINVAL);
+		assert_int_equal(image_open_chain("mem:empty", fmts[i], 0, NULL, &img), -EINVAL);
+		assert_null(img);
+	}
+	assert_int_equal(td_mem_len("empty"), 0);
+
+	td_create(TD_OVL, td_fmt(state), TD_SIZE, "mem:empty", "raw");
+	assert_int_equal(image_open_chain(TD_OVL, NULL, IMAGE_RDWR, NULL, &img), -EINVAL);
+	assert_null(img);
+	/* Without the chain the overlay itself opens. */
+	assert_int_equal(image_open_chain(TD_OVL, NULL, IMAGE_RDWR | IMAGE_NO_BACKING, NULL, &img),
+			 0);
+	image_close_chain(img);
+}
+
 static void test_disk_read_only_erofs(void **state)
 {
 	uint8_t *base, buf[64] = {0}, scratch[TD_CS];
@@ -1496,6 +1549,8 @@ int main(void)
 	    TD_BOTH(test_disk_write_past_size_enospc),
 	    TD_BOTH(test_disk_zero_ranges),
 	    TD_BOTH(test_disk_read_only_erofs),
+	    TD_BOTH(test_image_raw_top_rdwr_refused),
+	    TD_BOTH(test_image_empty_file_refused),
 	    TD_BOTH(test_disk_populate_copies_everything),
 	    TD_BOTH(test_disk_populate_partial_ranges_and_guest_data),
 	    TD_BOTH(test_disk_populate_rejects_bad_args),

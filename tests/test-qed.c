@@ -336,8 +336,11 @@ static void test_qed_create_rejects_bad_options(void **state)
 	assert_int_equal(drv->create(f, &o), -EINVAL);
 	o.cluster_size = 128 * TQED_MIB;
 	assert_int_equal(drv->create(f, &o), -EINVAL);
-	o.cluster_size = 4096; /* at most 512*512 clusters of 4 KiB * 4*4 = 16 GiB */
-	o.size = 64 * TQED_GIB;
+	/* At most (16 * 512)^2 clusters of 4 KiB = 256 GiB, with table size 16. */
+	o.cluster_size = 4096;
+	o.size = 256 * TQED_GIB + 512;
+	assert_int_equal(drv->create(f, &o), -EINVAL);
+	o.size = UINT64_MAX; /* rounding up to 512 wraps */
 	assert_int_equal(drv->create(f, &o), -EINVAL);
 	o.size = TQED_MIB;
 	memset(longname, 'a', sizeof(longname) - 1);
@@ -346,6 +349,81 @@ static void test_qed_create_rejects_bad_options(void **state)
 	assert_int_equal(drv->create(f, &o), -EINVAL);
 	assert_int_equal(fetch_size(f), 0); /* nothing written */
 	fetch_close(f);
+}
+
+/* QEMU's arithmetic for a header, as block/qed.c does it: the largest
+ * image size in 64 bits (wraps to 0 from 2^64) and the L1 table offset check
+ * (table size 1 fails its "overflow" test). */
+static bool tqed_qemu_accepts(uint32_t cs, uint32_t ts, uint64_t size)
+{
+	uint64_t entries = (uint64_t)(ts * cs) / sizeof(uint64_t);
+	uint64_t max = entries * cs * entries;
+	uint64_t l1 = cs, end = l1 + (uint64_t)(ts - 1) * cs;
+
+	return size % 512 == 0 && size <= max && end > l1;
+}
+
+/* Can QEMU open an image of cluster size cs and guest size size with some
+ * table size? */
+static bool tqed_qemu_can(uint32_t cs, uint64_t size)
+{
+	for (uint32_t ts = 1; ts <= 16; ts *= 2)
+		if (tqed_qemu_accepts(cs, ts, size))
+			return true;
+	return false;
+}
+
+/* Every new image is one QEMU opens, whatever the cluster and guest size;
+ * what no table size makes QEMU accept (clusters over 4 MiB, a guest too
+ * large for the cluster size) is refused with nothing written. The table
+ * size is QEMU's default 4 unless the geometry needs another. */
+static void test_qed_create_qemu_geometry(void **state)
+{
+	const uint64_t sizes[] = {1 * TQED_MIB, 1 * TQED_GIB, 100 * TQED_GIB, 1ULL << 50};
+	char name[32];
+
+	for (uint32_t cs = 4096; cs <= 64 * TQED_MIB; cs *= 2) {
+		for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+			struct image_create_opts o = {.size = sizes[i], .cluster_size = cs};
+			struct fetch_source *f;
+			struct image *img;
+			const void *d;
+			size_t len;
+			uint32_t ts;
+			int r;
+
+			snprintf(name, sizeof(name), "mem:g%u-%zu", cs, i);
+			assert_int_equal(fetch_open(name, FETCH_RDWR | FETCH_CREATE, &f), 0);
+			r = drv->create(f, &o);
+			fetch_close(f);
+			assert_int_equal(fetch_mem_get(name + 4, &d, &len), 0);
+			if (!tqed_qemu_can(cs, sizes[i])) {
+				if (r != -EINVAL)
+					fail_msg("cluster size %u, size %llu: QEMU cannot open it, "
+						 "but create returned %d",
+						 cs, (unsigned long long)sizes[i], r);
+				assert_int_equal(len, 0);
+				continue;
+			}
+			if (r != 0)
+				fail_msg("cluster size %u, size %llu: %d", cs,
+					 (unsigned long long)sizes[i], r);
+			ts = tqed_get32((const uint8_t *)d + TQED_OFF_TABLE);
+			if (!tqed_qemu_accepts(cs, ts, sizes[i]))
+				fail_msg("cluster size %u, size %llu: QEMU refuses table size %u",
+					 cs, (unsigned long long)sizes[i], ts);
+			if (tqed_qemu_accepts(cs, 4, sizes[i]))
+				assert_int_equal(ts, 4);
+			assert_int_equal(len, (size_t)cs * (1 + ts));
+			img = tqed_open_ok(name, false);
+			assert_int_equal(img->size, sizes[i]);
+			image_close_chain(img);
+			assert_int_equal(fetch_mem_put(name + 4, NULL, 0), 0);
+		}
+	}
+	/* The largest cluster size QEMU opens, and the smallest it does not. */
+	assert_true(tqed_qemu_can(4 * TQED_MIB, 1 * TQED_GIB));
+	assert_false(tqed_qemu_can(8 * TQED_MIB, 1 * TQED_MIB));
 }
 
 /* ==== header parsing ==== */
@@ -1739,6 +1817,8 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test_setup_teardown(test_qed_probe_magic, tqed_setup, tqed_teardown),
 	    cmocka_unit_test_setup_teardown(test_qed_create_layout, tqed_setup, tqed_teardown),
+	    cmocka_unit_test_setup_teardown(test_qed_create_qemu_geometry, tqed_setup,
+					    tqed_teardown),
 	    cmocka_unit_test_setup_teardown(test_qed_create_rejects_bad_options, tqed_setup,
 					    tqed_teardown),
 	    cmocka_unit_test_setup_teardown(test_qed_header_refusals, tqed_setup, tqed_teardown),
