@@ -84,7 +84,6 @@ struct fetch_options {
 	unsigned connect_timeout;   /* seconds (0 = default 10) */
 	unsigned io_timeout;	    /* seconds a request may stall before retry (0 = default 30) */
 	unsigned retries;	    /* attempts per request for transient errors (0 = default 5) */
-	unsigned fetch_size;	    /* minimum bytes per HTTP request (0 = default 4 MiB) */
 	int verbose;		    /* log every request */
 };
 void fetch_set_options(const struct fetch_options *opts);
