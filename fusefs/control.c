@@ -247,46 +247,109 @@ int control_parse_speed(const char *text, size_t len, uint64_t *out)
 	return sfs_parse_size(s, out);
 }
 
+/* Read one value of a "key=value" argument at *pp into out (outlen bytes),
+ * leaving *pp at the blank or NUL after it. Two spellings:
+ *   "..."  double-quoted: anything but '"' and '\\', which are written \" and \\;
+ *   word   unquoted: up to the next blank; a backslash makes the next
+ *          blank, '"' or '\\' literal.
+ * Any other escape, an unterminated quote, a quote inside a word, text
+ * right after the closing quote, an empty value or one that does not fit
+ * is -EINVAL: a path is taken as written or not at all. */
+static int control_parse_value(const char **pp, char *out, size_t outlen)
+{
+	const char *p = *pp;
+	bool quoted = *p == '"';
+	size_t n = 0;
+
+	if (quoted)
+		p++;
+	for (;;) {
+		char ch = *p;
+
+		if (ch == '\0') {
+			if (quoted)
+				return -EINVAL; /* unterminated quote */
+			break;
+		}
+		if (quoted && ch == '"') {
+			p++;
+			if (*p && *p != ' ' && *p != '\t')
+				return -EINVAL; /* text glued to the closing quote */
+			break;
+		}
+		if (!quoted && (ch == ' ' || ch == '\t'))
+			break;
+		if (!quoted && ch == '"')
+			return -EINVAL;
+		if (ch == '\\') {
+			ch = *++p;
+			if (ch != '"' && ch != '\\' && (quoted || (ch != ' ' && ch != '\t')))
+				return -EINVAL; /* unknown escape, or a backslash at the end */
+		}
+		if (n + 1 >= outlen)
+			return -EINVAL;
+		out[n++] = ch;
+		p++;
+	}
+	if (n == 0)
+		return -EINVAL;
+	out[n] = '\0';
+	*pp = p;
+	return 0;
+}
+
 int control_parse_stream(const char *text, size_t len, struct control_stream_cmd *out)
 {
-	char line[CONTROL_CMD_MAX], *save = NULL, *tok;
+	char line[CONTROL_CMD_MAX], val[sizeof(out->base)];
 	struct control_stream_cmd cmd;
 	bool seen_base = false, seen_speed = false, seen_err = false;
+	const char *p = line, *word;
+	size_t wlen;
 
 	memset(&cmd, 0, sizeof(cmd));
 	if (control_line(text, len, line, sizeof(line)) < 0)
 		return -EINVAL;
-	tok = strtok_r(line, " \t", &save);
-	if (!tok)
-		return -EINVAL;
-	if (strcmp(tok, "start") == 0)
+	p += strspn(p, " \t");
+	word = p;
+	wlen = strcspn(p, " \t");
+	p += wlen;
+	if (wlen == 5 && strncmp(word, "start", 5) == 0)
 		cmd.action = CTL_STREAM_START;
-	else if (strcmp(tok, "pause") == 0)
+	else if (wlen == 5 && strncmp(word, "pause", 5) == 0)
 		cmd.action = CTL_STREAM_PAUSE;
-	else if (strcmp(tok, "resume") == 0)
+	else if (wlen == 6 && strncmp(word, "resume", 6) == 0)
 		cmd.action = CTL_STREAM_RESUME;
-	else if (strcmp(tok, "cancel") == 0 || strcmp(tok, "abort") == 0)
+	else if ((wlen == 6 && strncmp(word, "cancel", 6) == 0) ||
+		 (wlen == 5 && strncmp(word, "abort", 5) == 0))
 		cmd.action = CTL_STREAM_CANCEL;
 	else
 		return -EINVAL;
-	while ((tok = strtok_r(NULL, " \t", &save))) {
+	for (;;) {
+		p += strspn(p, " \t");
+		if (!*p)
+			break;
 		if (cmd.action != CTL_STREAM_START)
 			return -EINVAL;
-		if (strncmp(tok, "base=", 5) == 0 && !seen_base) {
-			if (!tok[5] || strlen(tok + 5) >= sizeof(cmd.base))
+		/* The key is plain text; only the value may be quoted. */
+		if (strncmp(p, "base=", 5) == 0 && !seen_base) {
+			p += 5;
+			if (control_parse_value(&p, cmd.base, sizeof(cmd.base)) < 0)
 				return -EINVAL;
-			strcpy(cmd.base, tok + 5);
-			cmd.params.base = NULL; /* set below, after the copy-out */
 			seen_base = true;
-		} else if (strncmp(tok, "speed=", 6) == 0 && !seen_speed) {
-			if (sfs_parse_size(tok + 6, &cmd.params.speed) < 0)
+		} else if (strncmp(p, "speed=", 6) == 0 && !seen_speed) {
+			p += 6;
+			if (control_parse_value(&p, val, sizeof(val)) < 0 ||
+			    sfs_parse_size(val, &cmd.params.speed) < 0)
 				return -EINVAL;
 			cmd.params.speed_set = true;
 			seen_speed = true;
-		} else if (strncmp(tok, "on-error=", 9) == 0 && !seen_err) {
-			if (strcmp(tok + 9, "report") == 0)
+		} else if (strncmp(p, "on-error=", 9) == 0 && !seen_err) {
+			p += 9;
+			if (control_parse_value(&p, val, sizeof(val)) < 0)
+				return -EINVAL;
+			if (strcmp(val, "report") == 0)
 				cmd.params.on_error = STREAM_ON_ERROR_REPORT;
-			else if (strcmp(tok + 9, "stop") == 0)
+			else if (strcmp(val, "stop") == 0)
 				cmd.params.on_error = STREAM_ON_ERROR_STOP;
 			else
 				return -EINVAL;
