@@ -16,6 +16,7 @@
 #include "util.h"
 
 #define CONTROL_CMD_MAX 4096 /* longest command accepted, in bytes */
+#define CONTROL_LOG_MAX 160  /* most bytes of a command shown in the log */
 
 const struct control_info control_files[CTL_COUNT] = {
     [CTL_STATUS] = {"status", 0444}, [CTL_PROGRESS] = {"progress", 0444},
@@ -401,7 +402,7 @@ int control_command(struct control_ctx *c, enum control_id id, const char *text,
 {
 	struct control_stream_cmd cmd;
 	uint64_t v, off, plen;
-	char line[16];
+	char line[16], esc[CONTROL_LOG_MAX];
 	int r;
 
 	switch (id) {
@@ -446,8 +447,8 @@ int control_command(struct control_ctx *c, enum control_id id, const char *text,
 			break;
 		}
 		if (r == -EINVAL) {
-			sfs_warn("control/stream: '%.*s' does not apply in the job's current state",
-				 (int)SFS_MIN(len, 64), text);
+			sfs_warn("control/stream: '%s' does not apply in the job's current state",
+				 sfs_escape(esc, sizeof(esc), text, len));
 			return -EBUSY;
 		}
 		return r;
@@ -455,7 +456,9 @@ int control_command(struct control_ctx *c, enum control_id id, const char *text,
 		return -EACCES;
 	}
 bad:
-	sfs_warn("control/%s: invalid command '%.*s'", control_files[id].name,
-		 (int)SFS_MIN(len, 64), text);
+	/* The text is whatever a writer sent: escaped, so it cannot forge
+	 * log lines, with its full length, so "pause\0resume" is seen whole. */
+	sfs_warn("control/%s: invalid command '%s' (%zu bytes)", control_files[id].name,
+		 sfs_escape(esc, sizeof(esc), text, len), len);
 	return -EINVAL;
 }

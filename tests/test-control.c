@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -294,6 +295,93 @@ static void test_control_parse_stream_quoting_rejects(void **state)
 		assert_int_equal(ct_stream(text, &c), -EINVAL);
 		assert_memory_equal(&c, &sentinel, sizeof(c));
 	}
+}
+
+/* sfs_escape: C-style escapes, whole escapes only, "..." when cut. */
+static void test_util_escape(void **state)
+{
+	char buf[64], small[12];
+	static const unsigned char all[] = {'a',  '\\', '\'', '"',  '\n', '\r',
+					    '\t', 0,	0x1b, 0x7f, 0xe2};
+
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "pause", 5), "pause");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "pause\0resume", 12), "pause\\0resume");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "resume\n", 7), "resume\\n");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), all, sizeof(all)),
+			    "a\\\\\\'\"\\n\\r\\t\\0\\x1b\\x7f\\xe2");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "", 0), "");
+	/* Exactly fits: 11 characters and the NUL. */
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123456789a", 11), "0123456789a");
+	/* One more: cut, with "..." in the last 3 places. */
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123456789ab", 12), "01234567...");
+	/* A cut never splits an escape. */
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123456\x01xyz", 11), "0123456...");
+	assert_string_equal(sfs_escape(small, sizeof(small), "01234\x01xyzzy", 11), "01234...");
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123\x01xyzzy", 10), "0123\\x01...");
+	/* Tiny buffers stay NUL-terminated. */
+	assert_string_equal(sfs_escape(small, 1, "abc", 3), "");
+	assert_string_equal(sfs_escape(small, 3, "abc", 3), "ab");
+	assert_string_equal(sfs_escape(small, 4, "abc", 3), "abc");
+	assert_string_equal(sfs_escape(small, 4, "abcd", 4), "...");
+	assert_string_equal(sfs_escape(small, 3, "\n", 1), "\\n");
+	assert_string_equal(sfs_escape(small, 2, "\n", 1), "");
+	assert_string_equal(sfs_escape(small, 5, "\n\n", 2), "\\n\\n");
+	assert_string_equal(sfs_escape(small, 4, "\n\n", 2), "...");
+	/* size 0 writes nothing at all. */
+	small[0] = 'Z';
+	sfs_escape(small, 0, "abc", 3);
+	assert_int_equal(small[0], 'Z');
+}
+
+/* Run control_command on text with stderr captured; returns the log. */
+static char *ct_log_of(enum control_id id, const char *text, size_t len)
+{
+	struct control_ctx c = {0};
+	char *log = calloc(1, 4096);
+	FILE *tmp = tmpfile();
+	int saved = dup(2);
+
+	assert_non_null(log);
+	assert_non_null(tmp);
+	fflush(stderr);
+	assert_true(dup2(fileno(tmp), 2) >= 0);
+	/* Only bad commands: they are refused before the job is looked at. */
+	assert_int_equal(control_command(&c, id, text, len), -EINVAL);
+	fflush(stderr);
+	dup2(saved, 2);
+	close(saved);
+	rewind(tmp);
+	assert_true(fread(log, 1, 4095, tmp) > 0);
+	fclose(tmp);
+	return log;
+}
+
+/* A refused command is logged escaped and whole, on one line. */
+static void test_control_command_log_is_escaped(void **state)
+{
+	int level = sfs_log_level;
+	char *log, big[5000];
+
+	sfs_log_level = SFS_LOG_WARN;
+	log = ct_log_of(CTL_STREAM, "pause\0resume", 12);
+	assert_string_equal(
+	    log, "streamfs: control/stream: invalid command 'pause\\0resume' (12 bytes)\n");
+	free(log);
+	log = ct_log_of(CTL_STREAM, "resume\n\nstreamfs: forged\x1b[2J", 28);
+	assert_string_equal(log, "streamfs: control/stream: invalid command "
+				 "'resume\\n\\nstreamfs: forged\\x1b[2J' (28 bytes)\n");
+	free(log);
+	log = ct_log_of(CTL_ABORT, "y\rn", 3);
+	assert_string_equal(log, "streamfs: control/abort: invalid command 'y\\rn' (3 bytes)\n");
+	free(log);
+	/* A long command is cut in the log but its length is the real one. */
+	memset(big, '\n', sizeof(big));
+	log = ct_log_of(CTL_SPEED, big, sizeof(big));
+	assert_non_null(strstr(log, "\\n\\n...' (5000 bytes)\n"));
+	assert_true(strlen(log) < 300);
+	assert_ptr_equal(strchr(log, '\n'), log + strlen(log) - 1); /* one line */
+	free(log);
+	sfs_log_level = level;
 }
 
 static void test_control_parse_speed(void **state)
@@ -1321,6 +1409,8 @@ int main(void)
 	    cmocka_unit_test(test_control_parse_stream_rejects),
 	    cmocka_unit_test(test_control_parse_stream_quoted_values),
 	    cmocka_unit_test(test_control_parse_stream_quoting_rejects),
+	    cmocka_unit_test(test_util_escape),
+	    cmocka_unit_test(test_control_command_log_is_escaped),
 	    cmocka_unit_test(test_control_parse_speed),
 	    cmocka_unit_test(test_control_parse_pull),
 	    cmocka_unit_test(test_control_parse_pull_rejects_double_hex_prefix),
