@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "control.h"
+#include "fetch.h"
 #include "util.h"
 
 #define CONTROL_CMD_MAX 4096 /* longest command accepted, in bytes */
@@ -74,13 +75,34 @@ static void cb_printf(struct control_buf *b, const char *fmt, ...)
 	}
 }
 
-static void control_render_chain(struct control_buf *b, struct disk *d)
+/* The names of the layers as they may be shown: control files are readable
+ * by every user of the mount (allow_other), and a backing URL may carry a
+ * token in its query or credentials. names[] has IMAGE_MAX_CHAIN + 1 slots;
+ * NULL past the chain's end. Called with chain_lock held. */
+static void control_layer_names(struct control_buf *b, struct disk *d, char **names)
 {
-	struct image *img;
+	struct image *img = d->top;
+
+	for (int i = 0; i <= IMAGE_MAX_CHAIN; i++, img = img ? img->backing : NULL) {
+		names[i] = img ? fetch_display_uri(img->filename) : NULL;
+		if (img && !names[i])
+			b->err = -ENOMEM;
+	}
+}
+
+static void control_free_names(char **names)
+{
+	for (int i = 0; i <= IMAGE_MAX_CHAIN; i++)
+		free(names[i]);
+}
+
+static void control_render_chain(struct control_buf *b, struct disk *d, char **names)
+{
+	int i = 0;
 
 	cb_printf(b, "chain:");
-	for (img = d->top; img; img = img->backing)
-		cb_printf(b, "%s %s (%s)", img == d->top ? "" : " <-", img->filename,
+	for (struct image *img = d->top; img && i <= IMAGE_MAX_CHAIN; img = img->backing, i++)
+		cb_printf(b, "%s %s (%s)", i ? " <-" : "", names[i] ? names[i] : "?",
 			  img->drv->name);
 	cb_printf(b, "\n");
 }
@@ -89,11 +111,16 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 {
 	struct stream_status st;
 	struct disk_stats *ds = &c->disk->stats;
+	char *names[IMAGE_MAX_CHAIN + 1], *base;
 	double pct;
 
 	stream_get_status(c->job, &st);
 	pct = st.length ? 100.0 * (double)st.offset / (double)st.length : 100.0;
+	base = fetch_display_uri(st.base[0] ? st.base : "-");
+	if (!base)
+		b->err = -ENOMEM;
 	pthread_rwlock_rdlock(&c->disk->chain_lock);
+	control_layer_names(b, c->disk, names);
 	cb_printf(b, "state: %s\n", stream_state_name(st.state));
 	cb_printf(b, "offset: %llu\n", (unsigned long long)st.offset);
 	cb_printf(b, "length: %llu\n", (unsigned long long)st.length);
@@ -108,14 +135,13 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 		cb_printf(b, "eta_s: %s\n", st.state == STREAM_COMPLETED ? "0" : "-");
 	cb_printf(b, "elapsed_s: %.1f\n", st.elapsed);
 	cb_printf(b, "resumed_from: %llu\n", (unsigned long long)st.resumed_from);
-	cb_printf(b, "base: %s\n", st.base[0] ? st.base : "-");
+	cb_printf(b, "base: %s\n", base ? base : "-");
 	cb_printf(b, "on_error: %s\n", st.on_error == STREAM_ON_ERROR_STOP ? "stop" : "report");
 	cb_printf(b, "error: %s\n", st.error[0] ? st.error : "-");
-	cb_printf(b, "overlay: %s\n", c->disk->top->filename);
+	cb_printf(b, "overlay: %s\n", names[0] ? names[0] : "?");
 	cb_printf(b, "format: %s\n", c->disk->top->drv->name);
-	cb_printf(b, "backing: %s\n",
-		  c->disk->top->backing ? c->disk->top->backing->filename : "-");
-	control_render_chain(b, c->disk);
+	cb_printf(b, "backing: %s\n", names[1] ? names[1] : "-");
+	control_render_chain(b, c->disk, names);
 	cb_printf(b, "disk_size: %llu\n", (unsigned long long)c->disk->top->size);
 	cb_printf(b, "copy_on_read: %s\n", c->disk->copy_on_read ? "on" : "off");
 	cb_printf(b, "bytes_copied_by_job: %llu\n",
@@ -132,6 +158,8 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_printf(b, "guest_bytes_written: %llu\n",
 		  (unsigned long long)atomic_load(&ds->guest_written));
 	pthread_rwlock_unlock(&c->disk->chain_lock);
+	control_free_names(names);
+	free(base);
 	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)disk_network_bytes(c->disk));
 	cb_printf(b, "network_rate_bytes_per_s: %llu\n", (unsigned long long)st.net_rate);
 }
@@ -142,8 +170,10 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 	uint64_t off = 0, run_off = 0, run_len = 0;
 	int run_depth = -3;
 	enum extent_type run_type = EXT_UNALLOC;
+	char *names[IMAGE_MAX_CHAIN + 1];
 
 	pthread_rwlock_rdlock(&d->chain_lock);
+	control_layer_names(b, d, names);
 	cb_printf(b, "# offset length depth type file\n");
 	while (off <= top->size && !b->err) {
 		uint64_t pnum = 0;
@@ -159,14 +189,15 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 			type = EXT_DATA;
 		if (off == top->size || depth != run_depth || type != run_type) {
 			if (run_len) {
-				struct image *l =
-				    run_depth >= 0 ? image_layer(top, run_depth) : NULL;
+				const char *name = run_depth >= 0 && run_depth <= IMAGE_MAX_CHAIN
+						       ? names[run_depth]
+						       : NULL;
 				const char *t = run_depth < 0	       ? "hole"
 						: run_type == EXT_ZERO ? "zero"
 								       : "data";
 				cb_printf(b, "%llu %llu %d %s %s\n", (unsigned long long)run_off,
 					  (unsigned long long)run_len, run_depth, t,
-					  l ? l->filename : "-");
+					  name ? name : "-");
 			}
 			run_off = off;
 			run_len = 0;
@@ -179,6 +210,7 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 		off += pnum;
 	}
 	pthread_rwlock_unlock(&d->chain_lock);
+	control_free_names(names);
 }
 
 int control_render(struct control_ctx *c, enum control_id id, char **buf, size_t *len)

@@ -89,6 +89,12 @@ struct fetch_options {
 void fetch_set_options(const struct fetch_options *opts);
 const struct fetch_options *fetch_get_options(void);
 
+/* The uri made fit to show (status files, messages): a local path as is;
+ * for "scheme://" URLs the userinfo becomes "***@", every query value and
+ * the fragment "***" ("https://h/x?token=***"): signed URLs carry their
+ * secret in the query. Returns a malloc'd string or NULL (ENOMEM). */
+char *fetch_display_uri(const char *uri) __attribute__((nonnull));
+
 /* Open the source named by uri ("/path", "rel/path", "file:///path",
  * "http://...", "https://..."). Returns 0 and *out, or -errno after logging
  * a message that names the uri. */
