@@ -388,7 +388,7 @@ char *fetch_display_uri(const char *uri)
 
 	/* Local paths and file: URLs carry no secrets and are shown as is. */
 	if (scheme_len == 0 || strncmp(uri + scheme_len, "://", 3) != 0 ||
-	    strncasecmp(uri, "file://", 7) == 0)
+	    strncmp(uri, "file://", 7) == 0)
 		return strdup(uri);
 	u = curl_url();
 	if (!u)
