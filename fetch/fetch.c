@@ -84,19 +84,25 @@ int fetch_open(const char *uri, int flags, struct fetch_source **out)
 {
 	const struct fetch_ops *ops = fetch_pick(uri);
 	struct fetch_source *s;
+	char *shown;
 	int r;
 
 	if (strstr(uri, "://") && !sfs_is_url(uri) && strncmp(uri, "file://", 7) != 0) {
+		shown = fetch_display_uri(uri);
 		sfs_error("%s: unsupported URL scheme (only file paths, http:// and https://)",
-			  uri);
+			  shown ? shown : "URL");
+		free(shown);
 		return -EPROTONOSUPPORT;
 	}
 	if (strncmp(uri, "json:", 5) == 0) {
-		sfs_error("%s: json: pseudo-URLs are not supported", uri);
+		/* Not shown: its options may hold a password in any form. */
+		sfs_error("json: pseudo-URLs are not supported");
 		return -EPROTONOSUPPORT;
 	}
 	if ((flags & FETCH_RDWR) && !ops->pwrite) {
-		sfs_error("%s: %s sources are read-only", uri, ops->scheme);
+		shown = fetch_display_uri(uri);
+		sfs_error("%s: %s sources are read-only", shown ? shown : "URL", ops->scheme);
+		free(shown);
 		return -EROFS;
 	}
 	s = calloc(1, sizeof(*s));
@@ -146,9 +152,13 @@ int fetch_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off)
 	if (len == 0)
 		return 0;
 	if (!sfs_add_ok(off, len, &end) || end > fetch_size(s)) {
+		char *shown = fetch_display_uri(s->uri);
+
 		sfs_error("%s: read of %zu bytes at offset %llu is past the end of the file "
 			  "(%llu bytes): truncated or corrupt image",
-			  s->uri, len, (unsigned long long)off, (unsigned long long)fetch_size(s));
+			  shown ? shown : "source", len, (unsigned long long)off,
+			  (unsigned long long)fetch_size(s));
+		free(shown);
 		atomic_fetch_add(&s->stats.errors, 1);
 		return -EIO;
 	}

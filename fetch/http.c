@@ -56,8 +56,9 @@
  * sets CAINFO (it replaces the default bundle, like curl --cacert). Only
  * http and https are allowed, also as redirect targets. Credentials come
  * only from options->http_auth_file or ~/.netrc, never from the URL (refused
- * at open), and are never logged; nor is a query string (signed URLs carry
- * tokens there), nor is CURLOPT_VERBOSE ever set (it would print headers).
+ * at open), and are never logged; nor are query values (signed URLs carry
+ * tokens there: fetch_display_uri masks them wherever a URL is shown), nor
+ * is CURLOPT_VERBOSE ever set (it would print headers).
  *
  * Redirects are resolved once, at open, by hand (at most HTTP_MAX_REDIRECTS,
  * http/https only) and the final URL is pinned for every read; a redirect
@@ -162,7 +163,7 @@ struct http_conn {
 struct http_priv {
 	/* Set by open, read-only afterwards. */
 	char *url;     /* pinned URL for every read (after redirects) */
-	char *display; /* URL for messages: no userinfo, no query */
+	char *display; /* fetch_display_uri(uri), for messages */
 	char *auth_header;
 	char *userpwd;
 	bool creds; /* credentials go to p->url (same origin as s->uri) */
@@ -305,34 +306,131 @@ static long http_parse_retry_after(const char *v)
 	return when > HTTP_RETRY_AFTER_MAX_MS / 1000 ? HTTP_RETRY_AFTER_MAX_MS : (long)when * 1000;
 }
 
-/* "scheme://host[:port]/path[?…]": the URL without userinfo, query or
- * fragment, for messages. Returns a malloc'd string or NULL. */
-static char *http_display_url(const char *url)
+/* Append q[0..len) with the value of every "key=value" part masked
+ * ("token=***"); a part without '=' is masked whole, empty values stay
+ * empty. o has room for 3 * len + 1 bytes ("a" -> "***"). Returns the end. */
+static char *http_mask_query(char *o, const char *q, size_t len)
 {
-	char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL, *query = NULL;
-	char *out = NULL;
-	CURLU *u = curl_url();
+	while (len) {
+		size_t part = 0, eq;
 
+		while (part < len && q[part] != '&')
+			part++;
+		for (eq = 0; eq < part && q[eq] != '='; eq++)
+			;
+		if (eq < part) {
+			memcpy(o, q, eq + 1);
+			o += eq + 1;
+		}
+		if (part > eq + 1 || (eq == part && part > 0)) {
+			memcpy(o, "***", 3);
+			o += 3;
+		}
+		q += part;
+		len -= part;
+		if (len) {
+			*o++ = '&';
+			q++;
+			len--;
+		}
+	}
+	*o = '\0';
+	return o;
+}
+
+/* fetch_display_uri() for a string libcurl cannot parse (so it will never
+ * be fetched, but it is still shown in messages). Err on the side of
+ * hiding: everything before the last '@' ahead of the query is taken as
+ * userinfo. */
+static char *http_display_unparsed(const char *uri, size_t scheme_len)
+{
+	const char *rest = uri + scheme_len + 3, *at = NULL;
+	size_t end = strcspn(rest, "?#"), len = strlen(uri);
+	char *out = malloc(len * 3 + 8), *o = out;
+
+	if (!out)
+		return NULL;
+	for (size_t i = 0; i < end; i++)
+		if (rest[i] == '@')
+			at = rest + i;
+	memcpy(o, uri, scheme_len + 3);
+	o += scheme_len + 3;
+	if (at) {
+		memcpy(o, "***", 3);
+		o += 3;
+		end -= (size_t)(at - rest);
+		rest = at;
+	}
+	memcpy(o, rest, end);
+	o += end;
+	rest += end;
+	if (*rest == '?') {
+		size_t qlen = strcspn(rest + 1, "#");
+
+		*o++ = '?';
+		o = http_mask_query(o, rest + 1, qlen);
+		rest += 1 + qlen;
+	}
+	if (*rest == '#') {
+		memcpy(o, "#***", 4);
+		o += 4;
+	}
+	*o = '\0';
+	return out;
+}
+
+char *fetch_display_uri(const char *uri)
+{
+	size_t scheme_len = strspn(uri, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+					"0123456789+.-");
+	char *part = NULL, *url = NULL, *out = NULL, *q = NULL;
+	CURLU *u;
+
+	/* Local paths and file: URLs carry no secrets and are shown as is. */
+	if (scheme_len == 0 || strncmp(uri + scheme_len, "://", 3) != 0 ||
+	    strncmp(uri, "file://", 7) == 0)
+		return strdup(uri);
+	u = curl_url();
 	if (!u)
 		return NULL;
-	if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
-	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
-	    curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
-		out = strdup("(unparsable URL)");
-		goto out;
+	if (curl_url_set(u, CURLUPART_URL, uri, CURLU_NON_SUPPORT_SCHEME) != CURLUE_OK)
+		goto fallback;
+	if (curl_url_get(u, CURLUPART_USER, &part, 0) == CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_PASSWORD, &part, 0) == CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_OPTIONS, &part, 0) == CURLUE_OK) {
+		/* "***@host" still tells the reader the URL held credentials. */
+		if (curl_url_set(u, CURLUPART_USER, "***", 0) != CURLUE_OK ||
+		    curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) != CURLUE_OK ||
+		    curl_url_set(u, CURLUPART_OPTIONS, NULL, 0) != CURLUE_OK)
+			goto fallback;
 	}
-	curl_url_get(u, CURLUPART_PORT, &port, 0);
-	curl_url_get(u, CURLUPART_PATH, &path, 0);
-	curl_url_get(u, CURLUPART_QUERY, &query, 0);
-	if (asprintf(&out, "%s://%s%s%s%s%s", scheme, host, port ? ":" : "", port ? port : "",
-		     path ? path : "/", query ? "?…" : "") < 0)
-		out = NULL;
+	curl_free(part);
+	part = NULL;
+	if (curl_url_get(u, CURLUPART_QUERY, &part, 0) == CURLUE_OK) {
+		size_t len = strlen(part);
+
+		q = malloc(len * 3 + 1);
+		if (!q)
+			goto out;
+		http_mask_query(q, part, len);
+		if (curl_url_set(u, CURLUPART_QUERY, q, 0) != CURLUE_OK)
+			goto fallback;
+	}
+	curl_free(part);
+	part = NULL;
+	if (curl_url_get(u, CURLUPART_FRAGMENT, &part, 0) == CURLUE_OK &&
+	    curl_url_set(u, CURLUPART_FRAGMENT, "***", 0) != CURLUE_OK)
+		goto fallback;
+	if (curl_url_get(u, CURLUPART_URL, &url, 0) != CURLUE_OK)
+		goto fallback;
+	out = strdup(url);
+	goto out;
+fallback:
+	out = http_display_unparsed(uri, scheme_len);
 out:
-	curl_free(scheme);
-	curl_free(host);
-	curl_free(port);
-	curl_free(path);
-	curl_free(query);
+	curl_free(part);
+	curl_free(url);
+	free(q);
 	curl_url_cleanup(u);
 	return out;
 }
@@ -993,7 +1091,7 @@ static int http_probe(struct fetch_source *s, struct http_conn *c)
 		}
 		r = http_url_origin(loc, hop_origin, sizeof(hop_origin), &why);
 		if (r < 0) {
-			char *d = http_display_url(loc);
+			char *d = fetch_display_uri(loc);
 
 			sfs_error("%s: redirect to %s refused: %s", p->display, d ? d : "?", why);
 			free(d);
@@ -1139,7 +1237,7 @@ static int http_open(struct fetch_source *s, int flags)
 		sfs_error("libcurl initialisation failed: %s", curl_easy_strerror(http_global_rc));
 		return -EIO;
 	}
-	p->display = http_display_url(s->uri);
+	p->display = fetch_display_uri(s->uri);
 	if (!p->display)
 		return -ENOMEM;
 	if (flags & (FETCH_RDWR | FETCH_CREATE)) {

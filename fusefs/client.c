@@ -8,78 +8,116 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "fusefs.h"
 #include "util.h"
 
-#define CLIENT_EXIT_JOB 4 /* wait: job failed or was cancelled */
+#define CLIENT_EXIT_USAGE 1 /* bad command line, not a mount, I/O error */
+#define CLIENT_EXIT_JOB	  4 /* wait: job failed or was cancelled */
 
 static int client_path(char *buf, size_t len, const char *mnt, const char *file)
 {
 	int n = snprintf(buf, len, "%s/control/%s", mnt, file);
-	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+
+	if (n < 0 || (size_t)n >= len) {
+		fprintf(stderr, "streamfs: %s: mountpoint name too long\n", mnt);
+		return -ENAMETOOLONG;
+	}
+	return 0;
 }
 
-/* Write one command line to MNT/control/FILE. */
+/* Write one command to MNT/control/FILE. A command is one write(): the
+ * daemon parses each write on its own, so a short write is an error, never
+ * continued (the rest would arrive as a second, bogus command). The close
+ * is checked too: it is where FUSE reports a failed flush. */
 static int client_write(const char *mnt, const char *file, const char *cmd)
 {
-	char path[4096];
+	char path[4096], esc[256];
 	size_t n = strlen(cmd);
 	ssize_t w;
-	int fd;
+	int fd, r = 0;
 
 	if (client_path(path, sizeof(path), mnt, file) < 0)
 		return -ENAMETOOLONG;
 	fd = open(path, O_WRONLY);
 	if (fd < 0) {
-		fprintf(stderr, "streamfs: %s: %s\n", path, strerror(errno));
-		return -errno;
+		r = -errno;
+		fprintf(stderr, "streamfs: %s: %s\n", path, strerror(-r));
+		return r;
 	}
-	w = write(fd, cmd, n);
-	if (w < 0) {
-		int e = errno;
-		fprintf(stderr, "streamfs: %s: '%s': %s\n", path, cmd, strerror(e));
-		close(fd);
-		return -e;
-	}
-	close(fd);
-	return 0;
+	do
+		w = write(fd, cmd, n);
+	while (w < 0 && errno == EINTR);
+	if (w < 0)
+		r = -errno;
+	else if ((size_t)w != n)
+		r = -EIO;
+	if (close(fd) < 0 && r == 0 && errno != EINTR)
+		r = -errno;
+	if (r < 0)
+		fprintf(stderr, "streamfs: %s: '%s': %s\n", path,
+			sfs_escape(esc, sizeof(esc), cmd, n),
+			w >= 0 && (size_t)w != n ? "short write" : strerror(-r));
+	return r;
 }
 
-/* Read all of MNT/control/FILE into a malloc'd string. */
-static char *client_read(const char *mnt, const char *file)
+/* Read all of MNT/control/FILE into a malloc'd string *out. Returns 0 or
+ * -errno after a message (a read error is an error, not an early EOF). */
+static int client_read(const char *mnt, const char *file, char **out)
 {
 	char path[4096], *buf = NULL;
 	size_t len = 0, cap = 0;
 	ssize_t n;
-	int fd;
+	int fd, r = 0;
 
 	if (client_path(path, sizeof(path), mnt, file) < 0)
-		return NULL;
+		return -ENAMETOOLONG;
 	fd = open(path, O_RDONLY);
 	if (fd < 0) {
-		fprintf(stderr, "streamfs: %s: %s\n", path, strerror(errno));
-		return NULL;
+		r = -errno;
+		fprintf(stderr, "streamfs: %s: %s\n", path, strerror(-r));
+		return r;
 	}
 	for (;;) {
 		if (cap - len < 4096) {
 			char *nb = realloc(buf, cap + 65536);
-			if (!nb)
+			if (!nb) {
+				r = -ENOMEM;
 				break;
+			}
 			buf = nb;
 			cap += 65536;
 		}
 		n = read(fd, buf + len, cap - len - 1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			r = -errno;
 		if (n <= 0)
 			break;
 		len += (size_t)n;
 	}
-	close(fd);
-	if (buf)
-		buf[len] = '\0';
-	return buf;
+	close(fd); /* read-only: nothing to lose */
+	if (r < 0) {
+		fprintf(stderr, "streamfs: %s: %s\n", path, strerror(-r));
+		free(buf);
+		return r;
+	}
+	buf[len] = '\0';
+	*out = buf;
+	return 0;
+}
+
+/* Flush stdout; a full disk or a closed pipe is an error. */
+static int client_flush_stdout(void)
+{
+	if (fflush(stdout) == 0 && !ferror(stdout))
+		return 0;
+	fprintf(stderr, "streamfs: writing to standard output: %s\n", strerror(errno));
+	return CLIENT_EXIT_USAGE;
 }
 
 /* Value of "key: value" in a status text, copied into out. */
@@ -107,15 +145,30 @@ static const char *client_field(const char *text, const char *key, char *out, si
 
 static int client_wait_loop(const char *mnt, bool tty, char *last, int evfd);
 
-/* Follow the job until it ends; a bar on a terminal, lines otherwise. */
+/* Follow the job until it ends; a bar on a terminal, lines otherwise.
+ * Exits 0 when it completed, 4 when it failed or was cancelled, 1 when
+ * MNT is not a streamfs mount or its status cannot be read. */
 static int client_wait(const char *mnt)
 {
 	bool tty = isatty(STDOUT_FILENO);
-	char last[64] = "", evpath[4096];
+	char last[64] = "", path[4096];
+	struct stat st;
 	int evfd = -1, r;
 
-	if (client_path(evpath, sizeof(evpath), mnt, "events") == 0)
-		evfd = open(evpath, O_RDONLY | O_NONBLOCK);
+	if (client_path(path, sizeof(path), mnt, "status") < 0)
+		return CLIENT_EXIT_USAGE;
+	if (stat(path, &st) < 0) {
+		int e = errno;
+
+		if (e == ENOENT || e == ENOTDIR)
+			fprintf(stderr, "streamfs: %s is not a streamfs mount (no %s)\n", mnt,
+				path);
+		else
+			fprintf(stderr, "streamfs: %s: %s\n", path, strerror(e));
+		return CLIENT_EXIT_USAGE;
+	}
+	if (client_path(path, sizeof(path), mnt, "events") == 0)
+		evfd = open(path, O_RDONLY | O_NONBLOCK);
 	r = client_wait_loop(mnt, tty, last, evfd);
 	if (evfd >= 0)
 		close(evfd);
@@ -124,20 +177,29 @@ static int client_wait(const char *mnt)
 
 static int client_wait_loop(const char *mnt, bool tty, char *last, int evfd)
 {
-
 	for (;;) {
 		char state[64], pct[32], rate[32], eta[32], err[512], hr[32];
-		char *st = client_read(mnt, "status");
+		char *st;
 		uint64_t r;
 
-		if (!st)
-			return CLIENT_EXIT_JOB;
+		if (client_read(mnt, "status", &st) < 0) {
+			if (tty)
+				putchar('\n');
+			return CLIENT_EXIT_USAGE;
+		}
 		client_field(st, "state", state, sizeof(state));
 		client_field(st, "percent", pct, sizeof(pct));
 		client_field(st, "rate_bytes_per_s", rate, sizeof(rate));
 		client_field(st, "eta_s", eta, sizeof(eta));
 		client_field(st, "error", err, sizeof(err));
 		free(st);
+		if (!state[0]) {
+			fprintf(stderr,
+				"streamfs: %s/control/status has no state: not a streamfs "
+				"mount?\n",
+				mnt);
+			return CLIENT_EXIT_USAGE;
+		}
 		r = strtoull(rate, NULL, 10);
 		sfs_fmt_bytes(r, hr, sizeof(hr));
 		if (tty) {
@@ -146,17 +208,19 @@ static int client_wait_loop(const char *mnt, bool tty, char *last, int evfd)
 			for (int i = 0; i < width; i++)
 				putchar(i < fill ? '#' : ' ');
 			printf("] %5s%% %10s/s eta %ss %-10s", pct, hr, eta, state);
-			fflush(stdout);
+			if (client_flush_stdout())
+				return CLIENT_EXIT_USAGE;
 		} else if (strcmp(pct, last) != 0 || strcmp(state, "running") != 0) {
 			printf("%s %s%% %llu B/s eta %s\n", state, pct, (unsigned long long)r, eta);
-			fflush(stdout);
+			if (client_flush_stdout())
+				return CLIENT_EXIT_USAGE;
 			snprintf(last, 64, "%s", pct);
 		}
 		if (strcmp(state, "running") != 0 && strcmp(state, "paused") != 0) {
 			if (tty)
 				putchar('\n');
 			if (strcmp(state, "completed") == 0)
-				return 0;
+				return client_flush_stdout();
 			if (strcmp(err, "-") != 0)
 				fprintf(stderr, "streamfs: job %s: %s\n", state, err);
 			else
@@ -179,13 +243,137 @@ static int client_wait_loop(const char *mnt, bool tty, char *last, int evfd)
 
 static int client_cat(const char *mnt, const char *file)
 {
-	char *s = client_read(mnt, file);
+	char *s;
 
-	if (!s)
-		return 1;
+	if (client_read(mnt, file, &s) < 0)
+		return CLIENT_EXIT_USAGE;
 	fputs(s, stdout);
 	free(s);
+	return client_flush_stdout();
+}
+
+/* Follow MNT/control/events to standard output until EOF or an error. */
+static int client_events(const char *mnt)
+{
+	char path[4096], buf[4096];
+	ssize_t n;
+	int fd, r = 0;
+
+	if (client_path(path, sizeof(path), mnt, "events") < 0)
+		return CLIENT_EXIT_USAGE;
+	fd = open(path, O_RDONLY);
+	if (fd < 0) {
+		fprintf(stderr, "streamfs: %s: %s\n", path, strerror(errno));
+		return CLIENT_EXIT_USAGE;
+	}
+	for (;;) {
+		n = read(fd, buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			fprintf(stderr, "streamfs: %s: %s\n", path, strerror(errno));
+			r = CLIENT_EXIT_USAGE;
+			break;
+		}
+		if (n == 0)
+			break;
+		if (fwrite(buf, 1, (size_t)n, stdout) != (size_t)n || client_flush_stdout()) {
+			r = CLIENT_EXIT_USAGE;
+			break;
+		}
+	}
+	close(fd);
+	return r;
+}
+
+/* Append " key=VALUE" to line, the value quoted as control/stream reads it
+ * ("...", with \" and \\), so blanks and quotes in a path survive. */
+static int client_add_arg(char *line, size_t size, size_t *n, const char *key, const char *val)
+{
+	size_t need = *n + strlen(key) + 4;
+
+	if (!*val || strpbrk(val, "\n\r")) {
+		fprintf(stderr, "streamfs stream: --%s: %s\n", key,
+			*val ? "a newline cannot be sent in a command" : "empty value");
+		return -EINVAL;
+	}
+	for (const char *c = val; *c; c++)
+		need += *c == '"' || *c == '\\' ? 2 : 1;
+	if (need >= size) {
+		fprintf(stderr, "streamfs stream: --%s: too long\n", key);
+		return -ENAMETOOLONG;
+	}
+	*n += (size_t)sprintf(line + *n, " %s=\"", key);
+	for (const char *c = val; *c; c++) {
+		if (*c == '"' || *c == '\\')
+			line[(*n)++] = '\\';
+		line[(*n)++] = *c;
+	}
+	line[(*n)++] = '"';
+	line[*n] = '\0';
 	return 0;
+}
+
+/* The base as the daemon must see it. The daemon runs in "/", so a name
+ * relative to the caller's directory is made absolute when it names a
+ * local file (realpath). URLs, absolute names and names that exist only
+ * in an image header (matched there as written) are sent as they are.
+ * Returns a malloc'd string or NULL after a message. */
+static char *client_resolve_base(const char *base)
+{
+	char *r;
+
+	if (base[0] == '/' || strstr(base, "://"))
+		return strdup(base);
+	r = realpath(base, NULL);
+	if (r)
+		return r;
+	if (errno != ENOENT && errno != ENOTDIR) {
+		fprintf(stderr, "streamfs stream: --base %s: %s\n", base, strerror(errno));
+		return NULL;
+	}
+	return strdup(base);
+}
+
+/* stream MNT [--base B] [--speed S] [--on-error E] [--wait] */
+static int client_stream(int argc, char **argv)
+{
+	const char *mnt = argv[2];
+	char line[4096];
+	size_t n = (size_t)snprintf(line, sizeof(line), "start");
+	bool wait = false;
+
+	for (int i = 3; i < argc; i++) {
+		const char *key = NULL;
+		char *val;
+		int r;
+
+		if (strcmp(argv[i], "--wait") == 0) {
+			wait = true;
+			continue;
+		}
+		if (strcmp(argv[i], "--base") == 0)
+			key = "base";
+		else if (strcmp(argv[i], "--speed") == 0)
+			key = "speed";
+		else if (strcmp(argv[i], "--on-error") == 0)
+			key = "on-error";
+		if (!key || i + 1 >= argc) {
+			fprintf(stderr, "streamfs stream: bad argument '%s'\n", argv[i]);
+			return CLIENT_EXIT_USAGE;
+		}
+		i++;
+		val = strcmp(key, "base") == 0 ? client_resolve_base(argv[i]) : strdup(argv[i]);
+		if (!val)
+			return CLIENT_EXIT_USAGE;
+		r = client_add_arg(line, sizeof(line), &n, key, val);
+		free(val);
+		if (r < 0)
+			return CLIENT_EXIT_USAGE;
+	}
+	if (client_write(mnt, "stream", line) < 0)
+		return CLIENT_EXIT_USAGE;
+	return wait ? client_wait(mnt) : 0;
 }
 
 int sfs_client_main(int argc, char **argv)
@@ -199,70 +387,30 @@ int sfs_client_main(int argc, char **argv)
 		known |= strcmp(cmd, cmds[i]) == 0;
 	if (!known)
 		return -1;
-	if (argc < 3) {
-		fprintf(stderr, "usage: streamfs %s MOUNTPOINT ...\n", cmd);
-		return 1;
+	if (argc < 3 ||
+	    (strcmp(cmd, "stream") != 0 && argc > (strcmp(cmd, "speed") == 0 ? 4 : 3))) {
+		fprintf(stderr, "usage: streamfs %s MOUNTPOINT%s\n", cmd,
+			strcmp(cmd, "speed") == 0 ? " [SPEED]"
+			: strcmp(cmd, "stream") == 0
+			    ? " [--base B] [--speed S] [--on-error E] [--wait]"
+			    : "");
+		return CLIENT_EXIT_USAGE;
 	}
 	mnt = argv[2];
 	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "progress") == 0 || strcmp(cmd, "map") == 0)
-		return argc == 3 ? client_cat(mnt, cmd) : 1;
-	if (strcmp(cmd, "events") == 0) {
-		char path[4096], buf[4096];
-		ssize_t n;
-		int fd;
-		if (client_path(path, sizeof(path), mnt, "events") < 0)
-			return 1;
-		fd = open(path, O_RDONLY);
-		if (fd < 0) {
-			fprintf(stderr, "streamfs: %s: %s\n", path, strerror(errno));
-			return 1;
-		}
-		while ((n = read(fd, buf, sizeof(buf))) > 0) {
-			fwrite(buf, 1, (size_t)n, stdout);
-			fflush(stdout);
-		}
-		close(fd);
-		return 0;
-	}
+		return client_cat(mnt, cmd);
+	if (strcmp(cmd, "events") == 0)
+		return client_events(mnt);
 	if (strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
-		return argc == 3 && client_write(mnt, "stream", cmd) == 0 ? 0 : 1;
+		return client_write(mnt, "stream", cmd) == 0 ? 0 : CLIENT_EXIT_USAGE;
 	if (strcmp(cmd, "abort") == 0)
-		return argc == 3 && client_write(mnt, "abort", "1\n") == 0 ? 0 : 1;
+		return client_write(mnt, "abort", "1\n") == 0 ? 0 : CLIENT_EXIT_USAGE;
 	if (strcmp(cmd, "speed") == 0) {
-		if (argc != 4)
+		if (argc == 3)
 			return client_cat(mnt, "speed");
-		return client_write(mnt, "speed", argv[3]) == 0 ? 0 : 1;
+		return client_write(mnt, "speed", argv[3]) == 0 ? 0 : CLIENT_EXIT_USAGE;
 	}
 	if (strcmp(cmd, "wait") == 0)
 		return client_wait(mnt);
-	/* stream MNT [--base B] [--speed S] [--on-error E] [--wait] */
-	{
-		char line[4096];
-		size_t n = (size_t)snprintf(line, sizeof(line), "start");
-		bool wait = false;
-		for (int i = 3; i < argc; i++) {
-			const char *key = NULL;
-			if (strcmp(argv[i], "--wait") == 0) {
-				wait = true;
-				continue;
-			}
-			if (strcmp(argv[i], "--base") == 0)
-				key = "base";
-			else if (strcmp(argv[i], "--speed") == 0)
-				key = "speed";
-			else if (strcmp(argv[i], "--on-error") == 0)
-				key = "on-error";
-			if (!key || i + 1 >= argc) {
-				fprintf(stderr, "streamfs stream: bad argument '%s'\n", argv[i]);
-				return 1;
-			}
-			n += (size_t)snprintf(line + n, sizeof(line) - SFS_MIN(n, sizeof(line)),
-					      " %s=%s", key, argv[++i]);
-			if (n >= sizeof(line))
-				return 1;
-		}
-		if (client_write(mnt, "stream", line) < 0)
-			return 1;
-		return wait ? client_wait(mnt) : 0;
-	}
+	return client_stream(argc, argv);
 }

@@ -13,9 +13,11 @@
 #include <string.h>
 
 #include "control.h"
+#include "fetch.h"
 #include "util.h"
 
 #define CONTROL_CMD_MAX 4096 /* longest command accepted, in bytes */
+#define CONTROL_LOG_MAX 160  /* most bytes of a command shown in the log */
 
 const struct control_info control_files[CTL_COUNT] = {
     [CTL_STATUS] = {"status", 0444}, [CTL_PROGRESS] = {"progress", 0444},
@@ -73,13 +75,34 @@ static void cb_printf(struct control_buf *b, const char *fmt, ...)
 	}
 }
 
-static void control_render_chain(struct control_buf *b, struct disk *d)
+/* The names of the layers as they may be shown: control files are readable
+ * by every user of the mount (allow_other), and a backing URL may carry a
+ * token in its query or credentials. names[] has IMAGE_MAX_CHAIN + 1 slots;
+ * NULL past the chain's end. Called with chain_lock held. */
+static void control_layer_names(struct control_buf *b, struct disk *d, char **names)
 {
-	struct image *img;
+	struct image *img = d->top;
+
+	for (int i = 0; i <= IMAGE_MAX_CHAIN; i++, img = img ? img->backing : NULL) {
+		names[i] = img ? fetch_display_uri(img->filename) : NULL;
+		if (img && !names[i])
+			b->err = -ENOMEM;
+	}
+}
+
+static void control_free_names(char **names)
+{
+	for (int i = 0; i <= IMAGE_MAX_CHAIN; i++)
+		free(names[i]);
+}
+
+static void control_render_chain(struct control_buf *b, struct disk *d, char **names)
+{
+	int i = 0;
 
 	cb_printf(b, "chain:");
-	for (img = d->top; img; img = img->backing)
-		cb_printf(b, "%s %s (%s)", img == d->top ? "" : " <-", img->filename,
+	for (struct image *img = d->top; img && i <= IMAGE_MAX_CHAIN; img = img->backing, i++)
+		cb_printf(b, "%s %s (%s)", i ? " <-" : "", names[i] ? names[i] : "?",
 			  img->drv->name);
 	cb_printf(b, "\n");
 }
@@ -88,11 +111,16 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 {
 	struct stream_status st;
 	struct disk_stats *ds = &c->disk->stats;
+	char *names[IMAGE_MAX_CHAIN + 1], *base;
 	double pct;
 
 	stream_get_status(c->job, &st);
 	pct = st.length ? 100.0 * (double)st.offset / (double)st.length : 100.0;
+	base = fetch_display_uri(st.base[0] ? st.base : "-");
+	if (!base)
+		b->err = -ENOMEM;
 	pthread_rwlock_rdlock(&c->disk->chain_lock);
+	control_layer_names(b, c->disk, names);
 	cb_printf(b, "state: %s\n", stream_state_name(st.state));
 	cb_printf(b, "offset: %llu\n", (unsigned long long)st.offset);
 	cb_printf(b, "length: %llu\n", (unsigned long long)st.length);
@@ -107,14 +135,13 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 		cb_printf(b, "eta_s: %s\n", st.state == STREAM_COMPLETED ? "0" : "-");
 	cb_printf(b, "elapsed_s: %.1f\n", st.elapsed);
 	cb_printf(b, "resumed_from: %llu\n", (unsigned long long)st.resumed_from);
-	cb_printf(b, "base: %s\n", st.base[0] ? st.base : "-");
+	cb_printf(b, "base: %s\n", base ? base : "-");
 	cb_printf(b, "on_error: %s\n", st.on_error == STREAM_ON_ERROR_STOP ? "stop" : "report");
 	cb_printf(b, "error: %s\n", st.error[0] ? st.error : "-");
-	cb_printf(b, "overlay: %s\n", c->disk->top->filename);
+	cb_printf(b, "overlay: %s\n", names[0] ? names[0] : "?");
 	cb_printf(b, "format: %s\n", c->disk->top->drv->name);
-	cb_printf(b, "backing: %s\n",
-		  c->disk->top->backing ? c->disk->top->backing->filename : "-");
-	control_render_chain(b, c->disk);
+	cb_printf(b, "backing: %s\n", names[1] ? names[1] : "-");
+	control_render_chain(b, c->disk, names);
 	cb_printf(b, "disk_size: %llu\n", (unsigned long long)c->disk->top->size);
 	cb_printf(b, "copy_on_read: %s\n", c->disk->copy_on_read ? "on" : "off");
 	cb_printf(b, "bytes_copied_by_job: %llu\n",
@@ -131,6 +158,8 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_printf(b, "guest_bytes_written: %llu\n",
 		  (unsigned long long)atomic_load(&ds->guest_written));
 	pthread_rwlock_unlock(&c->disk->chain_lock);
+	control_free_names(names);
+	free(base);
 	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)disk_network_bytes(c->disk));
 	cb_printf(b, "network_rate_bytes_per_s: %llu\n", (unsigned long long)st.net_rate);
 }
@@ -141,8 +170,10 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 	uint64_t off = 0, run_off = 0, run_len = 0;
 	int run_depth = -3;
 	enum extent_type run_type = EXT_UNALLOC;
+	char *names[IMAGE_MAX_CHAIN + 1];
 
 	pthread_rwlock_rdlock(&d->chain_lock);
+	control_layer_names(b, d, names);
 	cb_printf(b, "# offset length depth type file\n");
 	while (off <= top->size && !b->err) {
 		uint64_t pnum = 0;
@@ -158,14 +189,15 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 			type = EXT_DATA;
 		if (off == top->size || depth != run_depth || type != run_type) {
 			if (run_len) {
-				struct image *l =
-				    run_depth >= 0 ? image_layer(top, run_depth) : NULL;
+				const char *name = run_depth >= 0 && run_depth <= IMAGE_MAX_CHAIN
+						       ? names[run_depth]
+						       : NULL;
 				const char *t = run_depth < 0	       ? "hole"
 						: run_type == EXT_ZERO ? "zero"
 								       : "data";
 				cb_printf(b, "%llu %llu %d %s %s\n", (unsigned long long)run_off,
 					  (unsigned long long)run_len, run_depth, t,
-					  l ? l->filename : "-");
+					  name ? name : "-");
 			}
 			run_off = off;
 			run_len = 0;
@@ -178,6 +210,7 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 		off += pnum;
 	}
 	pthread_rwlock_unlock(&d->chain_lock);
+	control_free_names(names);
 }
 
 int control_render(struct control_ctx *c, enum control_id id, char **buf, size_t *len)
@@ -247,46 +280,109 @@ int control_parse_speed(const char *text, size_t len, uint64_t *out)
 	return sfs_parse_size(s, out);
 }
 
+/* Read one value of a "key=value" argument at *pp into out (outlen bytes),
+ * leaving *pp at the blank or NUL after it. Two spellings:
+ *   "..."  double-quoted: anything but '"' and '\\', which are written \" and \\;
+ *   word   unquoted: up to the next blank; a backslash makes the next
+ *          blank, '"' or '\\' literal.
+ * Any other escape, an unterminated quote, a quote inside a word, text
+ * right after the closing quote, an empty value or one that does not fit
+ * is -EINVAL: a path is taken as written or not at all. */
+static int control_parse_value(const char **pp, char *out, size_t outlen)
+{
+	const char *p = *pp;
+	bool quoted = *p == '"';
+	size_t n = 0;
+
+	if (quoted)
+		p++;
+	for (;;) {
+		char ch = *p;
+
+		if (ch == '\0') {
+			if (quoted)
+				return -EINVAL; /* unterminated quote */
+			break;
+		}
+		if (quoted && ch == '"') {
+			p++;
+			if (*p && *p != ' ' && *p != '\t')
+				return -EINVAL; /* text glued to the closing quote */
+			break;
+		}
+		if (!quoted && (ch == ' ' || ch == '\t'))
+			break;
+		if (!quoted && ch == '"')
+			return -EINVAL;
+		if (ch == '\\') {
+			ch = *++p;
+			if (ch != '"' && ch != '\\' && (quoted || (ch != ' ' && ch != '\t')))
+				return -EINVAL; /* unknown escape, or a backslash at the end */
+		}
+		if (n + 1 >= outlen)
+			return -EINVAL;
+		out[n++] = ch;
+		p++;
+	}
+	if (n == 0)
+		return -EINVAL;
+	out[n] = '\0';
+	*pp = p;
+	return 0;
+}
+
 int control_parse_stream(const char *text, size_t len, struct control_stream_cmd *out)
 {
-	char line[CONTROL_CMD_MAX], *save = NULL, *tok;
+	char line[CONTROL_CMD_MAX], val[sizeof(out->base)];
 	struct control_stream_cmd cmd;
 	bool seen_base = false, seen_speed = false, seen_err = false;
+	const char *p = line, *word;
+	size_t wlen;
 
 	memset(&cmd, 0, sizeof(cmd));
 	if (control_line(text, len, line, sizeof(line)) < 0)
 		return -EINVAL;
-	tok = strtok_r(line, " \t", &save);
-	if (!tok)
-		return -EINVAL;
-	if (strcmp(tok, "start") == 0)
+	p += strspn(p, " \t");
+	word = p;
+	wlen = strcspn(p, " \t");
+	p += wlen;
+	if (wlen == 5 && strncmp(word, "start", 5) == 0)
 		cmd.action = CTL_STREAM_START;
-	else if (strcmp(tok, "pause") == 0)
+	else if (wlen == 5 && strncmp(word, "pause", 5) == 0)
 		cmd.action = CTL_STREAM_PAUSE;
-	else if (strcmp(tok, "resume") == 0)
+	else if (wlen == 6 && strncmp(word, "resume", 6) == 0)
 		cmd.action = CTL_STREAM_RESUME;
-	else if (strcmp(tok, "cancel") == 0 || strcmp(tok, "abort") == 0)
+	else if ((wlen == 6 && strncmp(word, "cancel", 6) == 0) ||
+		 (wlen == 5 && strncmp(word, "abort", 5) == 0))
 		cmd.action = CTL_STREAM_CANCEL;
 	else
 		return -EINVAL;
-	while ((tok = strtok_r(NULL, " \t", &save))) {
+	for (;;) {
+		p += strspn(p, " \t");
+		if (!*p)
+			break;
 		if (cmd.action != CTL_STREAM_START)
 			return -EINVAL;
-		if (strncmp(tok, "base=", 5) == 0 && !seen_base) {
-			if (!tok[5] || strlen(tok + 5) >= sizeof(cmd.base))
+		/* The key is plain text; only the value may be quoted. */
+		if (strncmp(p, "base=", 5) == 0 && !seen_base) {
+			p += 5;
+			if (control_parse_value(&p, cmd.base, sizeof(cmd.base)) < 0)
 				return -EINVAL;
-			strcpy(cmd.base, tok + 5);
-			cmd.params.base = NULL; /* set below, after the copy-out */
 			seen_base = true;
-		} else if (strncmp(tok, "speed=", 6) == 0 && !seen_speed) {
-			if (sfs_parse_size(tok + 6, &cmd.params.speed) < 0)
+		} else if (strncmp(p, "speed=", 6) == 0 && !seen_speed) {
+			p += 6;
+			if (control_parse_value(&p, val, sizeof(val)) < 0 ||
+			    sfs_parse_size(val, &cmd.params.speed) < 0)
 				return -EINVAL;
 			cmd.params.speed_set = true;
 			seen_speed = true;
-		} else if (strncmp(tok, "on-error=", 9) == 0 && !seen_err) {
-			if (strcmp(tok + 9, "report") == 0)
+		} else if (strncmp(p, "on-error=", 9) == 0 && !seen_err) {
+			p += 9;
+			if (control_parse_value(&p, val, sizeof(val)) < 0)
+				return -EINVAL;
+			if (strcmp(val, "report") == 0)
 				cmd.params.on_error = STREAM_ON_ERROR_REPORT;
-			else if (strcmp(tok + 9, "stop") == 0)
+			else if (strcmp(val, "stop") == 0)
 				cmd.params.on_error = STREAM_ON_ERROR_STOP;
 			else
 				return -EINVAL;
@@ -338,7 +434,7 @@ int control_command(struct control_ctx *c, enum control_id id, const char *text,
 {
 	struct control_stream_cmd cmd;
 	uint64_t v, off, plen;
-	char line[16];
+	char line[16], esc[CONTROL_LOG_MAX];
 	int r;
 
 	switch (id) {
@@ -383,8 +479,8 @@ int control_command(struct control_ctx *c, enum control_id id, const char *text,
 			break;
 		}
 		if (r == -EINVAL) {
-			sfs_warn("control/stream: '%.*s' does not apply in the job's current state",
-				 (int)SFS_MIN(len, 64), text);
+			sfs_warn("control/stream: '%s' does not apply in the job's current state",
+				 sfs_escape(esc, sizeof(esc), text, len));
 			return -EBUSY;
 		}
 		return r;
@@ -392,7 +488,9 @@ int control_command(struct control_ctx *c, enum control_id id, const char *text,
 		return -EACCES;
 	}
 bad:
-	sfs_warn("control/%s: invalid command '%.*s'", control_files[id].name,
-		 (int)SFS_MIN(len, 64), text);
+	/* The text is whatever a writer sent: escaped, so it cannot forge
+	 * log lines, with its full length, so "pause\0resume" is seen whole. */
+	sfs_warn("control/%s: invalid command '%s' (%zu bytes)", control_files[id].name,
+		 sfs_escape(esc, sizeof(esc), text, len), len);
 	return -EINVAL;
 }

@@ -63,7 +63,10 @@ struct control_stream_cmd {
 };
 
 /* Parse "start [base=PATH] [speed=N[KMGT]] [on-error=report|stop]", "pause",
- * "resume", "cancel" (one line, optional trailing newline). */
+ * "resume", "cancel" (one line, optional trailing newline). A value may be
+ * double-quoted ("a b", with \" and \\ inside) or written with backslash
+ * escapes (a\ b); an unterminated quote, an unknown escape or text glued
+ * to a closing quote is -EINVAL. */
 int control_parse_stream(const char *text, size_t len, struct control_stream_cmd *out);
 /* Parse a speed ("50M", "0"); one line. */
 int control_parse_speed(const char *text, size_t len, uint64_t *out);

@@ -84,11 +84,16 @@ struct fetch_options {
 	unsigned connect_timeout;   /* seconds (0 = default 10) */
 	unsigned io_timeout;	    /* seconds a request may stall before retry (0 = default 30) */
 	unsigned retries;	    /* attempts per request for transient errors (0 = default 5) */
-	unsigned fetch_size;	    /* minimum bytes per HTTP request (0 = default 4 MiB) */
 	int verbose;		    /* log every request */
 };
 void fetch_set_options(const struct fetch_options *opts);
 const struct fetch_options *fetch_get_options(void);
+
+/* The uri made fit to show (status files, messages): a local path as is;
+ * for "scheme://" URLs the userinfo becomes "***@", every query value and
+ * the fragment "***" ("https://h/x?token=***"): signed URLs carry their
+ * secret in the query. Returns a malloc'd string or NULL (ENOMEM). */
+char *fetch_display_uri(const char *uri) __attribute__((nonnull));
 
 /* Open the source named by uri ("/path", "rel/path", "file:///path",
  * "http://...", "https://..."). Returns 0 and *out, or -errno after logging

@@ -52,6 +52,13 @@ static inline bool sfs_mul_ok(uint64_t a, uint64_t b, uint64_t *r)
  * trailing "B" or "iB"). Returns 0 or -EINVAL; never accepts trailing junk. */
 int sfs_parse_size(const char *s, uint64_t *out);
 
+/* Render len bytes of untrusted data (a command written to a control file,
+ * a name from an image header) as C-style escapes for a log line: printable
+ * ASCII as is, \\ \' \n \r \t \0 and \xHH for the rest. Output stops at a
+ * whole escape and ends in "..." when buf is too small (if "..." fits).
+ * Returns buf, always NUL-terminated. */
+char *sfs_escape(char *buf, size_t size, const void *data, size_t len);
+
 /* Format bytes as "1.5 GiB" into buf. Returns buf. */
 char *sfs_fmt_bytes(uint64_t n, char *buf, size_t len);
 

@@ -28,6 +28,53 @@ tail -1 "$T/wait2.out" | grep -q "^completed 100.0%" || fail "wait output: $(tai
 "$STREAMFS" map "$T/mnt" | grep -q "^0 " || fail "map"
 sfs_umount "$T/mnt"
 
+# wait on something that is not a streamfs mount: exit 1 and say so (4 is
+# only for a job that failed or was cancelled).
+mkdir -p "$T/notmnt"
+rc=0; "$STREAMFS" wait "$T/notmnt" >/dev/null 2>"$T/nm.err" || rc=$?
+[ $rc -eq 1 ] || fail "wait on a plain directory exited $rc: $(cat "$T/nm.err")"
+grep -q "is not a streamfs mount" "$T/nm.err" || fail "wait message: $(cat "$T/nm.err")"
+rc=0; "$STREAMFS" stream "$T/notmnt" --wait >/dev/null 2>&1 || rc=$?
+[ $rc -eq 1 ] || fail "stream --wait on a plain directory exited $rc"
+# A control file that cannot be read is an error, not an empty answer: a
+# directory where the file should be makes read() fail with EISDIR.
+mkdir -p "$T/fake/control/status" "$T/fake/control/map" "$T/fake/control/events"
+for c in status map events wait; do
+	rc=0; "$STREAMFS" $c "$T/fake" >"$T/fake.out" 2>"$T/fake.err" || rc=$?
+	[ $rc -eq 1 ] || fail "$c with an unreadable control file exited $rc"
+	grep -q "Is a directory" "$T/fake.err" || fail "$c message: $(cat "$T/fake.err")"
+done
+
+# --base relative to the caller's directory (the daemon runs in /), and an
+# absolute one whose directory has a blank, a quote and a backslash: chain
+# top <- mid <- base, streaming down to base copies mid's data into top and
+# leaves top <- base.
+for d in "imgs" 'my imgs "q" \x'; do
+	mkdir -p "$T/$d"
+	mkbacking "$T/$d/base.raw" 8
+	qemu-img create -q -f qcow2 -b "$T/$d/base.raw" -F raw "$T/$d/mid.qcow2"
+	qemu-io -f qcow2 -c "write -P 0x5a 1M 1M" -c "write -P 0xa5 6M 64k" "$T/$d/mid.qcow2" >/dev/null
+	"$STREAMFS" create -f qcow2 -b "$T/$d/mid.qcow2" -F qcow2 "$T/top.qcow2" >/dev/null
+	qemu-img convert -O raw "$T/top.qcow2" "$T/want.raw"
+	sfs_mount "$T/top.qcow2" "$T/mnt" -o copy_on_read=off
+	if [ "$d" = imgs ]; then
+		(cd "$T" && "$STREAMFS" stream "$T/mnt" --base "$d/base.raw" --wait >/dev/null) ||
+			fail "stream --base $d/base.raw (relative) failed"
+	else
+		"$STREAMFS" stream "$T/mnt" --base "$T/$d/base.raw" --wait >/dev/null ||
+			fail "stream --base '$T/$d/base.raw' failed"
+	fi
+	[ "$(sed -n 's/^backing: //p' "$T/mnt/control/status")" = "$T/$d/base.raw" ] ||
+		fail "backing after streaming to '$d/base.raw': $(grep '^backing:' "$T/mnt/control/status")"
+	grep -qxF "chain: $T/top.qcow2 (qcow2) <- $T/$d/base.raw (raw)" "$T/mnt/control/status" ||
+		fail "chain: $(grep '^chain:' "$T/mnt/control/status")"
+	cmp "$T/mnt/disk" "$T/want.raw" || fail "content after streaming to '$d/base.raw'"
+	sfs_umount "$T/mnt"
+	qemu-img info "$T/top.qcow2" | grep "^backing file: " | grep -qF "$T/$d/base.raw" ||
+		fail "header after streaming to '$d/base.raw': $(qemu-img info "$T/top.qcow2")"
+	rm -f "$T/top.qcow2"
+done
+
 # The progress bar in a real terminal.
 if command -v tmux >/dev/null; then
 	"$STREAMFS" create -f qcow2 -b "$T/base.raw" -F raw "$T/ovl2" >/dev/null

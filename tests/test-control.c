@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -180,6 +181,207 @@ static void test_control_parse_stream_rejects(void **state)
 		free(huge);
 	}
 	assert_memory_equal(&c, &sentinel, sizeof(c));
+}
+
+/* Quoted and escaped values: a base path with blanks, quotes and
+ * backslashes can be written, and the key stays plain text. */
+static void test_control_parse_stream_quoted_values(void **state)
+{
+	static const struct {
+		const char *text, *base;
+	} ok[] = {
+	    {"start base=\"/srv/my images/base.qcow2\"", "/srv/my images/base.qcow2"},
+	    {"start base=/srv/my\\ images/base.qcow2", "/srv/my images/base.qcow2"},
+	    {"start base=\"a\\\"b\"", "a\"b"},
+	    {"start base=\"a\\\\b\"", "a\\b"},
+	    {"start base=a\\\\b", "a\\b"},
+	    {"start base=a\\\"b", "a\"b"},
+	    {"start base=a\\\tb", "a\tb"},
+	    {"start base=\"x\"\n", "x"},
+	    {"start base=\"x\" ", "x"},
+	    {"start base=\"speed=1M on-error=stop\"", "speed=1M on-error=stop"},
+	    {"start base=\"  \"", "  "},
+	    {"start base=\"it's\"", "it's"},
+	    {"start base=\"\\\\\"", "\\"},
+	};
+	struct control_stream_cmd c;
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+		memset(&c, 0x5a, sizeof(c));
+		if (ct_stream(ok[i].text, &c) != 0)
+			fail_msg("rejected '%s'", ok[i].text);
+		assert_ptr_equal(c.params.base, c.base);
+		assert_string_equal(c.params.base, ok[i].base);
+		assert_false(c.params.speed_set);
+	}
+	/* Quoting next to the other options, in any order. */
+	assert_int_equal(ct_stream("start speed=\"2M\" base=\"a b\" on-error=\"stop\"", &c), 0);
+	assert_string_equal(c.params.base, "a b");
+	assert_int_equal(c.params.speed, 2u << 20);
+	assert_int_equal(c.params.on_error, STREAM_ON_ERROR_STOP);
+	assert_int_equal(ct_stream("start base=\"a b\"\tspeed=1K", &c), 0);
+	assert_string_equal(c.params.base, "a b");
+	assert_int_equal(c.params.speed, 1024);
+	/* The longest base that fits, with every byte escaped. */
+	{
+		char text[2200], want[1024];
+		size_t n = (size_t)snprintf(text, sizeof(text), "start base=\"");
+		for (size_t i = 0; i < 1023; i++) {
+			want[i] = i % 2 ? '"' : '\\';
+			text[n++] = '\\';
+			text[n++] = want[i];
+		}
+		want[1023] = '\0';
+		text[n++] = '"';
+		text[n] = '\0';
+		assert_int_equal(ct_stream(text, &c), 0);
+		assert_string_equal(c.params.base, want);
+		/* One more escaped byte no longer fits. */
+		memmove(text + n - 1, "\\\\\"", 4);
+		assert_int_equal(ct_stream(text, &c), -EINVAL);
+	}
+}
+
+/* Hostile quoting: every malformed spelling is -EINVAL and leaves *out alone. */
+static void test_control_parse_stream_quoting_rejects(void **state)
+{
+	static const char *bad[] = {
+	    "start base=\"",		   /* unterminated */
+	    "start base=\"a b",		   /* unterminated */
+	    "start base=\"a b\n",	   /* unterminated before the newline */
+	    "start base=\"a\\\"",	   /* the only quote is escaped */
+	    "start base=\"\"",		   /* empty */
+	    "start base=\"a\"b",	   /* text glued to the closing quote */
+	    "start base=\"a\"\"b\"",	   /* two quoted strings glued */
+	    "start base=\"a\"speed=1M",	   /* no blank before the next key */
+	    "start base=a\"b\"",	   /* quote inside a word */
+	    "start base=a\"",		   /* quote inside a word */
+	    "start base=\"a\\nb\"",	   /* \n is not an escape */
+	    "start base=\"a\\ b\"",	   /* nor is "\ " inside quotes */
+	    "start base=\"a\\x41\"",	   /* nor \x */
+	    "start base=a\\nb",		   /* unknown escape outside quotes */
+	    "start base=a\\",		   /* backslash at the end */
+	    "start base=\"a\\",		   /* backslash at the end, in quotes */
+	    "start \"base\"=x",		   /* keys are not quoted */
+	    "start base\\=x",		   /* nor escaped */
+	    "\"start\"",		   /* nor verbs */
+	    "start base=\"a\" base=\"b\"", /* twice */
+	    "start speed=\"1M\"x",	   /* glued text after a quoted speed */
+	    "start speed=\"\"",		   /* empty speed */
+	    "start speed=\"1 M\"",	   /* a speed with a blank */
+	    "start on-error=\"st op\"",
+	    "pause base=\"x\"",
+	    "start base=\"a\rb\"", /* CR is refused anywhere */
+	};
+	struct control_stream_cmd c, sentinel;
+
+	memset(&sentinel, 0xa5, sizeof(sentinel));
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		c = sentinel;
+		if (ct_stream(bad[i], &c) != -EINVAL)
+			fail_msg("accepted or wrong error for '%s'", bad[i]);
+		assert_memory_equal(&c, &sentinel, sizeof(c));
+	}
+	/* A NUL inside quotes ends nothing: the command is refused whole. */
+	c = sentinel;
+	assert_int_equal(control_parse_stream("start base=\"a\0b\"", 16, &c), -EINVAL);
+	assert_memory_equal(&c, &sentinel, sizeof(c));
+	/* A quoted base of 1024 bytes (one too many). */
+	{
+		char text[1100];
+		memcpy(text, "start base=\"", 12);
+		memset(text + 12, 'q', 1024);
+		memcpy(text + 12 + 1024, "\"", 2);
+		assert_int_equal(ct_stream(text, &c), -EINVAL);
+		assert_memory_equal(&c, &sentinel, sizeof(c));
+	}
+}
+
+/* sfs_escape: C-style escapes, whole escapes only, "..." when cut. */
+static void test_util_escape(void **state)
+{
+	char buf[64], small[12];
+	static const unsigned char all[] = {'a',  '\\', '\'', '"',  '\n', '\r',
+					    '\t', 0,	0x1b, 0x7f, 0xe2};
+
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "pause", 5), "pause");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "pause\0resume", 12), "pause\\0resume");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "resume\n", 7), "resume\\n");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), all, sizeof(all)),
+			    "a\\\\\\'\"\\n\\r\\t\\0\\x1b\\x7f\\xe2");
+	assert_string_equal(sfs_escape(buf, sizeof(buf), "", 0), "");
+	/* Exactly fits: 11 characters and the NUL. */
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123456789a", 11), "0123456789a");
+	/* One more: cut, with "..." in the last 3 places. */
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123456789ab", 12), "01234567...");
+	/* A cut never splits an escape. */
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123456\x01xyz", 11), "0123456...");
+	assert_string_equal(sfs_escape(small, sizeof(small), "01234\x01xyzzy", 11), "01234...");
+	assert_string_equal(sfs_escape(small, sizeof(small), "0123\x01xyzzy", 10), "0123\\x01...");
+	/* Tiny buffers stay NUL-terminated. */
+	assert_string_equal(sfs_escape(small, 1, "abc", 3), "");
+	assert_string_equal(sfs_escape(small, 3, "abc", 3), "ab");
+	assert_string_equal(sfs_escape(small, 4, "abc", 3), "abc");
+	assert_string_equal(sfs_escape(small, 4, "abcd", 4), "...");
+	assert_string_equal(sfs_escape(small, 3, "\n", 1), "\\n");
+	assert_string_equal(sfs_escape(small, 2, "\n", 1), "");
+	assert_string_equal(sfs_escape(small, 5, "\n\n", 2), "\\n\\n");
+	assert_string_equal(sfs_escape(small, 4, "\n\n", 2), "...");
+	/* size 0 writes nothing at all. */
+	small[0] = 'Z';
+	sfs_escape(small, 0, "abc", 3);
+	assert_int_equal(small[0], 'Z');
+}
+
+/* Run control_command on text with stderr captured; returns the log. */
+static char *ct_log_of(enum control_id id, const char *text, size_t len)
+{
+	struct control_ctx c = {0};
+	char *log = calloc(1, 4096);
+	FILE *tmp = tmpfile();
+	int saved = dup(2);
+
+	assert_non_null(log);
+	assert_non_null(tmp);
+	fflush(stderr);
+	assert_true(dup2(fileno(tmp), 2) >= 0);
+	/* Only bad commands: they are refused before the job is looked at. */
+	assert_int_equal(control_command(&c, id, text, len), -EINVAL);
+	fflush(stderr);
+	dup2(saved, 2);
+	close(saved);
+	rewind(tmp);
+	assert_true(fread(log, 1, 4095, tmp) > 0);
+	fclose(tmp);
+	return log;
+}
+
+/* A refused command is logged escaped and whole, on one line. */
+static void test_control_command_log_is_escaped(void **state)
+{
+	int level = sfs_log_level;
+	char *log, big[5000];
+
+	sfs_log_level = SFS_LOG_WARN;
+	log = ct_log_of(CTL_STREAM, "pause\0resume", 12);
+	assert_string_equal(
+	    log, "streamfs: control/stream: invalid command 'pause\\0resume' (12 bytes)\n");
+	free(log);
+	log = ct_log_of(CTL_STREAM, "resume\n\nstreamfs: forged\x1b[2J", 28);
+	assert_string_equal(log, "streamfs: control/stream: invalid command "
+				 "'resume\\n\\nstreamfs: forged\\x1b[2J' (28 bytes)\n");
+	free(log);
+	log = ct_log_of(CTL_ABORT, "y\rn", 3);
+	assert_string_equal(log, "streamfs: control/abort: invalid command 'y\\rn' (3 bytes)\n");
+	free(log);
+	/* A long command is cut in the log but its length is the real one. */
+	memset(big, '\n', sizeof(big));
+	log = ct_log_of(CTL_SPEED, big, sizeof(big));
+	assert_non_null(strstr(log, "\\n\\n...' (5000 bytes)\n"));
+	assert_true(strlen(log) < 300);
+	assert_ptr_equal(strchr(log, '\n'), log + strlen(log) - 1); /* one line */
+	free(log);
+	sfs_log_level = level;
 }
 
 static void test_control_parse_speed(void **state)
@@ -1205,6 +1407,10 @@ int main(void)
 	    cmocka_unit_test(test_control_parse_stream_verbs),
 	    cmocka_unit_test(test_control_parse_stream_start_options),
 	    cmocka_unit_test(test_control_parse_stream_rejects),
+	    cmocka_unit_test(test_control_parse_stream_quoted_values),
+	    cmocka_unit_test(test_control_parse_stream_quoting_rejects),
+	    cmocka_unit_test(test_util_escape),
+	    cmocka_unit_test(test_control_command_log_is_escaped),
 	    cmocka_unit_test(test_control_parse_speed),
 	    cmocka_unit_test(test_control_parse_pull),
 	    cmocka_unit_test(test_control_parse_pull_rejects_double_hex_prefix),

@@ -727,6 +727,84 @@ static void test_http_fail_url_credentials(void **state)
 	test_open_fails("http://user:secret@127.0.0.1:1/data", -EINVAL);
 }
 
+/* ---- tests: URLs as shown in status files and messages ---- */
+
+static void test_http_display_uri(void **state)
+{
+	static const struct {
+		const char *uri, *shown;
+	} cases[] = {
+	    /* Local names are shown as they are. */
+	    {"/var/lib/img/base.qcow2", "/var/lib/img/base.qcow2"},
+	    {"rel/base.qcow2?x=1", "rel/base.qcow2?x=1"},
+	    {"file:///a/b?c=d", "file:///a/b?c=d"},
+	    {"mem:base", "mem:base"},
+	    {"/odd/dir://x", "/odd/dir://x"},
+	    {"-", "-"},
+	    /* Nothing to hide. */
+	    {"http://h/x", "http://h/x"},
+	    {"https://h:8443/a/b.raw", "https://h:8443/a/b.raw"},
+	    {"http://h/pkg@1.0/x", "http://h/pkg@1.0/x"},
+	    /* Query values (signed URLs) and fragments. */
+	    {"https://h/x?token=SECRET", "https://h/x?token=***"},
+	    {"https://h/x?a=SECRET&b=SECRET&c=", "https://h/x?a=***&b=***&c="},
+	    {"https://h/x?SECRET", "https://h/x?***"},
+	    {"https://h/x?a=SECRET=SECRET&&b", "https://h/x?a=***&&***"},
+	    {"https://h/x?t=SECRET#SECRET", "https://h/x?t=***#***"},
+	    {"https://h/x#SECRET", "https://h/x#***"},
+	    {"https://h/x?", "https://h/x"},
+	    /* Credentials. */
+	    {"http://user:SECRET@h/x", "http://***@h/x"},
+	    {"http://SECRET@h/x", "http://***@h/x"},
+	    {"http://:SECRET@h/x", "http://***@h/x"},
+	    {"http://u;SECRET:SECRET@h:81/x?k=SECRET", "http://***@h:81/x?k=***"},
+	    {"ftp://u:SECRET@h/x", "ftp://***@h/x"},
+	    /* Not parsable by libcurl: still masked, conservatively. */
+	    {"http://u:SE/CRET@h/x", "http://***@h/x"},
+	    {"http://u:SECRET@h:99999/x?t=SECRET#SECRET", "http://***@h:99999/x?t=***#***"},
+	    {"http://h/a b?t=SECRET", "http://h/a b?t=***"},
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char *d = fetch_display_uri(cases[i].uri);
+
+		assert_non_null(d);
+		if (strcmp(d, cases[i].shown) != 0)
+			fail_msg("'%s' shown as '%s', expected '%s'", cases[i].uri, d,
+				 cases[i].shown);
+		free(d);
+	}
+}
+
+/* A refused URL is named without its password, and with its query masked. */
+static void test_http_refusal_hides_secrets(void **state)
+{
+	char log[4096] = "";
+	FILE *tmp = tmpfile();
+	int saved = dup(2);
+	struct fetch_source *s = NULL;
+	size_t n;
+
+	assert_non_null(tmp);
+	test_set_options(1);
+	fflush(stderr);
+	assert_true(dup2(fileno(tmp), 2) >= 0);
+	assert_int_equal(fetch_open("http://user:SECRET@127.0.0.1:1/d?t=SECRET", 0, &s), -EINVAL);
+	assert_int_equal(fetch_open("gopher://user:SECRET@h/d?t=SECRET", 0, &s), -EPROTONOSUPPORT);
+	assert_int_equal(fetch_open("http://127.0.0.1:1/d?t=SECRET", FETCH_RDWR, &s), -EROFS);
+	fflush(stderr);
+	dup2(saved, 2);
+	close(saved);
+	rewind(tmp);
+	n = fread(log, 1, sizeof(log) - 1, tmp);
+	fclose(tmp);
+	log[n] = '\0';
+	fprintf(stderr, "%s", log);
+	assert_non_null(strstr(log, "http://***@127.0.0.1:1/d?t=***: credentials in the URL"));
+	assert_non_null(strstr(log, "gopher://***@h/d?t=***: unsupported URL scheme"));
+	assert_null(strstr(log, "SECRET"));
+}
+
 /* ---- tests: the file changes on the server ---- */
 
 static void test_http_changed(const char *extra)
@@ -978,6 +1056,8 @@ int main(void)
 	    cmocka_unit_test(test_http_fail_status),
 	    cmocka_unit_test(test_http_fail_refused),
 	    cmocka_unit_test(test_http_fail_url_credentials),
+	    cmocka_unit_test(test_http_display_uri),
+	    cmocka_unit_test(test_http_refusal_hides_secrets),
 	    cmocka_unit_test(test_http_changed_if_match),
 	    cmocka_unit_test(test_http_changed_etag),
 	    cmocka_unit_test(test_http_changed_concurrent),

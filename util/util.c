@@ -86,6 +86,59 @@ int sfs_parse_size(const char *s, uint64_t *out)
 	return 0;
 }
 
+/* The escape for byte c into e (4 bytes); returns its length. */
+static size_t sfs_escape_one(unsigned char c, char *e)
+{
+	static const char hex[] = "0123456789abcdef";
+	static const char named[][2] = {{'\\', '\\'}, {'\'', '\''}, {'\n', 'n'},
+					{'\r', 'r'},  {'\t', 't'},  {'\0', '0'}};
+
+	for (size_t i = 0; i < sizeof(named) / sizeof(named[0]); i++) {
+		if (c == (unsigned char)named[i][0]) {
+			e[0] = '\\';
+			e[1] = named[i][1];
+			return 2;
+		}
+	}
+	if (c >= 0x20 && c < 0x7f) {
+		e[0] = (char)c;
+		return 1;
+	}
+	e[0] = '\\';
+	e[1] = 'x';
+	e[2] = hex[c >> 4];
+	e[3] = hex[c & 15];
+	return 4;
+}
+
+char *sfs_escape(char *buf, size_t size, const void *data, size_t len)
+{
+	const unsigned char *d = data;
+	size_t n = 0, total = 0, room;
+	char e[4];
+
+	if (size == 0)
+		return buf;
+	for (size_t i = 0; i < len && total < size; i++)
+		total += sfs_escape_one(d[i], e);
+	/* All of it, or as many whole escapes as leave room for "...". */
+	room = total >= size && size >= 4 ? size - 4 : size - 1;
+	for (size_t i = 0; i < len; i++) {
+		size_t elen = sfs_escape_one(d[i], e);
+
+		if (n + elen > room)
+			break;
+		memcpy(buf + n, e, elen);
+		n += elen;
+	}
+	if (total >= size && size >= 4) {
+		memcpy(buf + n, "...", 3);
+		n += 3;
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
 char *sfs_fmt_bytes(uint64_t n, char *buf, size_t len)
 {
 	static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
