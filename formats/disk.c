@@ -87,9 +87,8 @@ int disk_close(struct disk *d)
 
 	if (!d)
 		return 0;
-	if (!d->read_only)
-		r = disk_flush(d);
-	image_close_chain(d->top);
+	/* One flush, by the close, whose error is ours to return. */
+	r = image_close_chain(d->top);
 	rangelock_free(d->locks);
 	pthread_rwlock_destroy(&d->chain_lock);
 	pthread_mutex_destroy(&d->flush_lock);
@@ -103,7 +102,7 @@ static int disk_map(struct image *top, uint64_t off, uint64_t len, struct extent
 	int r = top->drv->map(top, off, len, ext);
 
 	if (r == 0 && (ext->len == 0 || ext->len > len)) {
-		sfs_error("%s: %s driver returned a bad extent at %llu", top->filename,
+		sfs_error("%s: %s driver returned a bad extent at %llu", top->display,
 			  top->drv->name, (unsigned long long)off);
 		return -EIO;
 	}
@@ -150,7 +149,7 @@ static int disk_commit_locked(struct disk *d, uint8_t *bounce, uint64_t a, uint6
 					sfs_warn(
 					    "%s: overlay full: guest reads are served from the "
 					    "backing without being copied",
-					    top->filename);
+					    top->display);
 			} else if (r < 0) {
 				return r;
 			} else {

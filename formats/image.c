@@ -60,6 +60,7 @@ static void image_free(struct image *img)
 	fetch_close(img->file);
 	free(img->priv);
 	free(img->filename);
+	free(img->display);
 	free(img->backing_name);
 	free(img->backing_fmt);
 	free(img);
@@ -71,22 +72,24 @@ int image_open_one(const char *uri, const char *fmt, int flags, struct image **o
 	struct image *img;
 	int r;
 
-	if (fmt) {
-		drv = image_find_driver(fmt);
-		if (!drv) {
-			sfs_error("%s: unknown image format '%s' (known: raw, qcow2, qed)", uri,
-				  fmt);
-			return -EINVAL;
-		}
-	}
 	img = calloc(1, sizeof(*img));
 	if (!img)
 		return -ENOMEM;
 	img->read_only = !(flags & IMAGE_RDWR);
 	img->filename = strdup(uri);
-	if (!img->filename) {
+	img->display = fetch_display_uri(uri);
+	if (!img->filename || !img->display) {
 		r = -ENOMEM;
 		goto fail;
+	}
+	if (fmt) {
+		drv = image_find_driver(fmt);
+		if (!drv) {
+			sfs_error("%s: unknown image format '%s' (known: raw, qcow2, qed)",
+				  img->display, fmt);
+			r = -EINVAL;
+			goto fail;
+		}
 	}
 	r = fetch_open(uri, (img->read_only ? FETCH_RDONLY : FETCH_RDWR) | FETCH_LOCK, &img->file);
 	if (r < 0)
@@ -95,7 +98,7 @@ int image_open_one(const char *uri, const char *fmt, int flags, struct image **o
 		/* Every format has a header, and a raw disk of 0 bytes holds
 		 * nothing: an empty file is a mistake (a failed download or
 		 * copy), never a disk. */
-		sfs_error("%s: the file is empty (0 bytes): not a disk image", uri);
+		sfs_error("%s: the file is empty (0 bytes): not a disk image", img->display);
 		r = -EINVAL;
 		goto fail;
 	}
@@ -111,7 +114,7 @@ int image_open_one(const char *uri, const char *fmt, int flags, struct image **o
 		sfs_error("%s: a %s image is not an overlay and is not written in place; make "
 			  "an overlay over it ('streamfs create -b %s -F %s OVERLAY') and mount "
 			  "that, or serve it read-only (-o ro)",
-			  uri, drv->name, uri, drv->name);
+			  img->display, drv->name, img->display, drv->name);
 		r = -EMEDIUMTYPE;
 		goto fail;
 	}
@@ -126,7 +129,7 @@ int image_open_one(const char *uri, const char *fmt, int flags, struct image **o
 	if (r < 0)
 		goto fail;
 	if (img->cluster_size == 0 || !SFS_IS_POW2(img->cluster_size)) {
-		sfs_error("%s: driver reported a bad cluster size", uri);
+		sfs_error("%s: driver reported a bad cluster size", img->display);
 		drv->close(img);
 		r = -EINVAL;
 		goto fail;
@@ -190,19 +193,20 @@ int image_open_chain(const char *uri, const char *fmt, int flags, const char *ba
 	if (flags & IMAGE_NO_BACKING)
 		goto done;
 	for (cur = top; cur->backing_name; cur = cur->backing) {
-		char *child_uri;
+		char *child_uri, *child_display;
 		const char *child_fmt = cur->backing_fmt;
 		struct image *child;
 		int d = cur->depth + 1;
 
 		if (d >= IMAGE_MAX_CHAIN) {
-			sfs_error("%s: backing chain deeper than %d images", uri, IMAGE_MAX_CHAIN);
+			sfs_error("%s: backing chain deeper than %d images", top->display,
+				  IMAGE_MAX_CHAIN);
 			r = -ELOOP;
 			goto fail;
 		}
 		name = cur->backing_name;
 		if (name[0] == '\0') {
-			sfs_error("%s: empty backing file name", cur->filename);
+			sfs_error("%s: empty backing file name", cur->display);
 			r = -EINVAL;
 			goto fail;
 		}
@@ -211,23 +215,33 @@ int image_open_chain(const char *uri, const char *fmt, int flags, const char *ba
 			r = -ENOMEM;
 			goto fail;
 		}
+		child_display = fetch_display_uri(child_uri);
+		if (!child_display) {
+			free(child_uri);
+			r = -ENOMEM;
+			goto fail;
+		}
 		image_identify(child_uri, &ids[d]);
 		for (int i = 0; i < d; i++) {
 			if (image_same(&ids[i], &ids[d])) {
 				sfs_error("%s: backing chain loops: '%s' is already in the chain",
-					  cur->filename, child_uri);
-				free(child_uri);
+					  cur->display, child_display);
 				r = -ELOOP;
-				goto fail;
+				break;
 			}
 		}
-		if (!child_fmt)
+		if (r == 0 && !child_fmt)
 			sfs_warn("%s: no backing format recorded for '%s'; probing it (record "
 				 "one with -F to be safe)",
-				 cur->filename, child_uri);
-		r = image_open_one(child_uri, child_fmt, 0, &child);
+				 cur->display, child_display);
+		if (r == 0) {
+			r = image_open_one(child_uri, child_fmt, 0, &child);
+			if (r < 0)
+				sfs_error("%s: cannot open backing image '%s'", cur->display,
+					  child_display);
+		}
+		free(child_display);
 		if (r < 0) {
-			sfs_error("%s: cannot open backing image '%s'", cur->filename, child_uri);
 			free(child_uri);
 			goto fail;
 		}
@@ -245,16 +259,26 @@ fail:
 	return r;
 }
 
-void image_close_chain(struct image *img)
+int image_close_chain(struct image *img)
 {
+	int r = 0;
+
 	while (img) {
 		struct image *next = img->backing;
-		if (!img->read_only && img->drv->flush)
-			img->drv->flush(img);
+		if (!img->read_only && img->drv->flush) {
+			int fr = img->drv->flush(img);
+
+			if (fr < 0 && r == 0) {
+				sfs_error("%s: flush at close failed: %s", img->display,
+					  strerror(-fr));
+				r = fr;
+			}
+		}
 		img->drv->close(img);
 		image_free(img);
 		img = next;
 	}
+	return r;
 }
 
 struct image *image_layer(struct image *img, int n)
@@ -309,7 +333,7 @@ int image_pread(struct image *img, void *buf, size_t len, uint64_t off)
 		if (r < 0)
 			return r;
 		if (ext.len == 0 || ext.len > len) {
-			sfs_error("%s: %s driver returned a bad extent", img->filename,
+			sfs_error("%s: %s driver returned a bad extent", img->display,
 				  img->drv->name);
 			return -EIO;
 		}

@@ -413,9 +413,6 @@ static int sfs_mount_main(int argc, char **argv)
 			goto out;
 		}
 	}
-	if (!top->drv->alloc_write && !o.ro)
-		sfs_warn("%s has no overlay format (%s): writes go straight into it", overlay,
-			 top->drv->name);
 	r = disk_new(top, cor, o.ro, &disk);
 	if (r < 0) {
 		image_close_chain(top);

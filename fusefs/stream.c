@@ -499,15 +499,23 @@ int stream_start(struct stream_job *j, const struct stream_params *p)
 	if (p->base)
 		base = disk_find_layer(d, p->base);
 	if (base || !p->base) {
-		snprintf(base_name, sizeof(base_name), "%s", base ? base->filename : "");
+		/* Shown in status and events (readable by all with
+		 * allow_other): the masked form. */
+		snprintf(base_name, sizeof(base_name), "%s", base ? base->display : "");
 		resumed = stream_first_work(d, base);
 	}
 	pthread_rwlock_unlock(&d->chain_lock);
 	pthread_mutex_lock(&j->lock);
 	j->starting = false;
 	if (p->base && !base) {
+		char *shown = fetch_display_uri(p->base), esc[256];
+
 		pthread_mutex_unlock(&j->lock);
-		sfs_error("stream: base '%s' is not an image of the backing chain", p->base);
+		/* The name comes from a control-file write: any byte but NUL
+		 * and newlines, and perhaps a signed URL. */
+		sfs_escape(esc, sizeof(esc), shown ? shown : "?", shown ? strlen(shown) : 1);
+		sfs_error("stream: base '%s' is not an image of the backing chain", esc);
+		free(shown);
 		return -EINVAL;
 	}
 	snprintf(j->base_name, sizeof(j->base_name), "%s", base_name);

@@ -114,6 +114,7 @@ struct image {
 	struct fetch_source *file; /* this layer's bytes */
 	struct image *backing;	   /* NULL at the base */
 	char *filename;		   /* resolved path or URL of this layer (malloc'd) */
+	char *display;		   /* filename fit to show: secrets masked (fetch_display_uri) */
 	uint64_t size;		   /* guest size in bytes */
 	uint32_t cluster_size;	   /* allocation unit in bytes (raw: 64 KiB nominal) */
 	char *backing_name;	   /* backing reference as stored in the header, or NULL */
@@ -140,8 +141,9 @@ int image_open_one(const char *uri, const char *fmt, int flags, struct image **o
 int image_open_chain(const char *uri, const char *fmt, int flags, const char *backing_override,
 		     struct image **out);
 
-/* Close an image and its whole backing chain (flushing writable layers). */
-void image_close_chain(struct image *img);
+/* Close an image and its whole backing chain, flushing writable layers.
+ * Returns the first flush error (the images are closed regardless). */
+int image_close_chain(struct image *img);
 
 /* Read guest bytes [off, off+len) of img as seen through its chain
  * (no copy-on-read; that is disk.c's job). Past img->size: -EINVAL. */
