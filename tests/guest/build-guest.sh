@@ -31,12 +31,16 @@ done
 dpkg -s busybox-static >/dev/null 2>&1 || { echo "build-guest: needs busybox-static" >&2; exit 1; }
 
 # The kernel: the package that linux-image-amd64 depends on today.
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-[ -n "$kpkg" ] || { echo "build-guest: no linux-image-amd64 in apt's lists (apt-get update?)" >&2; exit 1; }
-kver=$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2}')
-inputs="script $(md5sum <"$0" | cut -c1-32)
+kernel_pkg() {
+	kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
+		awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+	[ -n "$kpkg" ] || { echo "build-guest: no linux-image-amd64 in apt's lists (apt-get update?)" >&2; exit 1; }
+	kver=$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2}')
+	inputs="script $(md5sum <"$0" | cut -c1-32)
 kernel $kpkg $kver
 busybox $(md5sum </bin/busybox | cut -c1-32)"
+}
+kernel_pkg
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -53,8 +57,16 @@ trap 'rm -rf "$w"' EXIT
 # apt-get download writes to the current directory; as root it warns that
 # _apt cannot write there unless the directory is world-writable.
 chmod 777 "$w"
-(cd "$w" && apt-get download -q "$kpkg=$kver" >"$w/apt.log" 2>&1) ||
-	{ cat "$w/apt.log" >&2; exit 1; }
+# Stale lists name a .deb the mirror no longer has: update them once (root).
+if ! (cd "$w" && apt-get download -q "$kpkg=$kver" >"$w/apt.log" 2>&1); then
+	if [ "$(id -u)" -ne 0 ] || ! apt-get update -qq >/dev/null 2>&1; then
+		cat "$w/apt.log" >&2
+		exit 1
+	fi
+	kernel_pkg
+	(cd "$w" && apt-get download -q "$kpkg=$kver" >"$w/apt.log" 2>&1) ||
+		{ cat "$w/apt.log" >&2; exit 1; }
+fi
 mkdir "$w/k"
 dpkg-deb --fsys-tarfile "$w"/"$kpkg"_*.deb | tar -x -C "$w/k" --wildcards './boot/vmlinuz-*' './lib/modules/*.ko'
 rm -f "$w"/*.deb
