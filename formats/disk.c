@@ -607,6 +607,14 @@ int disk_rebase(struct disk *d, struct image *base)
 		return r;
 	pthread_rwlock_wrlock(&d->chain_lock);
 	old = top->backing;
+	/* Move the dropped layers' network bytes to the closed total in the
+	 * same critical section as the swap: disk_network_bytes() (read-held)
+	 * must see them in one place or the other, or the total would drop. No
+	 * reader is inside those layers now, so their counters are final. */
+	for (cur = old; cur && cur != base; cur = cur->backing)
+		if (fetch_is_network(cur->file))
+			atomic_fetch_add(&d->stats.net_bytes_closed,
+					 atomic_load(&cur->file->stats.bytes_read));
 	top->backing = base;
 	for (cur = top; cur && cur->backing; cur = cur->backing)
 		cur->backing->depth = cur->depth + 1;
@@ -615,9 +623,6 @@ int disk_rebase(struct disk *d, struct image *base)
 	 * names them, so close them and never touch them again. */
 	for (cur = old; cur && cur != base; cur = next) {
 		next = cur->backing;
-		if (fetch_is_network(cur->file))
-			atomic_fetch_add(&d->stats.net_bytes_closed,
-					 atomic_load(&cur->file->stats.bytes_read));
 		cur->backing = NULL;
 		image_close_chain(cur);
 	}

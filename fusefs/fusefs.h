@@ -4,6 +4,8 @@
 
 #define FUSE_USE_VERSION 314
 #include <fuse.h>
+#include <pthread.h>
+#include <sys/types.h>
 
 #include "control.h"
 #include "disk.h"
@@ -15,6 +17,17 @@ struct sfs_mount {
 	struct control_ctx ctl; /* disk, job, events */
 	const char *mountpoint;
 	unsigned readahead_kb; /* 0 = leave the kernel default */
+	uid_t uid;	       /* owner of everything but /disk: the mounting user */
+	gid_t gid;
+	/* Owner and permission bits of /disk: from -o uid=,gid=,mode= (default
+	 * the mounting user, 0600: a guest's disk holds its secrets), changed
+	 * by chown/chmod (libvirt's DAC labelling) for the life of the mount.
+	 * Protected by attr_lock. */
+	pthread_mutex_t attr_lock;
+	uid_t disk_uid;
+	gid_t disk_gid;
+	mode_t disk_mode;
+	time_t disk_ctime;
 };
 
 /* The FUSE operations table (fusefs/ops.c). */

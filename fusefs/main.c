@@ -12,12 +12,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <grp.h>
 #include <limits.h>
+#include <pwd.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fusefs.h"
@@ -27,7 +31,6 @@
 #define EXIT_USAGE 1 /* bad command line */
 #define EXIT_IMAGE 2 /* the overlay or its backing chain cannot be opened */
 #define EXIT_MOUNT 3 /* FUSE mount failed */
-#define EXIT_JOB   4 /* wait: the job failed or was cancelled */
 
 struct sfs_opts {
 	int ro;
@@ -47,6 +50,7 @@ struct sfs_opts {
 	unsigned readahead_kb;
 	unsigned max_threads;
 	char *pidfile;
+	char *uid, *gid, *mode; /* owner and permissions of disk */
 	int show_help;
 	int show_version;
 	int foreground;
@@ -79,6 +83,11 @@ static const struct fuse_opt sfs_opt_spec[] = {
     SFS_OPT("readahead=%u", readahead_kb, 0),
     SFS_OPT("threads=%u", max_threads, 0),
     SFS_OPT("pidfile=%s", pidfile, 0),
+    /* Ours, not libfuse's: its uid=/gid= would force the owner of every
+     * file and make chown on disk a silent no-op. */
+    SFS_OPT("uid=%s", uid, 0),
+    SFS_OPT("gid=%s", gid, 0),
+    SFS_OPT("mode=%s", mode, 0),
     SFS_OPT("-h", show_help, 1),
     SFS_OPT("--help", show_help, 1),
     SFS_OPT("-V", show_version, 1),
@@ -128,7 +137,11 @@ static void sfs_usage(FILE *f)
 	    "    -o threads=N           FUSE worker threads (16)\n"
 	    "    -o verbose             log more (requests, job steps)\n"
 	    "    -o pidfile=FILE        write the daemon's pid to FILE once mounted\n"
-	    "    -o allow_other, auto_unmount, ...   passed to FUSE (see fuse(8))\n"
+	    "    -o uid=USER,gid=GROUP  owner of disk (default: the mounting user)\n"
+	    "    -o mode=OCTAL          permissions of disk (default 0600)\n"
+	    "    -o allow_other         let other users (e.g. libvirt-qemu) open disk; the\n"
+	    "                           kernel enforces its owner and mode\n"
+	    "    -o auto_unmount, ...   passed to FUSE (see fuse(8))\n"
 	    "    -h, --help             this help\n"
 	    "    -V, --version          version\n");
 }
@@ -173,6 +186,23 @@ static bool sfs_path_inside(const char *path, const char *dir)
 	return strncmp(path, dir, n) == 0 && (path[n] == '/' || path[n] == '\0');
 }
 
+/* Undo mountinfo's octal escapes (space, tab, newline, backslash) in place. */
+static void sfs_unescape_mountinfo(char *s)
+{
+	char *w = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
+		    s[3] >= '0' && s[3] <= '7') {
+			*w++ = (char)((s[1] - '0') << 6 | (s[2] - '0') << 3 | (s[3] - '0'));
+			s += 3;
+		} else {
+			*w++ = *s;
+		}
+	}
+	*w = '\0';
+}
+
 /* Raise the kernel's read-ahead for our mount: FUSE caps it at the bdi's
  * default (128 KiB), which halves sequential throughput of buffered reads.
  * Best effort: needs root; finds the bdi from /proc/self/mountinfo so it
@@ -189,6 +219,7 @@ static void sfs_set_readahead(const char *mountpoint, unsigned kb)
 		char mnt[PATH_MAX];
 		if (sscanf(line, "%*d %*d %u:%u %*s %4095s", &maj, &min, mnt) != 3)
 			continue;
+		sfs_unescape_mountinfo(mnt);
 		if (strcmp(mnt, mountpoint) != 0)
 			continue;
 		snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb", maj, min);
@@ -201,6 +232,89 @@ static void sfs_set_readahead(const char *mountpoint, unsigned kb)
 	fclose(f);
 }
 
+/* A user or group given by name or number; -1 if unknown. */
+static int sfs_parse_owner(const char *s, bool group, unsigned *out)
+{
+	char *end;
+	unsigned long v;
+
+	if (!*s)
+		return -1;
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (!*end && !errno && v < (unsigned long)(uid_t)-1) {
+		*out = (unsigned)v;
+		return 0;
+	}
+	if (group) {
+		struct group *g = getgrnam(s);
+		if (!g)
+			return -1;
+		*out = g->gr_gid;
+	} else {
+		struct passwd *pw = getpwnam(s);
+		if (!pw)
+			return -1;
+		*out = pw->pw_uid;
+	}
+	return 0;
+}
+
+/* The owner and mode options into m (defaults: the mounting user, 0600). */
+static int sfs_parse_disk_attrs(const struct sfs_opts *o, struct sfs_mount *m)
+{
+	unsigned v;
+	char *end;
+
+	m->uid = m->disk_uid = getuid();
+	m->gid = m->disk_gid = getgid();
+	m->disk_mode = 0600;
+	m->disk_ctime = time(NULL);
+	if (o->uid) {
+		if (sfs_parse_owner(o->uid, false, &v) < 0) {
+			fprintf(stderr, "streamfs: uid: unknown user '%s'\n", o->uid);
+			return -EINVAL;
+		}
+		m->disk_uid = v;
+	}
+	if (o->gid) {
+		if (sfs_parse_owner(o->gid, true, &v) < 0) {
+			fprintf(stderr, "streamfs: gid: unknown group '%s'\n", o->gid);
+			return -EINVAL;
+		}
+		m->disk_gid = v;
+	}
+	if (o->mode) {
+		unsigned long mv;
+
+		errno = 0;
+		mv = strtoul(o->mode, &end, 8);
+		if (!*o->mode || *end || errno || mv > 07777) {
+			fprintf(stderr,
+				"streamfs: mode must be octal permission bits, e.g. 0600\n");
+			return -EINVAL;
+		}
+		m->disk_mode = (mode_t)mv;
+	}
+	return 0;
+}
+
+/* The base named by -o base=NAME, as stream_start will find it: NAME as the
+ * chain names it (a backing name in a header, a URL, an absolute path), or
+ * a path relative to the caller's directory, resolved now because the
+ * daemon runs in /. NULL (after a message) when no layer matches. */
+static char *sfs_resolve_base(struct disk *disk, const char *name)
+{
+	char real[PATH_MAX];
+
+	if (disk_find_layer(disk, name))
+		return strdup(name);
+	if (realpath(name, real) && disk_find_layer(disk, real))
+		return strdup(real);
+	fprintf(stderr, "streamfs: base '%s' is not an image of the backing chain\n", name);
+	return NULL;
+}
+
 static int sfs_mount_main(int argc, char **argv)
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
@@ -211,7 +325,8 @@ static int sfs_mount_main(int argc, char **argv)
 	struct image *top = NULL;
 	struct disk *disk = NULL;
 	struct fuse *fuse = NULL;
-	char overlay[PATH_MAX], mnt[PATH_MAX];
+	char overlay[PATH_MAX], mnt[PATH_MAX], *base = NULL;
+	struct stat mst;
 	bool cor = true;
 	uint64_t speed = 0;
 	int ret = EXIT_USAGE, r;
@@ -266,6 +381,13 @@ static int sfs_mount_main(int argc, char **argv)
 		fprintf(stderr, "streamfs: %s: %s\n", o.mountpoint, strerror(errno));
 		goto out;
 	}
+	if (stat(mnt, &mst) < 0 || !S_ISDIR(mst.st_mode)) {
+		fprintf(stderr, "streamfs: %s: not a directory (the mountpoint must be one)\n",
+			o.mountpoint);
+		goto out;
+	}
+	if (sfs_parse_disk_attrs(&o, &m) < 0)
+		goto out;
 	fo.cacert = o.cacert;
 	fo.http_auth_file = o.http_auth_file;
 	fo.pool_size = o.http_pool;
@@ -300,8 +422,11 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_IMAGE;
 		goto out;
 	}
+	if (o.base && !(base = sfs_resolve_base(disk, o.base)))
+		goto out_disk;
 	m.ctl.disk = disk;
 	m.mountpoint = mnt;
+	pthread_mutex_init(&m.attr_lock, NULL);
 	m.ctl.events = events_new();
 	if (!m.ctl.events)
 		goto out_disk;
@@ -342,7 +467,7 @@ static int sfs_mount_main(int argc, char **argv)
 		goto out_signals;
 	}
 	if (!o.ro) {
-		struct stream_params sp = {.speed = speed, .speed_set = true, .base = o.base};
+		struct stream_params sp = {.speed = speed, .speed_set = true, .base = base};
 		sp.on_error = o.on_error && strcmp(o.on_error, "stop") == 0
 				  ? STREAM_ON_ERROR_STOP
 				  : STREAM_ON_ERROR_REPORT;
@@ -361,7 +486,9 @@ static int sfs_mount_main(int argc, char **argv)
 	fuse_loop_cfg_set_max_threads(lc, o.max_threads ? o.max_threads : 16);
 	fuse_loop_cfg_set_idle_threads(lc, 4);
 	r = fuse_loop_mt(fuse, lc);
-	ret = r == 0 ? 0 : EXIT_MOUNT;
+	/* libfuse returns the number of the signal that ended the loop: a
+	 * SIGTERM/SIGINT/SIGHUP stop is as clean as an unmount. */
+	ret = r == 0 || r == SIGTERM || r == SIGINT || r == SIGHUP ? 0 : EXIT_MOUNT;
 	fuse_loop_cfg_destroy(lc);
 
 	stream_free(m.ctl.job);
@@ -392,6 +519,10 @@ out:
 	free(o.cacert);
 	free(o.http_auth_file);
 	free(o.pidfile);
+	free(o.uid);
+	free(o.gid);
+	free(o.mode);
+	free(base);
 	fuse_opt_free_args(&args);
 	return ret;
 }

@@ -52,18 +52,27 @@ enum sfs_node { NODE_NONE, NODE_ROOT, NODE_DISK, NODE_CONTROL_DIR, NODE_CONTROL 
 
 struct sfs_handle {
 	int ctl;   /* enum control_id */
-	char *buf; /* rendered snapshot */
+	char *buf; /* rendered snapshot, immutable after open */
 	size_t len;
-	uint64_t cursor; /* events */
-	char *pend;	 /* events: lines read from the log, not yet returned */
+	/* events: one fd may be read by several threads at once (dup, fork),
+	 * so the cursor and the pending lines are protected by lock. */
+	pthread_mutex_t lock;
+	uint64_t cursor;
+	char *pend; /* lines read from the log, not yet returned */
 	size_t pend_off, pend_len;
 	struct fuse_pollhandle *ph;   /* protected by sfs_poll_lock */
 	struct sfs_handle *next_poll; /* protected by sfs_poll_lock */
 	bool polled;		      /* on the sfs_polls list */
+	/* Every open handle, protected by sfs_handles_lock: the kernel sends
+	 * RELEASE asynchronously, so at unmount (lazy or racing the last
+	 * close) some never arrive; destroy frees what is left. */
+	struct sfs_handle *prev_open, *next_open;
 };
 
 static pthread_mutex_t sfs_poll_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct sfs_handle *sfs_polls; /* events handles, protected by sfs_poll_lock */
+static pthread_mutex_t sfs_handles_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sfs_handle *sfs_handles; /* open handles, protected by sfs_handles_lock */
 static time_t sfs_mount_time;
 /* Set by the first poll of /disk; from then on every poll answers ENOSYS,
  * which the kernel remembers for the mount. */
@@ -135,8 +144,8 @@ static int sfs_getattr(const char *path, struct stat *st, struct fuse_file_info 
 	int ctl = 0;
 
 	memset(st, 0, sizeof(*st));
-	st->st_uid = getuid();
-	st->st_gid = getgid();
+	st->st_uid = m->uid;
+	st->st_gid = m->gid;
 	st->st_atime = st->st_mtime = st->st_ctime = sfs_mount_time;
 	switch (sfs_resolve(path, &ctl)) {
 	case NODE_ROOT:
@@ -145,7 +154,14 @@ static int sfs_getattr(const char *path, struct stat *st, struct fuse_file_info 
 		st->st_nlink = 2;
 		return 0;
 	case NODE_DISK:
-		st->st_mode = S_IFREG | (m->ctl.disk->read_only ? 0444 : 0644);
+		pthread_mutex_lock(&m->attr_lock);
+		st->st_uid = m->disk_uid;
+		st->st_gid = m->disk_gid;
+		st->st_mode = S_IFREG | m->disk_mode;
+		st->st_ctime = m->disk_ctime;
+		pthread_mutex_unlock(&m->attr_lock);
+		if (m->ctl.disk->read_only)
+			st->st_mode &= ~(mode_t)0222;
 		st->st_nlink = 1;
 		st->st_size = (off_t)m->ctl.disk->top->size;
 		st->st_blksize = 65536;
@@ -218,6 +234,7 @@ static int sfs_open(const char *path, struct fuse_file_info *fi)
 	h = calloc(1, sizeof(*h));
 	if (!h)
 		return -ENOMEM;
+	pthread_mutex_init(&h->lock, NULL);
 	h->ctl = ctl;
 	if (ctl == CTL_EVENTS) {
 		h->cursor = events_cursor(m->ctl.events);
@@ -225,10 +242,17 @@ static int sfs_open(const char *path, struct fuse_file_info *fi)
 	} else if (acc != O_WRONLY) {
 		r = control_render(&m->ctl, (enum control_id)ctl, &h->buf, &h->len);
 		if (r < 0) {
+			pthread_mutex_destroy(&h->lock);
 			free(h);
 			return r;
 		}
 	}
+	pthread_mutex_lock(&sfs_handles_lock);
+	h->next_open = sfs_handles;
+	if (sfs_handles)
+		sfs_handles->prev_open = h;
+	sfs_handles = h;
+	pthread_mutex_unlock(&sfs_handles_lock);
 	fi->direct_io = 1;
 	fi->fh = (uint64_t)(uintptr_t)h;
 	return 0;
@@ -254,24 +278,32 @@ static int sfs_read(const char *path, char *buf, size_t size, off_t off, struct 
 		/* Lines go through a per-open buffer so that readers asking for
 		 * fewer bytes than a line (shell "read" asks for 1) get it all. */
 		for (;;) {
+			pthread_mutex_lock(&h->lock);
 			if (h->pend_off < h->pend_len) {
 				size = SFS_MIN(size, h->pend_len - h->pend_off);
 				memcpy(buf, h->pend + h->pend_off, size);
 				h->pend_off += size;
+				pthread_mutex_unlock(&h->lock);
 				return (int)size;
 			}
 			if (!h->pend) {
 				h->pend = malloc(EVENTS_LINE * 8);
-				if (!h->pend)
+				if (!h->pend) {
+					pthread_mutex_unlock(&h->lock);
 					return -ENOMEM;
+				}
 			}
+			/* Held while waiting (at most 250 ms per round): a
+			 * second reader of the same fd waits its turn. */
 			h->pend_off = 0;
 			h->pend_len =
 			    events_read(m->ctl.events, &h->cursor, h->pend, EVENTS_LINE * 8,
 					!(fi->flags & O_NONBLOCK)    ? 250
 					: atomic_load(&sfs_poll_off) ? SFS_EVENTS_NOPOLL_MS
 								     : 0);
-			if (h->pend_len > 0)
+			r = h->pend_len > 0;
+			pthread_mutex_unlock(&h->lock);
+			if (r)
 				continue;
 			if (fi->flags & O_NONBLOCK)
 				return -EAGAIN;
@@ -363,12 +395,19 @@ static int sfs_fsync(const char *path, int datasync, struct fuse_file_info *fi)
 	return 0;
 }
 
-static int sfs_release(const char *path, struct fuse_file_info *fi)
+/* Unlink h from every list and free it. */
+static void sfs_handle_free(struct sfs_handle *h)
 {
-	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh, **pp;
+	struct sfs_handle **pp;
 
-	if (!h)
-		return 0;
+	pthread_mutex_lock(&sfs_handles_lock);
+	if (h->prev_open)
+		h->prev_open->next_open = h->next_open;
+	else
+		sfs_handles = h->next_open;
+	if (h->next_open)
+		h->next_open->prev_open = h->prev_open;
+	pthread_mutex_unlock(&sfs_handles_lock);
 	pthread_mutex_lock(&sfs_poll_lock);
 	if (h->polled) {
 		for (pp = &sfs_polls; *pp; pp = &(*pp)->next_poll) {
@@ -381,9 +420,18 @@ static int sfs_release(const char *path, struct fuse_file_info *fi)
 	if (h->ph)
 		fuse_pollhandle_destroy(h->ph);
 	pthread_mutex_unlock(&sfs_poll_lock);
+	pthread_mutex_destroy(&h->lock);
 	free(h->buf);
 	free(h->pend);
 	free(h);
+}
+
+static int sfs_release(const char *path, struct fuse_file_info *fi)
+{
+	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+
+	if (h)
+		sfs_handle_free(h);
 	return 0;
 }
 
@@ -423,8 +471,10 @@ static int sfs_poll(const char *path, struct fuse_file_info *fi, struct fuse_pol
 		}
 		pthread_mutex_unlock(&sfs_poll_lock);
 	}
+	pthread_mutex_lock(&h->lock);
 	if (h->pend_off < h->pend_len || events_ready(m->ctl.events, h->cursor))
 		*reventsp |= POLLIN;
+	pthread_mutex_unlock(&h->lock);
 	return 0;
 }
 
@@ -444,9 +494,42 @@ static int sfs_truncate(const char *path, off_t size, struct fuse_file_info *fi)
 	}
 }
 
+/* chmod and chown of /disk, as on a file: the kernel has checked the
+ * caller's right (default_permissions: owner or CAP_FOWNER for chmod,
+ * CAP_CHOWN for chown); we keep the result for the life of the mount. The
+ * rest of the tree has fixed attributes. */
 static int sfs_chmod(const char *path, mode_t mode, struct fuse_file_info *fi)
 {
-	return -EPERM;
+	struct sfs_mount *m = sfs_ctx();
+	int ctl;
+
+	if (sfs_resolve(path, &ctl) != NODE_DISK)
+		return -EPERM;
+	pthread_mutex_lock(&m->attr_lock);
+	m->disk_mode = mode & 07777;
+	m->disk_ctime = time(NULL);
+	pthread_mutex_unlock(&m->attr_lock);
+	return 0;
+}
+
+static int sfs_chown(const char *path, uid_t uid, gid_t gid, struct fuse_file_info *fi)
+{
+	struct sfs_mount *m = sfs_ctx();
+	int ctl;
+
+	if (sfs_resolve(path, &ctl) != NODE_DISK)
+		return -EPERM;
+	pthread_mutex_lock(&m->attr_lock);
+	if (uid != (uid_t)-1)
+		m->disk_uid = uid;
+	if (gid != (gid_t)-1)
+		m->disk_gid = gid;
+	/* As chown(2) on a regular file: an unprivileged change clears the
+	 * set-user/group-ID bits (the kernel passes us the new mode for root). */
+	m->disk_mode &= ~(mode_t)(S_ISUID | S_ISGID);
+	m->disk_ctime = time(NULL);
+	pthread_mutex_unlock(&m->attr_lock);
+	return 0;
 }
 
 static int sfs_utimens(const char *path, const struct timespec tv[2], struct fuse_file_info *fi)
@@ -472,6 +555,9 @@ static void sfs_destroy(void *private_data)
 
 	events_set_notify(m->ctl.events, NULL, NULL);
 	events_shutdown(m->ctl.events);
+	/* The loop is over: no request runs, none of these will be used. */
+	while (sfs_handles)
+		sfs_handle_free(sfs_handles);
 }
 
 const struct fuse_operations sfs_fuse_ops = {
@@ -489,6 +575,7 @@ const struct fuse_operations sfs_fuse_ops = {
     .poll = sfs_poll,
     .truncate = sfs_truncate,
     .chmod = sfs_chmod,
+    .chown = sfs_chown,
     .utimens = sfs_utimens,
     .statfs = sfs_statfs,
 };

@@ -49,6 +49,7 @@ struct stream_job {
 	/* All below protected by lock. */
 	enum stream_state state;
 	bool quit, want_pause, want_cancel;
+	bool starting; /* a stream_start() is looking up its base */
 	uint64_t speed, offset, length, resumed_from;
 	struct image *base;
 	char base_name[1024];
@@ -112,13 +113,21 @@ static uint64_t stream_rate(struct stream_job *j, uint64_t now, bool net)
 {
 	unsigned n = j->rate_n < STREAM_RATE_WINDOW ? j->rate_n : STREAM_RATE_WINDOW;
 	unsigned oldest = (j->rate_n - n) % STREAM_RATE_WINDOW;
-	uint64_t dt, db;
+	uint64_t dt, db, cur, then;
+	double rate;
 
 	if (n == 0 || j->state != STREAM_RUNNING)
 		return 0;
+	cur = net ? disk_network_bytes(j->d) : j->copied;
+	then = net ? j->rate_net[oldest] : j->rate_b[oldest];
 	dt = now - j->rate_t[oldest];
-	db = net ? disk_network_bytes(j->d) - j->rate_net[oldest] : j->copied - j->rate_b[oldest];
-	return dt ? (uint64_t)((double)db * 1e9 / (double)dt) : 0;
+	/* Both counters only grow; should one ever not, show 0, never a
+	 * wrapped difference. */
+	if (dt == 0 || cur < then)
+		return 0;
+	db = cur - then;
+	rate = (double)db * 1e9 / (double)dt;
+	return rate >= 1.8e19 ? UINT64_MAX : (uint64_t)rate;
 }
 
 /* Restart the token bucket (on start, resume, speed change); lock held. */
@@ -142,22 +151,32 @@ static void stream_finish(struct stream_job *j, enum stream_state st, const char
 	events_post(j->ev, event, "%s", detail);
 }
 
-/* The first offset not allocated in the overlay: where a restarted job
- * really resumes. */
-static uint64_t stream_first_unallocated(struct disk *d)
+/* Where a (re)started job really starts: the first offset at which it has
+ * something to do, i.e. data above base not yet in the overlay, or zeros
+ * that must hide base's data (see disk_populate). Everything below is in
+ * the overlay already or needs no copy (holes without a base). Called with
+ * the chain lock read-held, so base and the chain stay put. */
+static uint64_t stream_first_work(struct disk *d, struct image *base)
 {
 	struct image *top = d->top;
 	uint64_t off = 0;
 
 	while (off < top->size) {
-		struct extent ext;
-		if (top->drv->map(top, off, top->size - off, &ext) < 0 || ext.len == 0)
+		enum extent_type type;
+		uint64_t pnum;
+		int depth;
+
+		if (image_block_status(top, base, off, top->size - off, &pnum, &depth, &type) < 0 ||
+		    pnum == 0)
 			break;
-		if (ext.type == EXT_UNALLOC)
+		if (depth > 0 && type != EXT_ZERO)
 			break;
-		off += ext.len;
+		if ((depth == -1 || (depth > 0 && type == EXT_ZERO)) && base &&
+		    top->backing != base)
+			break;
+		off += pnum;
 	}
-	return off;
+	return SFS_ALIGN_DOWN(SFS_MIN(off, top->size), top->cluster_size);
 }
 
 /* Pick the next chunk size and sleep as the throttle and guest yielding
@@ -262,7 +281,8 @@ static void *stream_thread(void *opaque)
 
 	pthread_mutex_lock(&j->lock);
 	for (;;) {
-		uint64_t pos, chunk, copied = 0, t0, ops;
+		uint64_t pos, length, chunk, copied = 0, t0, ops;
+		struct image *base;
 		bool guest_active;
 		char msg[600];
 		int r;
@@ -289,10 +309,15 @@ static void *stream_thread(void *opaque)
 			continue;
 		}
 		if (j->offset >= j->length) {
-			struct image *base = j->base;
+			base = j->base;
+			/* Only this thread rebases, so top->backing is stable
+			 * here. A job whose base is already the backing (a
+			 * start after a completed job) changes nothing. */
+			bool rebase = d->top->backing != base;
+
 			pthread_mutex_unlock(&j->lock);
 			r = disk_flush(d);
-			if (r == 0)
+			if (r == 0 && rebase)
 				r = disk_rebase(d, base);
 			pthread_mutex_lock(&j->lock);
 			if (r < 0) {
@@ -302,8 +327,9 @@ static void *stream_thread(void *opaque)
 				stream_finish(j, STREAM_FAILED, "failed", j->error);
 				continue;
 			}
-			events_post(j->ev, "backing-changed", "backing=%s",
-				    base ? j->base_name : "none");
+			if (rebase)
+				events_post(j->ev, "backing-changed", "backing=%s",
+					    base ? j->base_name : "none");
 			stream_rate_sample(j, sfs_now_ns(), true);
 			snprintf(msg, sizeof(msg), "length=%llu copied=%llu",
 				 (unsigned long long)j->length, (unsigned long long)j->copied);
@@ -319,13 +345,15 @@ static void *stream_thread(void *opaque)
 		 * every chunk runs at the priority for the current limit. */
 		stream_apply_priority(j, &prio);
 		pos = j->offset;
-		chunk = SFS_MIN(chunk, j->length - pos);
+		length = j->length;
+		base = j->base;
+		chunk = SFS_MIN(chunk, length - pos);
 		pthread_mutex_unlock(&j->lock);
 
 		t0 = sfs_now_ns();
-		if (pos + chunk < j->length)
-			disk_prefetch(d, j->base, pos + chunk, chunk);
-		r = disk_populate(d, j->base, pos, chunk, j->buf, j->bufsize, &copied);
+		if (pos + chunk < length)
+			disk_prefetch(d, base, pos + chunk, chunk);
+		r = disk_populate(d, base, pos, chunk, j->buf, j->bufsize, &copied);
 		last_chunk_ns = sfs_now_ns() - t0;
 		flushed_bytes += copied;
 
@@ -443,35 +471,52 @@ void stream_free(struct stream_job *j)
 
 int stream_start(struct stream_job *j, const struct stream_params *p)
 {
+	struct disk *d = j->d;
 	struct image *base = NULL;
-	uint64_t resumed;
+	char base_name[sizeof(j->base_name)];
+	uint64_t resumed = 0;
 
-	if (j->d->read_only) {
+	if (d->read_only) {
 		sfs_error("stream: the disk is mounted read-only");
 		return -EROFS;
 	}
-	if (p->base) {
-		base = disk_find_layer(j->d, p->base);
-		if (!base) {
-			sfs_error("stream: base '%s' is not an image of the backing chain",
-				  p->base);
-			return -EINVAL;
-		}
-	}
-	resumed = stream_first_unallocated(j->d);
 	pthread_mutex_lock(&j->lock);
-	if (j->state == STREAM_RUNNING || j->state == STREAM_PAUSED) {
+	if (j->state == STREAM_RUNNING || j->state == STREAM_PAUSED || j->starting) {
+		const char *what = j->starting ? "starting" : stream_state_name(j->state);
+
 		pthread_mutex_unlock(&j->lock);
-		sfs_error("stream: a job is already %s on this disk", stream_state_name(j->state));
+		sfs_error("stream: a job is already %s on this disk", what);
 		return -EBUSY;
 	}
+	/* Claim the job, then look the base up under the chain lock only
+	 * (block status may read metadata over the network: never under the
+	 * job lock). Only a running job frees layers (disk_rebase), and none
+	 * runs while we hold the claim, so the layer found stays valid for the
+	 * life of the new job. */
+	j->starting = true;
+	pthread_mutex_unlock(&j->lock);
+	pthread_rwlock_rdlock(&d->chain_lock);
+	if (p->base)
+		base = disk_find_layer(d, p->base);
+	if (base || !p->base) {
+		snprintf(base_name, sizeof(base_name), "%s", base ? base->filename : "");
+		resumed = stream_first_work(d, base);
+	}
+	pthread_rwlock_unlock(&d->chain_lock);
+	pthread_mutex_lock(&j->lock);
+	j->starting = false;
+	if (p->base && !base) {
+		pthread_mutex_unlock(&j->lock);
+		sfs_error("stream: base '%s' is not an image of the backing chain", p->base);
+		return -EINVAL;
+	}
+	snprintf(j->base_name, sizeof(j->base_name), "%s", base_name);
 	j->base = base;
-	snprintf(j->base_name, sizeof(j->base_name), "%s", base ? base->filename : "");
 	if (p->speed_set)
 		j->speed = p->speed;
 	j->on_error = p->on_error;
 	j->offset = 0;
-	j->length = j->d->top->size;
+	j->length = d->top->size;
 	j->resumed_from = resumed;
 	j->copied = 0;
 	j->error[0] = '\0';

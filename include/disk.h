@@ -83,7 +83,8 @@ int disk_rebase(struct disk *d, struct image *base);
 uint64_t disk_network_bytes(struct disk *d);
 
 /* Find the layer of the chain whose filename (resolved) or backing name
- * equals name; NULL if none (the top itself is not a valid base). */
+ * equals name; NULL if none (the top itself is not a valid base). Called
+ * with chain_lock held: the layer is valid only while no rebase can run. */
 struct image *disk_find_layer(struct disk *d, const char *name);
 
 #endif /* STREAMFS_DISK_H */
