@@ -115,7 +115,13 @@ chmod 755 "$T"
 cp "$G/vmlinuz" "$G/initrd.img" "$T/"
 "$STREAMFS" create -f qcow2 -b "$G/disk.raw" -F raw "$T/ov.qcow2" >/dev/null
 M=$T/mnt
-sfs_mount "$T/ov.qcow2" "$M" -o allow_other
+# LV_OWNER=UID:GID: disk owned by UID:GID (-o uid=,gid=), as if a user had
+# mounted it; libvirt must give it back to that owner at shutdown.
+if [ -n "${LV_OWNER:-}" ]; then
+	sfs_mount "$T/ov.qcow2" "$M" -o "allow_other,uid=${LV_OWNER%:*},gid=${LV_OWNER#*:}"
+else
+	sfs_mount "$T/ov.qcow2" "$M" -o allow_other
+fi
 owner=$(stat -c '%u:%g' "$M/disk")
 # Booted first, checked after: today's failure is the one a user meets first.
 info "mounted: disk is $(stat -c '%u:%g %a' "$M/disk")"
