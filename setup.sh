@@ -2,20 +2,43 @@
 # Install what streamfs needs to build, test and benchmark on Debian/Ubuntu.
 # Build: libfuse3, zlib, libcurl, cmocka. Test oracles and peers: qemu-img,
 # fio, nginx, qemu-storage-daemon, nbdkit, nbdfuse, python3 (fault server).
+# --bench: the benchmark's peers. --libvirt: libvirtd, virtlogd, virsh and
+# qemu-system-x86 (without recommends: ~40 packages, 21 MiB), busybox-static
+# and e2fsprogs for tests/test-libvirt.sh and its guest (tests/guest/). The
+# sysv flavour of libvirt-daemon-system, so apt pulls no systemd.
 set -e
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 PKGS="build-essential pkg-config libfuse3-dev fuse3 zlib1g-dev libcurl4-openssl-dev \
 libcmocka-dev qemu-utils fio nginx-light python3 curl clang-format procps psmisc bc tmux openssl \
 util-linux valgrind"
-[ "${1:-}" = --bench ] && PKGS="$PKGS qemu-system-common qemu-block-extra nbdkit libnbd-bin"
+NOREC=
+for a in "$@"; do
+	case $a in
+	--bench) PKGS="$PKGS qemu-system-common qemu-block-extra nbdkit libnbd-bin" ;;
+	--libvirt) NOREC="libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients \
+qemu-system-x86 busybox-static e2fsprogs cpio" ;;
+	*) echo "setup: unknown option $a (--bench, --libvirt)" >&2; exit 2 ;;
+	esac
+done
 missing=
+missing_norec=
 for p in $PKGS; do
 	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 done
-if [ -n "$missing" ]; then
-	echo "setup: installing$missing"
+for p in $NOREC; do
+	dpkg -s "$p" >/dev/null 2>&1 || missing_norec="$missing_norec $p"
+done
+if [ -n "$missing$missing_norec" ]; then
+	echo "setup: installing$missing$missing_norec"
 	$SUDO apt-get update -qq || true
+fi
+if [ -n "$missing" ]; then
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+if [ -n "$missing_norec" ]; then
+	# Recommends would bring ~170 more packages (desktop QEMU, dnsmasq...).
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+		$missing_norec >/dev/null
 fi
 [ -e /dev/fuse ] || echo "setup: warning: /dev/fuse is missing; mounts will fail" >&2
