@@ -2,23 +2,23 @@
 # Install what streamfs needs to build, test and benchmark on Debian/Ubuntu.
 # Build: libfuse3, zlib, libcurl, cmocka. Test oracles and peers: qemu-img,
 # fio, nginx, qemu-storage-daemon, nbdkit, nbdfuse, python3 (fault server).
-# --bench: the benchmark's peers. --libvirt: libvirtd, virtlogd, virsh and
-# qemu-system-x86 (without recommends: ~40 packages, 21 MiB), busybox-static
-# and e2fsprogs for tests/test-libvirt.sh and its guest (tests/guest/). The
-# sysv flavour of libvirt-daemon-system, so apt pulls no systemd.
+# For tests/test-libvirt.sh and its guest (tests/guest/), always: libvirtd,
+# virtlogd, virsh and qemu-system-x86 (without recommends: ~40 packages,
+# 21 MiB), busybox-static, e2fsprogs, cpio; the sysv flavour of
+# libvirt-daemon-system, so apt pulls no systemd. --bench: the benchmark's peers.
 set -e
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 PKGS="build-essential pkg-config libfuse3-dev fuse3 zlib1g-dev libcurl4-openssl-dev \
 libcmocka-dev qemu-utils fio nginx-light python3 curl clang-format procps psmisc bc tmux openssl \
 util-linux valgrind"
-NOREC=
+NOREC="libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients \
+qemu-system-x86 busybox-static e2fsprogs cpio"
 for a in "$@"; do
 	case $a in
 	--bench) PKGS="$PKGS qemu-system-common qemu-block-extra nbdkit libnbd-bin" ;;
-	--libvirt) NOREC="libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients \
-qemu-system-x86 busybox-static e2fsprogs cpio" ;;
-	*) echo "setup: unknown option $a (--bench, --libvirt)" >&2; exit 2 ;;
+	--libvirt) ;; # always installed now; kept for old command lines
+	*) echo "setup: unknown option $a (--bench)" >&2; exit 2 ;;
 	esac
 done
 missing=

@@ -12,6 +12,13 @@
 #include "events.h"
 #include "stream.h"
 
+/* An extended attribute of /disk (fusefs/ops.c). */
+struct sfs_xattr {
+	char *name;
+	void *value;
+	size_t size;
+};
+
 /* Everything a mounted streamfs serves; fuse_get_context()->private_data. */
 struct sfs_mount {
 	struct control_ctx ctl; /* disk, job, events */
@@ -28,6 +35,9 @@ struct sfs_mount {
 	gid_t disk_gid;
 	mode_t disk_mode;
 	time_t disk_ctime;
+	struct sfs_xattr *disk_xattrs; /* user.* and trusted.* of /disk, in memory */
+	unsigned disk_nxattrs;
+	size_t disk_xattr_bytes; /* names + values, bounded by SFS_XATTR_MAX_BYTES */
 };
 
 /* The FUSE operations table (fusefs/ops.c). */

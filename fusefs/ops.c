@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -532,6 +533,170 @@ static int sfs_chown(const char *path, uid_t uid, gid_t gid, struct fuse_file_in
 	return 0;
 }
 
+/*
+ * Extended attributes of /disk, kept in memory for the life of the mount
+ * like its owner and mode. libvirt's DAC labelling (remember_owner, on by
+ * default) stores the original owner in trusted.libvirt.security.* before
+ * it chowns the disk to the QEMU user, and puts it back from there at
+ * shutdown; without them it restores root:root. Only user.* and trusted.*
+ * names are kept (the kernel allows trusted.* to CAP_SYS_ADMIN only, and
+ * checks user.* against the mode); security.* and system.* get ENOTSUP, as
+ * on a filesystem without them. Bounded: SFS_XATTR_MAX entries and
+ * SFS_XATTR_MAX_BYTES of names and values (then ENOSPC).
+ */
+#define SFS_XATTR_MAX	    64
+#define SFS_XATTR_MAX_BYTES (256u << 10)
+
+static bool sfs_xattr_name_ok(const char *name)
+{
+	return strncmp(name, "user.", 5) == 0 || strncmp(name, "trusted.", 8) == 0;
+}
+
+/* The index of name on /disk, or -1. Called with attr_lock held. */
+static int sfs_xattr_find(struct sfs_mount *m, const char *name)
+{
+	for (unsigned i = 0; i < m->disk_nxattrs; i++)
+		if (strcmp(m->disk_xattrs[i].name, name) == 0)
+			return (int)i;
+	return -1;
+}
+
+static int sfs_setxattr(const char *path, const char *name, const char *value, size_t size,
+			int flags)
+{
+	struct sfs_mount *m = sfs_ctx();
+	struct sfs_xattr *x;
+	size_t need;
+	void *v;
+	int ctl, i, r = 0;
+
+	if (sfs_resolve(path, &ctl) != NODE_DISK || !sfs_xattr_name_ok(name))
+		return -ENOTSUP;
+	v = malloc(size ? size : 1);
+	if (!v)
+		return -ENOMEM;
+	memcpy(v, value, size);
+	pthread_mutex_lock(&m->attr_lock);
+	i = sfs_xattr_find(m, name);
+	if (i >= 0 && (flags & XATTR_CREATE)) {
+		r = -EEXIST;
+	} else if (i < 0 && (flags & XATTR_REPLACE)) {
+		r = -ENODATA;
+	} else if (i >= 0) {
+		x = &m->disk_xattrs[i];
+		need = m->disk_xattr_bytes - x->size + size;
+		if (need > SFS_XATTR_MAX_BYTES) {
+			r = -ENOSPC;
+		} else {
+			free(x->value);
+			x->value = v;
+			x->size = size;
+			m->disk_xattr_bytes = need;
+			v = NULL;
+		}
+	} else {
+		need = m->disk_xattr_bytes + strlen(name) + size;
+		if (m->disk_nxattrs >= SFS_XATTR_MAX || need > SFS_XATTR_MAX_BYTES) {
+			r = -ENOSPC;
+		} else {
+			if (!m->disk_xattrs)
+				m->disk_xattrs = calloc(SFS_XATTR_MAX, sizeof(*m->disk_xattrs));
+			x = m->disk_xattrs ? &m->disk_xattrs[m->disk_nxattrs] : NULL;
+			if (!x || !(x->name = strdup(name))) {
+				r = -ENOMEM;
+			} else {
+				x->value = v;
+				x->size = size;
+				m->disk_nxattrs++;
+				m->disk_xattr_bytes = need;
+				v = NULL;
+			}
+		}
+	}
+	if (r == 0)
+		m->disk_ctime = time(NULL);
+	pthread_mutex_unlock(&m->attr_lock);
+	free(v);
+	return r;
+}
+
+static int sfs_getxattr(const char *path, const char *name, char *value, size_t size)
+{
+	struct sfs_mount *m = sfs_ctx();
+	int ctl, i, r;
+
+	if (sfs_resolve(path, &ctl) != NODE_DISK || !sfs_xattr_name_ok(name))
+		return -ENOTSUP;
+	pthread_mutex_lock(&m->attr_lock);
+	i = sfs_xattr_find(m, name);
+	if (i < 0) {
+		r = -ENODATA;
+	} else {
+		struct sfs_xattr *x = &m->disk_xattrs[i];
+
+		r = (int)x->size;
+		if (size && size < x->size)
+			r = -ERANGE;
+		else if (size)
+			memcpy(value, x->value, x->size);
+	}
+	pthread_mutex_unlock(&m->attr_lock);
+	return r;
+}
+
+static int sfs_listxattr(const char *path, char *list, size_t size)
+{
+	struct sfs_mount *m = sfs_ctx();
+	size_t need = 0;
+	int ctl;
+
+	if (sfs_resolve(path, &ctl) != NODE_DISK)
+		return 0;
+	pthread_mutex_lock(&m->attr_lock);
+	for (unsigned i = 0; i < m->disk_nxattrs; i++)
+		need += strlen(m->disk_xattrs[i].name) + 1;
+	if (size && size < need) {
+		pthread_mutex_unlock(&m->attr_lock);
+		return -ERANGE;
+	}
+	if (size) {
+		char *p = list;
+
+		for (unsigned i = 0; i < m->disk_nxattrs; i++) {
+			size_t n = strlen(m->disk_xattrs[i].name) + 1;
+
+			memcpy(p, m->disk_xattrs[i].name, n);
+			p += n;
+		}
+	}
+	pthread_mutex_unlock(&m->attr_lock);
+	return (int)need;
+}
+
+static int sfs_removexattr(const char *path, const char *name)
+{
+	struct sfs_mount *m = sfs_ctx();
+	int ctl, i, r = 0;
+
+	if (sfs_resolve(path, &ctl) != NODE_DISK || !sfs_xattr_name_ok(name))
+		return -ENOTSUP;
+	pthread_mutex_lock(&m->attr_lock);
+	i = sfs_xattr_find(m, name);
+	if (i < 0) {
+		r = -ENODATA;
+	} else {
+		struct sfs_xattr *x = &m->disk_xattrs[i];
+
+		m->disk_xattr_bytes -= strlen(x->name) + x->size;
+		free(x->name);
+		free(x->value);
+		*x = m->disk_xattrs[--m->disk_nxattrs];
+		m->disk_ctime = time(NULL);
+	}
+	pthread_mutex_unlock(&m->attr_lock);
+	return r;
+}
+
 static int sfs_utimens(const char *path, const struct timespec tv[2], struct fuse_file_info *fi)
 {
 	return 0; /* touch(1) and editors: accept and ignore */
@@ -558,6 +723,13 @@ static void sfs_destroy(void *private_data)
 	/* The loop is over: no request runs, none of these will be used. */
 	while (sfs_handles)
 		sfs_handle_free(sfs_handles);
+	for (unsigned i = 0; i < m->disk_nxattrs; i++) {
+		free(m->disk_xattrs[i].name);
+		free(m->disk_xattrs[i].value);
+	}
+	free(m->disk_xattrs);
+	m->disk_xattrs = NULL;
+	m->disk_nxattrs = 0;
 }
 
 const struct fuse_operations sfs_fuse_ops = {
@@ -576,6 +748,10 @@ const struct fuse_operations sfs_fuse_ops = {
     .truncate = sfs_truncate,
     .chmod = sfs_chmod,
     .chown = sfs_chown,
+    .setxattr = sfs_setxattr,
+    .getxattr = sfs_getxattr,
+    .listxattr = sfs_listxattr,
+    .removexattr = sfs_removexattr,
     .utimens = sfs_utimens,
     .statfs = sfs_statfs,
 };

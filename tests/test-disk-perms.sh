@@ -45,21 +45,58 @@ chmod 0600 "$M/disk"
 chown 0:0 "$M/disk"
 as_nobody "head -c 1 '$M/disk' >/dev/null" && fail "nobody still reads after chown back"
 chown nobody "$M/control/status" 2>/dev/null && fail "chown of a control file succeeded"
+
+# 3. Extended attributes of disk (libvirt's remember_owner keeps the
+#    original owner in trusted.libvirt.security.*): kept in memory, with
+#    the usual errors; security.* is not supported.
+python3 - "$M/disk" <<'PY' || fail "xattrs on disk"
+import errno, os, sys
+d = sys.argv[1]
+def err(f, *a):
+    try:
+        f(*a)
+    except OSError as e:
+        return e.errno
+    return 0
+assert os.listxattr(d) == [], os.listxattr(d)
+assert err(os.getxattr, d, "trusted.libvirt.security.dac") == errno.ENODATA
+os.setxattr(d, "trusted.libvirt.security.dac", b"+0:+0")
+os.setxattr(d, "user.note", b"x" * 100)
+assert os.getxattr(d, "trusted.libvirt.security.dac") == b"+0:+0"
+assert sorted(os.listxattr(d)) == ["trusted.libvirt.security.dac", "user.note"]
+assert err(os.setxattr, d, "user.note", b"y", os.XATTR_CREATE) == errno.EEXIST
+assert err(os.setxattr, d, "user.other", b"y", os.XATTR_REPLACE) == errno.ENODATA
+os.setxattr(d, "user.note", b"short", os.XATTR_REPLACE)
+assert os.getxattr(d, "user.note") == b"short"
+assert err(os.setxattr, d, "security.selinux", b"x") == errno.EOPNOTSUPP
+os.removexattr(d, "user.note")
+assert err(os.removexattr, d, "user.note") == errno.ENODATA
+# bounded: many large values end in ENOSPC, never unbounded memory
+n = 0
+while err(os.setxattr, d, "user.big%d" % n, b"z" * 60000) == 0:
+    n += 1
+    assert n < 100, "no bound on xattr memory"
+for i in range(n):
+    os.removexattr(d, "user.big%d" % i)
+assert os.listxattr(d) == ["trusted.libvirt.security.dac"]
+PY
+as_nobody "python3 -c 'import os; os.getxattr(\"$M/disk\", \"trusted.libvirt.security.dac\")'" &&
+	fail "nobody read a trusted.* xattr"
 sfs_umount "$M"
 
-# 3. A remount starts from the options again (nothing is persisted).
+# 4. A remount starts from the options again (nothing is persisted).
 sfs_mount "$T/ov.qcow2" "$M" -o allow_other,uid=nobody,gid=nogroup,mode=0640
 [ "$(attrs "$M/disk")" = "$(id -u nobody):$(getent group nogroup | cut -d: -f3) 640" ] ||
 	fail "-o uid,gid,mode: $(attrs "$M/disk")"
 as_nobody "head -c 1 '$M/disk' >/dev/null" || fail "uid=nobody cannot read"
 sfs_umount "$M"
 
-# 4. Without allow_other nobody can open anything, whatever the mode.
+# 5. Without allow_other nobody can open anything, whatever the mode.
 sfs_mount "$T/ov.qcow2" "$M" -o mode=0666
 as_nobody "head -c 1 '$M/disk' >/dev/null" && fail "nobody read without allow_other"
 sfs_umount "$M"
 
-# 5. Bad options are refused before mounting.
+# 6. Bad options are refused before mounting.
 "$STREAMFS" "$T/ov.qcow2" "$M" -o uid=no-such-user-here 2>"$T/err" && fail "unknown user accepted"
 grep -q "unknown user" "$T/err" || fail "message: $(cat "$T/err")"
 "$STREAMFS" "$T/ov.qcow2" "$M" -o mode=0999 2>"$T/err" && fail "mode 0999 accepted"

@@ -10,7 +10,7 @@
 # tmpfs over /run, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt,
 # so nothing of the host's libvirt state is touched, and whatever is left
 # running dies with the namespace. The guest is tests/guest/build-guest.sh's,
-# cached in $SFS_GUEST_DIR (/var/tmp/streamfs-guest). Packages: ./setup.sh --libvirt.
+# cached in $SFS_GUEST_DIR (/var/tmp/streamfs-guest). Packages: ./setup.sh.
 # About 45 s with the guest cached (its first build: 25 s more), so it runs
 # in make check.
 G=${SFS_GUEST_DIR:-/var/tmp/streamfs-guest}
@@ -32,8 +32,8 @@ need() {
 	local c
 	for c in "$@"; do
 		command -v "$c" >/dev/null 2>&1 && continue
-		[ -n "${CI:-}" ] && fail "needs $c (./setup.sh --libvirt)"
-		skip "needs $c (./setup.sh --libvirt)"
+		[ -n "${CI:-}" ] && fail "needs $c (./setup.sh)"
+		skip "needs $c (./setup.sh)"
 	done
 }
 need libvirtd virtlogd virsh qemu-system-x86_64 qemu-img debugfs setpriv fusermount3
@@ -116,7 +116,11 @@ cp "$G/vmlinuz" "$G/initrd.img" "$T/"
 "$STREAMFS" create -f qcow2 -b "$G/disk.raw" -F raw "$T/ov.qcow2" >/dev/null
 M=$T/mnt
 # LV_OWNER=UID:GID: disk owned by UID:GID (-o uid=,gid=), as if a user had
-# mounted it; libvirt must give it back to that owner at shutdown.
+# mounted it; libvirt must give it back to that owner at shutdown, which it
+# can only do by remembering it in trusted.libvirt.security.* xattrs on
+# disk. Default 4242:4242; LV_OWNER=root for a plain root mount.
+: "${LV_OWNER:=4242:4242}"
+[ "$LV_OWNER" = root ] && LV_OWNER=
 if [ -n "${LV_OWNER:-}" ]; then
 	sfs_mount "$T/ov.qcow2" "$M" -o "allow_other,uid=${LV_OWNER%:*},gid=${LV_OWNER#*:}"
 else
