@@ -16,64 +16,30 @@
 
 #include "qcow2.h"
 
-static void qcow2_list_del(struct qcow2_meta *e)
-{
-	e->prev->next = e->next;
-	e->next->prev = e->prev;
-	e->prev = e->next = e;
-}
-
-static void qcow2_list_add(struct qcow2_meta *head, struct qcow2_meta *e)
-{
-	e->next = head->next;
-	e->prev = head;
-	head->next->prev = e;
-	head->next = e;
-}
-
-static size_t qcow2_hash_idx(const struct qcow2_priv *p, uint64_t off)
-{
-	return (size_t)((off >> p->cluster_bits) * 0x9e3779b97f4a7c15ULL >> 20) &
-	       (p->hash_size - 1);
-}
-
 /* Called with p->lock held. */
 struct qcow2_meta *qcow2_cache_lookup(struct qcow2_priv *p, uint64_t off)
 {
-	struct qcow2_meta *e;
+	struct lru_node *n = lru_find(&p->cache, off);
 
-	for (e = p->hash[qcow2_hash_idx(p, off)]; e; e = e->hnext)
-		if (e->off == off)
-			return e;
-	return NULL;
-}
-
-static void qcow2_cache_unhash(struct qcow2_priv *p, struct qcow2_meta *e)
-{
-	struct qcow2_meta **pp = &p->hash[qcow2_hash_idx(p, e->off)];
-
-	while (*pp != e)
-		pp = &(*pp)->hnext;
-	*pp = e->hnext;
+	return n ? qcow2_meta_of(n) : NULL;
 }
 
 /* Drop clean, unpinned entries until there is room for one more.
  * Called with p->lock held. */
 static void qcow2_cache_evict(struct qcow2_priv *p)
 {
-	struct qcow2_meta *e = p->lru.prev;
+	struct lru_node *n = lru_oldest(&p->cache);
 
-	while (p->n_meta >= p->max_meta && e != &p->lru) {
-		struct qcow2_meta *prev = e->prev;
+	while (p->cache.count >= p->max_meta && n) {
+		struct lru_node *newer = lru_newer(&p->cache, n);
+		struct qcow2_meta *e = qcow2_meta_of(n);
 
 		if (e->pins == 0) {
-			qcow2_list_del(e);
-			qcow2_cache_unhash(p, e);
+			lru_remove(&p->cache, n);
 			free(e->buf);
 			free(e);
-			p->n_meta--;
 		}
-		e = prev;
+		n = newer;
 	}
 }
 
@@ -83,23 +49,19 @@ static struct qcow2_meta *qcow2_cache_insert(struct qcow2_priv *p, uint64_t off,
 					     bool refblock, bool dirty)
 {
 	struct qcow2_meta *e = calloc(1, sizeof(*e));
-	size_t h;
 
 	if (!e)
 		return NULL;
 	qcow2_cache_evict(p);
-	e->off = off;
 	e->buf = buf;
 	e->refblock = refblock;
 	e->pins = 1;
 	e->dirty = dirty;
-	h = qcow2_hash_idx(p, off);
-	e->hnext = p->hash[h];
-	p->hash[h] = e;
-	qcow2_list_add(dirty ? &p->dirty : &p->lru, e);
-	p->n_meta++;
-	if (dirty)
+	lru_insert(&p->cache, &e->node, off);
+	if (dirty) {
+		lru_list_move(&p->dirty, &e->node);
 		p->n_dirty++;
+	}
 	return e;
 }
 
@@ -114,8 +76,7 @@ void qcow2_cache_dirty(struct qcow2_priv *p, struct qcow2_meta *e)
 {
 	e->mod_gen++;
 	if (!e->dirty) {
-		qcow2_list_del(e);
-		qcow2_list_add(&p->dirty, e);
+		lru_list_move(&p->dirty, &e->node);
 		e->dirty = true;
 		p->n_dirty++;
 	}
@@ -125,8 +86,7 @@ void qcow2_cache_dirty(struct qcow2_priv *p, struct qcow2_meta *e)
  * evictable again. Called with p->lock held. */
 void qcow2_cache_clean(struct qcow2_priv *p, struct qcow2_meta *e)
 {
-	qcow2_list_del(e);
-	qcow2_list_add(&p->lru, e);
+	lru_touch(&p->cache, &e->node);
 	e->dirty = false;
 	p->n_dirty--;
 }
@@ -174,10 +134,8 @@ int qcow2_cache_get(struct image *img, uint64_t off, bool refblock, struct qcow2
 				    (unsigned long long)off);
 				return -EIO;
 			}
-			if (!e->dirty) { /* most recently used first */
-				qcow2_list_del(e);
-				qcow2_list_add(&p->lru, e);
-			}
+			if (!e->dirty) /* most recently used first */
+				lru_touch(&p->cache, &e->node);
 			e->pins++;
 			*out = e;
 			return 0;
@@ -256,32 +214,20 @@ int qcow2_init_cache(struct qcow2_priv *p, bool writable)
 	p->locks_init = true;
 	/* Count the per-entry bookkeeping too: it matters with 512 B clusters. */
 	p->max_meta = SFS_MAX(budget / (p->cs + QCOW2_CACHE_OVERHEAD), (size_t)QCOW2_CACHE_MIN);
-	p->hash_size = 64;
-	while (p->hash_size < p->max_meta * 2)
-		p->hash_size *= 2;
-	p->hash = calloc(p->hash_size, sizeof(*p->hash));
-	if (!p->hash)
-		return -ENOMEM;
-	p->lru.prev = p->lru.next = &p->lru;
-	p->dirty.prev = p->dirty.next = &p->dirty;
-	return 0;
+	lru_list_init(&p->dirty);
+	return lru_init(&p->cache, SFS_MAX(p->max_meta * 2, (size_t)64), p->cluster_bits);
+}
+
+static void qcow2_cache_free_entry(struct lru_node *n)
+{
+	struct qcow2_meta *e = qcow2_meta_of(n);
+
+	free(e->buf);
+	free(e);
 }
 
 /* Free every entry, dirty or not, and the hash table. */
 void qcow2_cache_destroy(struct qcow2_priv *p)
 {
-	if (p->hash) {
-		for (size_t i = 0; i < p->hash_size; i++) {
-			struct qcow2_meta *e = p->hash[i];
-
-			while (e) {
-				struct qcow2_meta *n = e->hnext;
-
-				free(e->buf);
-				free(e);
-				e = n;
-			}
-		}
-	}
-	free(p->hash);
+	lru_destroy(&p->cache, qcow2_cache_free_entry);
 }

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitset.h"
 #include "qcow2.h"
 
 /* Name of incompatible feature bit 'bit' from the image's own table. */
@@ -107,26 +108,14 @@ int qcow2_check_table(struct image *img, const char *what, uint64_t off, uint64_
 	return 0;
 }
 
-/* Set bit c of bm; return its old value. */
-static bool qcow2_bit_test_set(uint64_t *bm, uint64_t c)
-{
-	bool was = bm[c / 64] & (1ULL << (c % 64));
-
-	bm[c / 64] |= 1ULL << (c % 64);
-	return was;
-}
-
 /* Mark host clusters [off, off+len) as referenced; true if one already was.
- * Clusters past the end of the file (nclusters) are not tracked. */
-static bool qcow2_mark_range(const struct qcow2_priv *p, uint64_t *bm, uint64_t nclusters,
-			     uint64_t off, uint64_t len)
+ * Clusters past the end of the file (bm->nbits) are not tracked. */
+static bool qcow2_mark_range(const struct qcow2_priv *p, struct bitset *bm, uint64_t off,
+			     uint64_t len)
 {
-	uint64_t end = SFS_MIN(SFS_DIV_ROUND_UP(off + len, p->cs), nclusters);
-	bool dup = false;
+	uint64_t end = SFS_MIN(SFS_DIV_ROUND_UP(off + len, p->cs), bm->nbits);
 
-	for (uint64_t c = off >> p->cluster_bits; c < end; c++)
-		dup |= qcow2_bit_test_set(bm, c);
-	return dup;
+	return bitset_test_and_set_range(bm, off >> p->cluster_bits, end);
 }
 
 /* Before we write to an image, prove that no host cluster is referenced
@@ -144,11 +133,11 @@ int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes)
 {
 	struct qcow2_priv *p = img->priv;
 	uint64_t nclusters = SFS_DIV_ROUND_UP(fsize, p->cs), bad = 0;
-	uint64_t *bm = calloc(nclusters / 64 + 1, sizeof(uint64_t));
+	struct bitset bm;
 	uint8_t *l2 = malloc(p->cs);
-	int r = 0;
+	int r = bitset_init(&bm, nclusters);
 
-	if (!bm || !l2) {
+	if (r < 0 || !l2) {
 		r = -ENOMEM;
 		goto out;
 	}
@@ -157,10 +146,10 @@ int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes)
 		if (bad++ < 8)                                                                     \
 			qcow2_err(img, __VA_ARGS__);                                               \
 	} while (0)
-	qcow2_mark_range(p, bm, nclusters, 0, p->cs);
-	if (qcow2_mark_range(p, bm, nclusters, p->l1_offset, (uint64_t)p->l1_size * 8))
+	qcow2_mark_range(p, &bm, 0, p->cs);
+	if (qcow2_mark_range(p, &bm, p->l1_offset, (uint64_t)p->l1_size * 8))
 		QCOW2_REF_BAD("L1 table overlaps other metadata");
-	if (qcow2_mark_range(p, bm, nclusters, p->rct_offset, rct_bytes))
+	if (qcow2_mark_range(p, &bm, p->rct_offset, rct_bytes))
 		QCOW2_REF_BAD("refcount table overlaps other metadata");
 	for (uint64_t i = 0; i < p->rct_entries; i++) {
 		uint64_t off = p->rct[i] & QCOW2_RCT_OFFSET_MASK;
@@ -170,7 +159,7 @@ int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes)
 		if (off + p->cs > fsize)
 			QCOW2_REF_BAD("refcount block %llu at %#llx is past the end of the file",
 				      (unsigned long long)i, (unsigned long long)off);
-		else if (qcow2_mark_range(p, bm, nclusters, off, p->cs))
+		else if (qcow2_mark_range(p, &bm, off, p->cs))
 			QCOW2_REF_BAD("refcount block %llu at %#llx overlaps other metadata",
 				      (unsigned long long)i, (unsigned long long)off);
 	}
@@ -185,7 +174,7 @@ int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes)
 			    (unsigned long long)i, (unsigned long long)t);
 			continue;
 		}
-		if (qcow2_mark_range(p, bm, nclusters, t, p->cs)) {
+		if (qcow2_mark_range(p, &bm, t, p->cs)) {
 			QCOW2_REF_BAD("L2 table %llu at %#llx overlaps other metadata",
 				      (unsigned long long)i, (unsigned long long)t);
 			continue;
@@ -212,7 +201,7 @@ int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes)
 				QCOW2_REF_BAD("L2 entry for guest offset %#llx points past the end "
 					      "of the file (%#llx)",
 					      (unsigned long long)g, (unsigned long long)off);
-			else if (qcow2_mark_range(p, bm, nclusters, off, p->cs))
+			else if (qcow2_mark_range(p, &bm, off, p->cs))
 				QCOW2_REF_BAD("guest offset %#llx is mapped to host cluster %#llx, "
 					      "which is already in use",
 					      (unsigned long long)g, (unsigned long long)off);
@@ -228,7 +217,7 @@ int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes)
 		r = -EINVAL;
 	}
 out:
-	free(bm);
+	bitset_free(&bm);
 	free(l2);
 	return r;
 }

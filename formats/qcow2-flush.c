@@ -121,13 +121,19 @@ static int qcow2_flush_round(struct image *img, bool *again)
 	bool moved;
 	uint8_t hdr[12];
 	struct qcow2_meta *e;
+	struct lru_node *n;
 	int r = 0;
 
 	*again = false;
 	/* (1) Snapshot under the lock. */
 	pthread_mutex_lock(&p->lock);
-	for (e = p->dirty.next; e != &p->dirty && r == 0; e = e->next)
-		r = qcow2_wbs_add(e->refblock ? &rb : &l2, e->off, e->buf, p->cs, e);
+	lru_list_for_each(n, &p->dirty)
+	{
+		e = qcow2_meta_of(n);
+		r = qcow2_wbs_add(e->refblock ? &rb : &l2, e->node.key, e->buf, p->cs, e);
+		if (r < 0)
+			break;
+	}
 	moved = p->rct_moved;
 	if (r == 0 && p->rct)
 		r = qcow2_snap_table(&rt, p->rct, p->rct_entries, p->rct_dirty, moved,

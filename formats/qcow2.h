@@ -65,6 +65,7 @@
 #include <string.h>
 
 #include "image.h"
+#include "lru.h"
 #include "util.h"
 
 #define QCOW2_MAGIC	      0x514649fbU /* "QFI\xfb" */
@@ -123,14 +124,12 @@
 
 /* One cached metadata cluster (L2 table or refcount block). */
 struct qcow2_meta {
-	uint64_t off;			/* host offset (the key) */
-	uint8_t *buf;			/* cluster_size bytes, on-disk (big-endian) layout */
-	bool refblock;			/* refcount block, else L2 table */
-	bool dirty;			/* on p->dirty, else on p->lru */
-	int pins;			/* users holding it across a lock drop */
-	uint64_t mod_gen;		/* bumped on every change (flush compares it) */
-	struct qcow2_meta *hnext;	/* hash chain */
-	struct qcow2_meta *prev, *next; /* LRU (clean) or dirty list */
+	struct lru_node node; /* key: host offset; on p->dirty, else on p->cache's LRU list */
+	uint8_t *buf;	      /* cluster_size bytes, on-disk (big-endian) layout */
+	bool refblock;	      /* refcount block, else L2 table */
+	bool dirty;	      /* on p->dirty */
+	int pins;	      /* users holding it across a lock drop */
+	uint64_t mod_gen;     /* bumped on every change (flush compares it) */
 };
 
 /* A host byte range whose refcount drops once the next flush is durable. */
@@ -170,11 +169,9 @@ struct qcow2_priv {
 
 	uint64_t next_free; /* in bytes: where the next allocation goes */
 
-	struct qcow2_meta **hash;
-	size_t hash_size;	 /* power of two */
-	struct qcow2_meta lru;	 /* clean entries, most recent first */
-	struct qcow2_meta dirty; /* dirty entries */
-	size_t n_meta, max_meta, n_dirty;
+	struct lru cache;      /* every entry; clean ones on its list, most recent first */
+	struct lru_node dirty; /* dirty entries, most recently dirtied first */
+	size_t max_meta, n_dirty;
 	uint64_t wb_gen; /* bumped whenever a write-back completes */
 
 	struct qcow2_range *frees;
@@ -242,6 +239,11 @@ static inline void qcow2_put64(uint8_t *p, uint64_t v)
 int qcow2_init_cache(struct qcow2_priv *p, bool writable);
 /* Free every cache entry, dirty or not, and the hash table. Called at close. */
 void qcow2_cache_destroy(struct qcow2_priv *p);
+/* The cache entry of a node of p->cache or p->dirty. */
+static inline struct qcow2_meta *qcow2_meta_of(struct lru_node *n)
+{
+	return lru_entry(n, struct qcow2_meta, node);
+}
 /* The cached entry for host offset off, or NULL; not pinned, no LRU update.
  * Called with p->lock held. */
 struct qcow2_meta *qcow2_cache_lookup(struct qcow2_priv *p, uint64_t off);
