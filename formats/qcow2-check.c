@@ -85,7 +85,8 @@ int qcow2_check_features(struct image *img, uint64_t incompat, uint32_t compress
 }
 
 /* Validate a table at [off, off+bytes) against the file. */
-int qcow2_check_table(struct image *img, const char *what, uint64_t off, uint64_t bytes, bool whole)
+static int qcow2_check_table(struct image *img, const char *what, uint64_t off, uint64_t bytes,
+			     bool whole)
 {
 	struct qcow2_priv *p = img->priv;
 	uint64_t end, fsize = fetch_size(img->file);
@@ -104,6 +105,52 @@ int qcow2_check_table(struct image *img, const char *what, uint64_t off, uint64_
 		qcow2_err(img, "%s (offset %#llx, %llu bytes) is past the end of the file", what,
 			  (unsigned long long)off, (unsigned long long)bytes);
 		return -EINVAL;
+	}
+	return 0;
+}
+
+/* Validate the L1 and refcount tables' sizes and places against the guest
+ * size and the file, and refuse writing to images with snapshots. */
+int qcow2_check_layout(struct image *img, uint64_t size)
+{
+	struct qcow2_priv *p = img->priv;
+	uint64_t l2_cover, need_l1, rct_bytes;
+	int r;
+
+	/* L1 table: big enough for the virtual size, inside the file. */
+	l2_cover = 1ULL << (p->cluster_bits + p->l2_bits); /* guest bytes per L2 table */
+	need_l1 = size / l2_cover + (size % l2_cover != 0);
+	if ((uint64_t)p->l1_size * 8 > QCOW2_MAX_L1_BYTES || need_l1 > p->l1_size) {
+		qcow2_err(img, "L1 table size %u does not fit the virtual size %llu", p->l1_size,
+			  (unsigned long long)size);
+		return -EINVAL;
+	}
+	if (p->l1_size) {
+		r = qcow2_check_table(img, "L1 table", p->l1_offset, (uint64_t)p->l1_size * 8,
+				      true);
+		if (r < 0)
+			return r;
+	}
+	/* Refcount table. */
+	if (p->rct_clusters == 0 || (uint64_t)p->rct_clusters * p->cs > QCOW2_MAX_RCT_BYTES) {
+		qcow2_err(img, "invalid refcount table size (%u clusters)", p->rct_clusters);
+		return -EINVAL;
+	}
+	rct_bytes = (uint64_t)p->rct_clusters * p->cs;
+	r = qcow2_check_table(img, "refcount table", p->rct_offset, rct_bytes, false);
+	if (r < 0)
+		return r;
+	if (p->l1_size && p->l1_offset < p->rct_offset + rct_bytes &&
+	    p->rct_offset < p->l1_offset + (uint64_t)p->l1_size * 8) {
+		qcow2_err(img, "L1 table and refcount table overlap");
+		return -EINVAL;
+	}
+	if (!img->read_only && p->nb_snapshots) {
+		qcow2_err(img,
+			  "image has %llu internal snapshot(s); writing to images with "
+			  "snapshots is not supported (delete them with 'qemu-img snapshot -d')",
+			  (unsigned long long)p->nb_snapshots);
+		return -ENOTSUP;
 	}
 	return 0;
 }

@@ -110,126 +110,162 @@ static int qcow2_snap_table(struct qcow2_wbs *w, const uint64_t *table, uint64_t
 	return 0;
 }
 
-/* One round of the ordered write-back. *again is set when frees were
- * applied, which dirtied refcount blocks that need another round. */
-static int qcow2_flush_round(struct image *img, bool *again)
+/* What one round of write-back takes from the tables, under the lock. */
+struct qcow2_snap {
+	struct qcow2_wbs rb, rt, l2, l1; /* refcount blocks and table, L2, L1 */
+	struct qcow2_range *frees;	 /* pending frees, applied once durable */
+	size_t n_frees;
+	bool moved;	 /* the refcount table was relocated: rewrite the header */
+	uint8_t hdr[12]; /* new refcount_table_offset and _clusters, big-endian */
+};
+
+/* (1) Snapshot the dirty tables and take the pending frees.
+ * Takes p->lock. */
+static int qcow2_flush_snapshot(struct qcow2_priv *p, struct qcow2_snap *sn)
 {
-	struct qcow2_priv *p = img->priv;
-	struct qcow2_wbs rb = {0}, rt = {0}, l2 = {0}, l1 = {0};
-	struct qcow2_range *frees = NULL;
-	size_t n_frees = 0;
-	bool moved;
-	uint8_t hdr[12];
-	struct qcow2_meta *e;
 	struct lru_node *n;
 	int r = 0;
 
-	*again = false;
-	/* (1) Snapshot under the lock. */
 	pthread_mutex_lock(&p->lock);
 	lru_list_for_each(n, &p->dirty)
 	{
-		e = qcow2_meta_of(n);
-		r = qcow2_wbs_add(e->refblock ? &rb : &l2, e->node.key, e->buf, p->cs, e);
+		struct qcow2_meta *e = qcow2_meta_of(n);
+
+		r = qcow2_wbs_add(e->refblock ? &sn->rb : &sn->l2, e->node.key, e->buf, p->cs, e);
 		if (r < 0)
 			break;
 	}
-	moved = p->rct_moved;
+	sn->moved = p->rct_moved;
 	if (r == 0 && p->rct)
-		r = qcow2_snap_table(&rt, p->rct, p->rct_entries, p->rct_dirty, moved,
+		r = qcow2_snap_table(&sn->rt, p->rct, p->rct_entries, p->rct_dirty, sn->moved,
 				     p->rct_offset);
 	if (r == 0)
-		r = qcow2_snap_table(&l1, p->l1, p->l1_size, p->l1_dirty, false, p->l1_offset);
-	if (moved) {
-		qcow2_put64(hdr, p->rct_offset);
-		qcow2_put32(hdr + 8, p->rct_clusters);
+		r = qcow2_snap_table(&sn->l1, p->l1, p->l1_size, p->l1_dirty, false, p->l1_offset);
+	if (sn->moved) {
+		qcow2_put64(sn->hdr, p->rct_offset);
+		qcow2_put32(sn->hdr + 8, p->rct_clusters);
 		p->rct_moved = false;
 	}
-	frees = p->frees;
-	n_frees = p->n_frees;
+	sn->frees = p->frees;
+	sn->n_frees = p->n_frees;
 	p->frees = NULL;
 	p->n_frees = p->cap_frees = 0;
 	pthread_mutex_unlock(&p->lock);
-	if (r < 0)
-		goto fail;
+	return r;
+}
 
-	/* (2) Data first, (3) refcounts, (4) L2 then L1. */
-	r = fetch_flush(img->file);
+/* (2) Data first, (3) refcounts, (4) L2 then L1, with the syncs between
+ * them that the crash order needs. Takes no lock. */
+static int qcow2_flush_write(struct image *img, struct qcow2_snap *sn)
+{
+	int r = fetch_flush(img->file);
+
 	if (r == 0)
-		r = qcow2_wbs_write(img, &rb);
-	if (r == 0 && rt.n) {
+		r = qcow2_wbs_write(img, &sn->rb);
+	if (r == 0 && sn->rt.n) {
 		r = fetch_flush(img->file);
 		if (r == 0)
-			r = qcow2_wbs_write(img, &rt);
-		if (r == 0 && moved) {
+			r = qcow2_wbs_write(img, &sn->rt);
+		if (r == 0 && sn->moved) {
 			r = fetch_flush(img->file);
 			if (r == 0)
-				r = fetch_pwrite(img->file, hdr, sizeof(hdr), QCOW2_HDR_RCT_OFFSET);
+				r = fetch_pwrite(img->file, sn->hdr, sizeof(sn->hdr),
+						 QCOW2_HDR_RCT_OFFSET);
 		}
 	}
-	if (r == 0 && (rb.n || rt.n))
+	if (r == 0 && (sn->rb.n || sn->rt.n))
 		r = fetch_flush(img->file);
 	if (r == 0)
-		r = qcow2_wbs_write(img, &l2);
-	if (r == 0 && l1.n) {
-		if (l2.n)
+		r = qcow2_wbs_write(img, &sn->l2);
+	if (r == 0 && sn->l1.n) {
+		if (sn->l2.n)
 			r = fetch_flush(img->file);
 		if (r == 0)
-			r = qcow2_wbs_write(img, &l1);
+			r = qcow2_wbs_write(img, &sn->l1);
 	}
-	if (r == 0 && (l2.n || l1.n))
+	if (r == 0 && (sn->l2.n || sn->l1.n))
 		r = fetch_flush(img->file);
-	if (r < 0)
-		goto fail;
+	return r;
+}
 
-	/* Done: mark what we wrote clean, then release what is now unreferenced. */
+/* Done: mark what we wrote clean (unless changed since the snapshot), then
+ * release what is now unreferenced. Takes p->lock. */
+static int qcow2_flush_done(struct image *img, struct qcow2_snap *sn)
+{
+	struct qcow2_priv *p = img->priv;
+	int r = 0;
+
 	pthread_mutex_lock(&p->lock);
 	for (int k = 0; k < 2; k++) {
-		struct qcow2_wbs *w = k ? &l2 : &rb;
+		struct qcow2_wbs *w = k ? &sn->l2 : &sn->rb;
 
 		for (size_t i = 0; i < w->n; i++) {
-			e = w->v[i].e;
+			struct qcow2_meta *e = w->v[i].e;
+
 			if (e->mod_gen == w->v[i].gen)
 				qcow2_cache_clean(p, e);
 		}
 	}
 	p->wb_gen++;
-	for (size_t i = 0; i < n_frees; i++) {
-		int fr = qcow2_free_now(img, frees[i].off, frees[i].len);
+	for (size_t i = 0; i < sn->n_frees; i++) {
+		int fr = qcow2_free_now(img, sn->frees[i].off, sn->frees[i].len);
 
 		if (fr < 0 && r == 0)
 			r = fr;
 	}
-	*again = n_frees > 0;
 	pthread_mutex_unlock(&p->lock);
-	free(frees);
-	goto out;
-fail:
-	/* Keep everything dirty for the next attempt. */
-	pthread_mutex_lock(&p->lock);
-	for (size_t i = 0; i < rt.n && p->rct; i++) {
-		uint64_t idx = (rt.v[i].off - p->rct_offset) / 8;
+	return r;
+}
 
-		if (rt.v[i].off >= p->rct_offset && idx < p->rct_entries)
-			for (uint64_t k = 0; k < rt.v[i].len / 8 && idx + k < p->rct_entries; k++)
+/* A round failed: keep everything dirty for the next attempt.
+ * Takes p->lock. */
+static void qcow2_flush_redirty(struct image *img, struct qcow2_snap *sn)
+{
+	struct qcow2_priv *p = img->priv;
+
+	pthread_mutex_lock(&p->lock);
+	for (size_t i = 0; i < sn->rt.n && p->rct; i++) {
+		uint64_t idx = (sn->rt.v[i].off - p->rct_offset) / 8;
+
+		if (sn->rt.v[i].off >= p->rct_offset && idx < p->rct_entries)
+			for (uint64_t k = 0; k < sn->rt.v[i].len / 8 && idx + k < p->rct_entries;
+			     k++)
 				qcow2_rct_mark(p, idx + k);
 	}
-	for (size_t i = 0; i < l1.n; i++)
-		for (uint64_t k = 0; k < l1.v[i].len / 8; k++)
-			qcow2_l1_mark(p, (l1.v[i].off - p->l1_offset) / 8 + k);
-	if (moved)
+	for (size_t i = 0; i < sn->l1.n; i++)
+		for (uint64_t k = 0; k < sn->l1.v[i].len / 8; k++)
+			qcow2_l1_mark(p, (sn->l1.v[i].off - p->l1_offset) / 8 + k);
+	if (sn->moved)
 		p->rct_moved = true;
-	for (size_t i = 0; i < n_frees; i++)
-		if (qcow2_free_later(p, frees[i].off, frees[i].len) < 0)
+	for (size_t i = 0; i < sn->n_frees; i++)
+		if (qcow2_free_later(p, sn->frees[i].off, sn->frees[i].len) < 0)
 			qcow2_err(img, "out of memory: cluster %#llx will leak",
-				  (unsigned long long)frees[i].off);
+				  (unsigned long long)sn->frees[i].off);
 	pthread_mutex_unlock(&p->lock);
-	free(frees);
-out:
-	qcow2_wbs_free(&rb);
-	qcow2_wbs_free(&rt);
-	qcow2_wbs_free(&l2);
-	qcow2_wbs_free(&l1);
+}
+
+/* One round of the ordered write-back. *again is set when frees were
+ * applied, which dirtied refcount blocks that need another round. */
+static int qcow2_flush_round(struct image *img, bool *again)
+{
+	struct qcow2_snap sn = {0};
+	int r;
+
+	*again = false;
+	r = qcow2_flush_snapshot(img->priv, &sn);
+	if (r == 0)
+		r = qcow2_flush_write(img, &sn);
+	if (r == 0) {
+		r = qcow2_flush_done(img, &sn);
+		*again = sn.n_frees > 0;
+	} else {
+		qcow2_flush_redirty(img, &sn);
+	}
+	free(sn.frees);
+	qcow2_wbs_free(&sn.rb);
+	qcow2_wbs_free(&sn.rt);
+	qcow2_wbs_free(&sn.l2);
+	qcow2_wbs_free(&sn.l1);
 	return r;
 }
 

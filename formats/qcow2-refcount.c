@@ -190,6 +190,149 @@ int qcow2_prezero(struct image *img, uint64_t off, uint64_t len)
 	return r;
 }
 
+/* A reservation of host clusters [s, end) at the end of the file: m_rb new
+ * refcount blocks, then m_rct clusters of a relocated refcount table (if
+ * any), then the clusters asked for. Refcount table entries first_idx to
+ * last_idx count them all. */
+struct qcow2_alloc_plan {
+	uint64_t s, end, m_rb, m_rct, first_idx, last_idx;
+};
+
+/* Plan a reservation of n clusters: find how many refcount blocks and table
+ * clusters we must add so that every cluster of the reservation (including
+ * them) is counted. Called with p->lock held. */
+static int qcow2_alloc_plan(struct image *img, uint64_t n, struct qcow2_alloc_plan *pl)
+{
+	struct qcow2_priv *p = img->priv;
+
+	pl->s = p->next_free >> p->cluster_bits;
+	pl->m_rb = pl->m_rct = 0;
+	for (;;) {
+		uint64_t missing = 0, need_rct = 0, total = n;
+
+		if (!sfs_add_ok(total, pl->m_rb + pl->m_rct, &total) ||
+		    !sfs_add_ok(pl->s, total, &pl->end) ||
+		    pl->end > (QCOW2_MAX_HOST_OFFSET >> p->cluster_bits)) {
+			qcow2_err(img, "image file would exceed the maximum qcow2 size");
+			return -ENOSPC;
+		}
+		pl->first_idx = pl->s >> p->rb_bits;
+		pl->last_idx = (pl->end - 1) >> p->rb_bits;
+		for (uint64_t idx = pl->first_idx; idx <= pl->last_idx; idx++)
+			if (idx >= p->rct_entries || !(p->rct[idx] & QCOW2_RCT_OFFSET_MASK))
+				missing++;
+		if (pl->last_idx >= p->rct_entries) {
+			uint64_t want = SFS_DIV_ROUND_UP((pl->last_idx + 1) * 8, p->cs);
+
+			need_rct = SFS_MAX(want, (uint64_t)p->rct_clusters * 2);
+			if (need_rct * p->cs > QCOW2_MAX_RCT_BYTES)
+				need_rct = SFS_MAX(want, QCOW2_MAX_RCT_BYTES / p->cs);
+			if (need_rct * p->cs > QCOW2_MAX_RCT_BYTES) {
+				qcow2_err(img, "refcount table would exceed %u bytes",
+					  QCOW2_MAX_RCT_BYTES);
+				return -ENOSPC;
+			}
+		}
+		if (missing == pl->m_rb && need_rct == pl->m_rct)
+			return 0;
+		pl->m_rb = missing;
+		pl->m_rct = need_rct;
+	}
+}
+
+/* Check that the clusters of the reservation, past the end of the file, are
+ * really free. Their refcount blocks are pinned (so cached).
+ * Called with p->lock held. */
+static int qcow2_alloc_check_free(struct image *img, const struct qcow2_alloc_plan *pl)
+{
+	struct qcow2_priv *p = img->priv;
+	uint64_t mask = (1ULL << p->rb_bits) - 1;
+
+	for (uint64_t c = pl->s; c < pl->end; c++) {
+		uint64_t idx = c >> p->rb_bits;
+
+		if (idx < p->rct_entries && (p->rct[idx] & QCOW2_RCT_OFFSET_MASK)) {
+			struct qcow2_meta *b =
+			    qcow2_cache_lookup(p, p->rct[idx] & QCOW2_RCT_OFFSET_MASK);
+
+			if (qcow2_rc_get(p, b->buf, c & mask) != 0) {
+				qcow2_err(img,
+					  "cluster %#llx past the end of the file has a "
+					  "refcount; run 'qemu-img check -r all'",
+					  (unsigned long long)(c << p->cluster_bits));
+				return -EIO;
+			}
+		}
+	}
+	return 0;
+}
+
+/* Switch to a bigger refcount table of m_rct clusters at host offset
+ * new_off (its entries written by the next flush); the old table is freed
+ * after that flush. Called with p->lock held. */
+static int qcow2_rct_grow(struct qcow2_priv *p, uint64_t m_rct, uint64_t new_off)
+{
+	uint64_t entries = m_rct * p->cs / 8;
+	uint64_t *nt = calloc(entries, sizeof(*nt));
+	uint8_t *nd = calloc(entries * 8 / QCOW2_CHUNK, 1);
+	int r = -ENOMEM;
+
+	if (!nt || !nd)
+		goto fail;
+	memcpy(nt, p->rct, p->rct_entries * sizeof(*nt));
+	r = qcow2_free_later(p, p->rct_offset, (uint64_t)p->rct_clusters * p->cs);
+	if (r < 0)
+		goto fail;
+	free(p->rct);
+	free(p->rct_dirty);
+	p->rct = nt;
+	p->rct_dirty = nd;
+	p->rct_entries = entries;
+	p->rct_offset = new_off;
+	p->rct_clusters = (uint32_t)m_rct;
+	p->rct_moved = true;
+	return 0;
+fail:
+	free(nt);
+	free(nd);
+	return r;
+}
+
+/* Count the reservation: link the new refcount blocks (the first m_rb
+ * clusters) into the refcount table, then set the refcount of every cluster
+ * of [s, end) to 1. Called with p->lock held. */
+static int qcow2_alloc_commit(struct image *img, const struct qcow2_alloc_plan *pl,
+			      struct qcow2_pins *pins)
+{
+	struct qcow2_priv *p = img->priv;
+	uint64_t mask = (1ULL << p->rb_bits) - 1, j = pl->s;
+	int r;
+
+	for (uint64_t idx = pl->first_idx; idx <= pl->last_idx; idx++) {
+		struct qcow2_meta *b;
+
+		if (p->rct[idx] & QCOW2_RCT_OFFSET_MASK)
+			continue;
+		r = qcow2_cache_new(img, j << p->cluster_bits, true, &b);
+		if (r == 0)
+			r = qcow2_pins_add(pins, b);
+		if (r < 0)
+			return r; /* only on ENOMEM or corruption: tables stay consistent */
+		p->rct[idx] = j << p->cluster_bits;
+		qcow2_rct_mark(p, idx);
+		j++;
+	}
+	for (uint64_t c = pl->s; c < pl->end; c++) {
+		uint64_t idx = c >> p->rb_bits;
+		struct qcow2_meta *b = qcow2_cache_lookup(p, p->rct[idx] & QCOW2_RCT_OFFSET_MASK);
+
+		qcow2_rc_set(p, b->buf, c & mask, 1);
+		if (c == pl->s || (c & mask) == 0)
+			qcow2_cache_dirty(p, b);
+	}
+	return 0;
+}
+
 /* Allocate n contiguous new clusters at the end of the file with refcount 1;
  * return the host offset of the first in *host. New refcount blocks (and a
  * relocated, bigger refcount table) needed to count them are placed right
@@ -200,52 +343,18 @@ int qcow2_alloc_clusters(struct image *img, uint64_t n, uint64_t *host)
 {
 	struct qcow2_priv *p = img->priv;
 	struct qcow2_pins pins = {0};
-	uint64_t s, end, m_rb, m_rct, first_idx, last_idx, idx, c, j;
-	uint64_t mask = (1ULL << p->rb_bits) - 1;
+	struct qcow2_alloc_plan pl;
 	int r = 0;
 
 	if (n == 0)
 		return -EINVAL;
 retry:
-	/* Plan: find how many refcount blocks and table clusters we must add so
-	 * that every cluster of the reservation (including them) is counted. */
-	s = p->next_free >> p->cluster_bits;
-	m_rb = m_rct = 0;
-	for (;;) {
-		uint64_t missing = 0, need_rct = 0, total = n;
-
-		if (!sfs_add_ok(total, m_rb + m_rct, &total) || !sfs_add_ok(s, total, &end) ||
-		    end > (QCOW2_MAX_HOST_OFFSET >> p->cluster_bits)) {
-			qcow2_err(img, "image file would exceed the maximum qcow2 size");
-			r = -ENOSPC;
-			goto out;
-		}
-		first_idx = s >> p->rb_bits;
-		last_idx = (end - 1) >> p->rb_bits;
-		for (idx = first_idx; idx <= last_idx; idx++)
-			if (idx >= p->rct_entries || !(p->rct[idx] & QCOW2_RCT_OFFSET_MASK))
-				missing++;
-		if (last_idx >= p->rct_entries) {
-			uint64_t want = SFS_DIV_ROUND_UP((last_idx + 1) * 8, p->cs);
-
-			need_rct = SFS_MAX(want, (uint64_t)p->rct_clusters * 2);
-			if (need_rct * p->cs > QCOW2_MAX_RCT_BYTES)
-				need_rct = SFS_MAX(want, QCOW2_MAX_RCT_BYTES / p->cs);
-			if (need_rct * p->cs > QCOW2_MAX_RCT_BYTES) {
-				qcow2_err(img, "refcount table would exceed %u bytes",
-					  QCOW2_MAX_RCT_BYTES);
-				r = -ENOSPC;
-				goto out;
-			}
-		}
-		if (missing == m_rb && need_rct == m_rct)
-			break;
-		m_rb = missing;
-		m_rct = need_rct;
-	}
+	r = qcow2_alloc_plan(img, n, &pl);
+	if (r < 0)
+		goto out;
 	/* Pin the existing refcount blocks we will update; loading one drops
 	 * the lock, after which the plan must be made again. */
-	for (idx = first_idx; idx <= last_idx && idx < p->rct_entries; idx++) {
+	for (uint64_t idx = pl.first_idx; idx <= pl.last_idx && idx < p->rct_entries; idx++) {
 		uint64_t off = p->rct[idx] & QCOW2_RCT_OFFSET_MASK;
 		struct qcow2_meta *b;
 		bool cached;
@@ -262,82 +371,23 @@ retry:
 		if (!cached)
 			goto retry;
 	}
-	/* Check that clusters past the end of the file are really free. */
-	for (c = s; c < end; c++) {
-		idx = c >> p->rb_bits;
-		if (idx < p->rct_entries && (p->rct[idx] & QCOW2_RCT_OFFSET_MASK)) {
-			struct qcow2_meta *b =
-			    qcow2_cache_lookup(p, p->rct[idx] & QCOW2_RCT_OFFSET_MASK);
-
-			if (qcow2_rc_get(p, b->buf, c & mask) != 0) {
-				qcow2_err(img,
-					  "cluster %#llx past the end of the file has a "
-					  "refcount; run 'qemu-img check -r all'",
-					  (unsigned long long)(c << p->cluster_bits));
-				r = -EIO;
-				goto out;
-			}
-		}
-	}
-	if (m_rb + m_rct) {
-		r = qcow2_prezero(img, s << p->cluster_bits, (m_rb + m_rct) << p->cluster_bits);
-		if (r < 0)
-			goto out;
-	}
+	r = qcow2_alloc_check_free(img, &pl);
+	if (r == 0 && pl.m_rb + pl.m_rct)
+		r = qcow2_prezero(img, pl.s << p->cluster_bits,
+				  (pl.m_rb + pl.m_rct) << p->cluster_bits);
+	if (r < 0)
+		goto out;
 	/* Commit (no lock drop from here). */
-	if (m_rct) {
-		uint64_t entries = m_rct * p->cs / 8;
-		uint64_t *nt = calloc(entries, sizeof(*nt));
-		uint8_t *nd = calloc(entries * 8 / QCOW2_CHUNK, 1);
-
-		if (!nt || !nd) {
-			free(nt);
-			free(nd);
-			r = -ENOMEM;
-			goto out;
-		}
-		memcpy(nt, p->rct, p->rct_entries * sizeof(*nt));
-		r = qcow2_free_later(p, p->rct_offset, (uint64_t)p->rct_clusters * p->cs);
-		if (r < 0) {
-			free(nt);
-			free(nd);
-			goto out;
-		}
-		free(p->rct);
-		free(p->rct_dirty);
-		p->rct = nt;
-		p->rct_dirty = nd;
-		p->rct_entries = entries;
-		p->rct_offset = (s + m_rb) << p->cluster_bits;
-		p->rct_clusters = (uint32_t)m_rct;
-		p->rct_moved = true;
-	}
-	j = s;
-	for (idx = first_idx; idx <= last_idx; idx++) {
-		struct qcow2_meta *b;
-
-		if (p->rct[idx] & QCOW2_RCT_OFFSET_MASK)
-			continue;
-		r = qcow2_cache_new(img, j << p->cluster_bits, true, &b);
-		if (r == 0)
-			r = qcow2_pins_add(&pins, b);
+	if (pl.m_rct) {
+		r = qcow2_rct_grow(p, pl.m_rct, (pl.s + pl.m_rb) << p->cluster_bits);
 		if (r < 0)
-			goto out; /* only on ENOMEM or corruption: tables stay consistent */
-		p->rct[idx] = j << p->cluster_bits;
-		qcow2_rct_mark(p, idx);
-		j++;
+			goto out;
 	}
-	for (c = s; c < end; c++) {
-		struct qcow2_meta *b;
-
-		idx = c >> p->rb_bits;
-		b = qcow2_cache_lookup(p, p->rct[idx] & QCOW2_RCT_OFFSET_MASK);
-		qcow2_rc_set(p, b->buf, c & mask, 1);
-		if (c == s || (c & mask) == 0)
-			qcow2_cache_dirty(p, b);
-	}
-	p->next_free = end << p->cluster_bits;
-	*host = (s + m_rb + m_rct) << p->cluster_bits;
+	r = qcow2_alloc_commit(img, &pl, &pins);
+	if (r < 0)
+		goto out;
+	p->next_free = pl.end << p->cluster_bits;
+	*host = (pl.s + pl.m_rb + pl.m_rct) << p->cluster_bits;
 out:
 	qcow2_pins_release(&pins);
 	return r;

@@ -100,18 +100,25 @@ static int qcow2_parse_exts(struct image *img, const uint8_t *hdr, uint32_t avai
 	return 0;
 }
 
-/* Read and check the header and tables. Called from qcow2_open only. */
+/* Header fields open() checks but struct qcow2_priv does not keep. */
+struct qcow2_hdr_fields {
+	uint64_t size;	      /* guest size, in bytes */
+	uint64_t bfoff;	      /* backing file name offset, in bytes */
+	uint32_t bfsize;      /* backing file name length, in bytes */
+	uint32_t crypt;	      /* crypt_method */
+	uint64_t incompat;    /* incompatible_features (v3) */
+	uint64_t autoclear;   /* autoclear_features (v3) */
+	uint32_t compression; /* compression_type (v3 with a longer header) */
+};
 
-static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
+/* Parse the fixed header fields into p and h, and derive the geometry. */
+static int qcow2_parse_fixed(struct image *img, struct qcow2_priv *p, uint64_t fsize,
+			     struct qcow2_hdr_fields *h)
 {
 	uint8_t fixed[QCOW2_V3_HEADER_BYTES + 8] = {0};
-	uint8_t *hdr = NULL;
-	uint64_t fsize = fetch_size(img->file), size, bfoff, incompat = 0, autoclear = 0;
-	uint64_t l2_cover, need_l1, rct_bytes;
-	uint32_t bfsize, crypt, avail, limit, compression = 0;
-	struct qcow2_exts x;
 	int r;
 
+	memset(h, 0, sizeof(*h));
 	if (fsize < QCOW2_V2_HEADER_BYTES) {
 		qcow2_err(img, "file too short for a qcow2 header (%llu bytes)",
 			  (unsigned long long)fsize);
@@ -129,11 +136,11 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 		qcow2_err(img, "unsupported version %u (only 2 and 3)", p->version);
 		return -ENOTSUP;
 	}
-	bfoff = qcow2_get64(fixed + 8);
-	bfsize = qcow2_get32(fixed + 16);
+	h->bfoff = qcow2_get64(fixed + 8);
+	h->bfsize = qcow2_get32(fixed + 16);
 	p->cluster_bits = qcow2_get32(fixed + 20);
-	size = qcow2_get64(fixed + 24);
-	crypt = qcow2_get32(fixed + 32);
+	h->size = qcow2_get64(fixed + 24);
+	h->crypt = qcow2_get32(fixed + 32);
 	p->l1_size = qcow2_get32(fixed + 36);
 	p->l1_offset = qcow2_get64(fixed + 40);
 	p->rct_offset = qcow2_get64(fixed + 48);
@@ -154,8 +161,8 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 			qcow2_err(img, "file too short for a version 3 header");
 			return -EINVAL;
 		}
-		incompat = qcow2_get64(fixed + 72);
-		autoclear = qcow2_get64(fixed + 88);
+		h->incompat = qcow2_get64(fixed + 72);
+		h->autoclear = qcow2_get64(fixed + 88);
 		p->refcount_order = qcow2_get32(fixed + 96);
 		p->header_length = qcow2_get32(fixed + 100);
 		if (p->header_length < QCOW2_V3_HEADER_BYTES || p->header_length % 8 ||
@@ -164,7 +171,7 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 			return -EINVAL;
 		}
 		if (p->header_length > QCOW2_V3_HEADER_BYTES)
-			compression = fixed[104];
+			h->compression = fixed[104];
 	}
 	if (p->refcount_order > QCOW2_MAX_REFCOUNT_ORDER) {
 		qcow2_err(img, "invalid refcount_order %u (maximum %d)", p->refcount_order,
@@ -175,10 +182,46 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 	p->csize_shift = 62 - (p->cluster_bits - 8);
 	p->csize_mask = (1ULL << (p->cluster_bits - 8)) - 1;
 	p->coff_mask = (1ULL << p->csize_shift) - 1;
+	return 0;
+}
 
-	/* Header cluster: extensions and backing name. */
-	avail = (uint32_t)SFS_MIN((uint64_t)p->cs, fsize);
-	hdr = malloc(p->cs);
+/* Set img->backing_name from the avail bytes of the header cluster in hdr
+ * (and drop a backing format that comes without a name). */
+static int qcow2_read_backing_name(struct image *img, const struct qcow2_priv *p,
+				   const uint8_t *hdr, uint32_t avail,
+				   const struct qcow2_hdr_fields *h)
+{
+	uint64_t bend;
+
+	if (!h->bfoff || !h->bfsize) {
+		free(img->backing_fmt); /* a format without a name means nothing */
+		img->backing_fmt = NULL;
+		return 0;
+	}
+	if (h->bfsize > QCOW2_MAX_BACKING_NAME || !sfs_add_ok(h->bfoff, h->bfsize, &bend) ||
+	    bend > p->cs || bend > avail || h->bfoff < p->header_length) {
+		qcow2_err(img, "invalid backing file name (offset %llu, length %u)",
+			  (unsigned long long)h->bfoff, h->bfsize);
+		return -EINVAL;
+	}
+	if (memchr(hdr + h->bfoff, 0, h->bfsize)) {
+		qcow2_err(img, "backing file name contains a NUL byte");
+		return -EINVAL;
+	}
+	img->backing_name = strndup((const char *)hdr + h->bfoff, h->bfsize);
+	return img->backing_name ? 0 : -ENOMEM;
+}
+
+/* Read the header cluster: extensions, feature bits, encryption, backing
+ * name. */
+static int qcow2_parse_header_cluster(struct image *img, struct qcow2_priv *p, uint64_t fsize,
+				      const struct qcow2_hdr_fields *h)
+{
+	uint32_t avail = (uint32_t)SFS_MIN((uint64_t)p->cs, fsize), limit;
+	uint8_t *hdr = malloc(p->cs);
+	struct qcow2_exts x;
+	int r;
+
 	if (!hdr)
 		return -ENOMEM;
 	r = fetch_pread(img->file, hdr, avail, 0);
@@ -187,146 +230,118 @@ static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
 	/* Extensions end where the backing name starts (old v2 images put the
 	 * name right after the header, with no extension area at all). */
 	limit = p->cs;
-	if (bfoff && bfoff < limit)
-		limit = (uint32_t)bfoff;
+	if (h->bfoff && h->bfoff < limit)
+		limit = (uint32_t)h->bfoff;
 	r = qcow2_parse_exts(img, hdr, avail, p->header_length, limit, &x);
 	if (r < 0)
 		goto out;
-	r = qcow2_check_features(img, incompat, compression, &x);
+	r = qcow2_check_features(img, h->incompat, h->compression, &x);
 	if (r < 0)
 		goto out;
-	if (crypt != 0) {
-		qcow2_err(img, "encrypted images (crypt_method %u, %s) are not supported", crypt,
-			  crypt == 1   ? "AES"
-			  : crypt == 2 ? "LUKS"
-				       : "unknown");
+	if (h->crypt != 0) {
+		qcow2_err(img, "encrypted images (crypt_method %u, %s) are not supported", h->crypt,
+			  h->crypt == 1	  ? "AES"
+			  : h->crypt == 2 ? "LUKS"
+					  : "unknown");
 		r = -ENOTSUP;
 		goto out;
 	}
-	if (bfoff && bfsize) {
-		uint64_t bend;
+	r = qcow2_read_backing_name(img, p, hdr, avail, h);
+out:
+	free(hdr);
+	return r;
+}
 
-		if (bfsize > QCOW2_MAX_BACKING_NAME || !sfs_add_ok(bfoff, bfsize, &bend) ||
-		    bend > p->cs || bend > avail || bfoff < p->header_length) {
-			qcow2_err(img, "invalid backing file name (offset %llu, length %u)",
-				  (unsigned long long)bfoff, bfsize);
-			r = -EINVAL;
-			goto out;
-		}
-		if (memchr(hdr + bfoff, 0, bfsize)) {
-			qcow2_err(img, "backing file name contains a NUL byte");
-			r = -EINVAL;
-			goto out;
-		}
-		img->backing_name = strndup((const char *)hdr + bfoff, bfsize);
-		if (!img->backing_name) {
-			r = -ENOMEM;
-			goto out;
-		}
-	} else {
-		free(img->backing_fmt); /* a format without a name means nothing */
-		img->backing_fmt = NULL;
-	}
+/* Load the L1 table (CPU-endian) and its dirty map. */
+static int qcow2_load_l1(struct image *img, struct qcow2_priv *p)
+{
+	int r;
 
-	/* L1 table: big enough for the virtual size, inside the file. */
-	l2_cover = 1ULL << (p->cluster_bits + p->l2_bits); /* guest bytes per L2 table */
-	need_l1 = size / l2_cover + (size % l2_cover != 0);
-	if ((uint64_t)p->l1_size * 8 > QCOW2_MAX_L1_BYTES || need_l1 > p->l1_size) {
-		qcow2_err(img, "L1 table size %u does not fit the virtual size %llu", p->l1_size,
-			  (unsigned long long)size);
-		r = -EINVAL;
-		goto out;
-	}
-	if (p->l1_size) {
-		r = qcow2_check_table(img, "L1 table", p->l1_offset, (uint64_t)p->l1_size * 8,
-				      true);
-		if (r < 0)
-			goto out;
-	}
-	/* Refcount table. */
-	if (p->rct_clusters == 0 || (uint64_t)p->rct_clusters * p->cs > QCOW2_MAX_RCT_BYTES) {
-		qcow2_err(img, "invalid refcount table size (%u clusters)", p->rct_clusters);
-		r = -EINVAL;
-		goto out;
-	}
-	rct_bytes = (uint64_t)p->rct_clusters * p->cs;
-	r = qcow2_check_table(img, "refcount table", p->rct_offset, rct_bytes, false);
-	if (r < 0)
-		goto out;
-	if (p->l1_size && p->l1_offset < p->rct_offset + rct_bytes &&
-	    p->rct_offset < p->l1_offset + (uint64_t)p->l1_size * 8) {
-		qcow2_err(img, "L1 table and refcount table overlap");
-		r = -EINVAL;
-		goto out;
-	}
-	if (!img->read_only && p->nb_snapshots) {
-		qcow2_err(img,
-			  "image has %llu internal snapshot(s); writing to images with "
-			  "snapshots is not supported (delete them with 'qemu-img snapshot -d')",
-			  (unsigned long long)p->nb_snapshots);
-		r = -ENOTSUP;
-		goto out;
-	}
-
-	img->size = size;
-	img->cluster_size = p->cs;
-	r = qcow2_init_cache(p, !img->read_only);
-	if (r < 0)
-		goto out;
 	p->l1 = calloc(SFS_MAX(p->l1_size, 1u), sizeof(*p->l1));
 	p->l1_dirty = calloc(SFS_DIV_ROUND_UP((uint64_t)p->l1_size * 8, QCOW2_CHUNK) + 1, 1);
-	if (!p->l1 || !p->l1_dirty) {
-		r = -ENOMEM;
-		goto out;
-	}
-	if (p->l1_size) {
-		r = fetch_pread(img->file, p->l1, (size_t)p->l1_size * 8, p->l1_offset);
-		if (r < 0)
-			goto out;
-		for (uint32_t i = 0; i < p->l1_size; i++)
-			p->l1[i] = be64toh(p->l1[i]);
-	}
-	if (img->read_only)
-		goto out;
+	if (!p->l1 || !p->l1_dirty)
+		return -ENOMEM;
+	if (!p->l1_size)
+		return 0;
+	r = fetch_pread(img->file, p->l1, (size_t)p->l1_size * 8, p->l1_offset);
+	if (r < 0)
+		return r;
+	for (uint32_t i = 0; i < p->l1_size; i++)
+		p->l1[i] = be64toh(p->l1[i]);
+	return 0;
+}
 
-	/* Writable: load the refcount table, clear autoclear bits. */
+/* Load the refcount table (CPU-endian) and its dirty map; writable images
+ * only. */
+static int qcow2_load_rct(struct image *img, struct qcow2_priv *p, uint64_t rct_bytes)
+{
+	int r;
+
 	p->rct_entries = rct_bytes / 8;
 	p->rct = malloc(rct_bytes);
 	p->rct_dirty = calloc(rct_bytes / QCOW2_CHUNK, 1);
-	if (!p->rct || !p->rct_dirty) {
-		r = -ENOMEM;
-		goto out;
-	}
+	if (!p->rct || !p->rct_dirty)
+		return -ENOMEM;
 	r = qcow2_read_meta(img, p->rct_offset, p->rct, rct_bytes);
 	if (r < 0)
-		goto out;
+		return r;
 	for (uint64_t i = 0; i < p->rct_entries; i++) {
 		p->rct[i] = be64toh(p->rct[i]);
 		if (p->rct[i] & (p->cs - 1)) {
 			qcow2_err(img, "refcount table entry %llu (%#llx) is not cluster aligned",
 				  (unsigned long long)i, (unsigned long long)p->rct[i]);
-			r = -EINVAL;
-			goto out;
+			return -EINVAL;
 		}
 	}
-	r = qcow2_check_refs(img, fsize, rct_bytes);
-	if (r < 0)
-		goto out;
-	if (autoclear) {
-		uint8_t zero[8] = {0};
+	return 0;
+}
 
-		/* We maintain none of them (bitmaps): clear them as QEMU does. */
-		r = fetch_pwrite(img->file, zero, sizeof(zero), QCOW2_HDR_AUTOCLEAR);
-		if (r == 0)
-			r = fetch_flush(img->file);
-		if (r < 0) {
-			qcow2_err(img, "cannot clear autoclear feature bits: %s", strerror(-r));
-			goto out;
-		}
-	}
-	p->next_free = SFS_ALIGN_UP(fetch_size(img->file), p->cs);
-out:
-	free(hdr);
+/* We maintain none of the autoclear features (bitmaps): clear them as QEMU
+ * does, durably, before the first write. */
+static int qcow2_clear_autoclear(struct image *img)
+{
+	uint8_t zero[8] = {0};
+	int r = fetch_pwrite(img->file, zero, sizeof(zero), QCOW2_HDR_AUTOCLEAR);
+
+	if (r == 0)
+		r = fetch_flush(img->file);
+	if (r < 0)
+		qcow2_err(img, "cannot clear autoclear feature bits: %s", strerror(-r));
+	return r;
+}
+
+/* Read and check the header and tables. Called from qcow2_open only. */
+static int qcow2_do_open(struct image *img, struct qcow2_priv *p)
+{
+	uint64_t fsize = fetch_size(img->file), rct_bytes;
+	struct qcow2_hdr_fields h;
+	int r;
+
+	r = qcow2_parse_fixed(img, p, fsize, &h);
+	if (r == 0)
+		r = qcow2_parse_header_cluster(img, p, fsize, &h);
+	if (r == 0)
+		r = qcow2_check_layout(img, h.size);
+	if (r < 0)
+		return r;
+	img->size = h.size;
+	img->cluster_size = p->cs;
+	r = qcow2_init_cache(p, !img->read_only);
+	if (r == 0)
+		r = qcow2_load_l1(img, p);
+	if (r < 0 || img->read_only)
+		return r;
+
+	/* Writable: load the refcount table, prove no cluster is referenced
+	 * twice, clear autoclear bits. */
+	rct_bytes = (uint64_t)p->rct_clusters * p->cs;
+	r = qcow2_load_rct(img, p, rct_bytes);
+	if (r == 0)
+		r = qcow2_check_refs(img, fsize, rct_bytes);
+	if (r == 0 && h.autoclear)
+		r = qcow2_clear_autoclear(img);
+	if (r == 0)
+		p->next_free = SFS_ALIGN_UP(fetch_size(img->file), p->cs);
 	return r;
 }
 

@@ -310,10 +310,9 @@ int qcow2_flush(struct image *img);
  * inconsistent (-EINVAL); dirty/corrupt images only read-only. */
 int qcow2_check_features(struct image *img, uint64_t incompat, uint32_t compression,
 			 const struct qcow2_exts *x);
-/* Validate a table at [off, off+bytes) against the file: aligned, past the
- * header cluster, inside the file (whole, or only its start). */
-int qcow2_check_table(struct image *img, const char *what, uint64_t off, uint64_t bytes,
-		      bool whole);
+/* Check the L1 and refcount tables' sizes and places against the guest size
+ * and the file; refuse writing to images with internal snapshots. */
+int qcow2_check_layout(struct image *img, uint64_t size);
 /* Before writing: no host cluster referenced twice or past the end of the
  * file. Reads every L2 table. */
 int qcow2_check_refs(struct image *img, uint64_t fsize, uint64_t rct_bytes);
