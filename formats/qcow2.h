@@ -186,8 +186,13 @@ struct qcow2_exts {
 	uint32_t end; /* first byte after the end-of-extensions marker */
 };
 
+/* The image's name for messages: the masked form (a backing URL may carry
+ * a token); images opened without image_open_one() (create, unit tests)
+ * have only a local path. */
 static inline const char *qcow2_name(const struct image *img)
 {
+	if (img->display)
+		return img->display;
 	if (img->filename)
 		return img->filename;
 	return img->file && img->file->uri ? img->file->uri : "?";

@@ -102,7 +102,10 @@
 #define QED_ZERO_CHUNK	(64u * 1024)	    /* in bytes: zero-fill unit in create() */
 #define QED_MAX_LOGGED	8		    /* per kind of problem found by the check */
 
-#define qed_err(img, fmt, ...) sfs_error("%s: qed: " fmt, (img)->filename, ##__VA_ARGS__)
+/* Messages name the image in its masked form (a backing URL may carry a
+ * token); images not opened by image_open_one() have only a local path. */
+#define qed_name(img)	       ((img)->display ? (img)->display : (img)->filename)
+#define qed_err(img, fmt, ...) sfs_error("%s: qed: " fmt, qed_name(img), ##__VA_ARGS__)
 
 /* The on-disk header, little-endian, at offset 0. */
 struct qed_header_disk {
@@ -621,7 +624,7 @@ static int qed_read_backing(struct image *img)
 		return 0;
 	if (h->backing_filename_size == 0) {
 		sfs_warn("%s: qed: empty backing file name; treating the image as having none",
-			 img->filename);
+			 qed_name(img));
 		return 0;
 	}
 	name = malloc(h->backing_filename_size + 1);
@@ -824,11 +827,11 @@ static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode m
 	}
 	if (invalid && fix)
 		sfs_warn("%s: qed: dropped %llu invalid table entries (unsynced allocations)",
-			 img->filename, (unsigned long long)invalid);
+			 qed_name(img), (unsigned long long)invalid);
 	if (leaks && mode != QED_CHECK_CLEAN)
 		sfs_info("%s: qed: %llu leaked clusters (unreferenced space from an interrupted "
 			 "write; harmless)",
-			 img->filename, (unsigned long long)leaks);
+			 qed_name(img), (unsigned long long)leaks);
 	if (fix && invalid) {
 		/* L2 fixes durable before the L1 ones. */
 		r = fetch_flush(img->file);
@@ -926,7 +929,7 @@ static int qed_do_open(struct image *img)
 	if (!img->read_only && fsize != file_end) {
 		/* A torn append from a crash: nothing references it. */
 		sfs_info("%s: qed: dropping a partial cluster at the end of the file",
-			 img->filename);
+			 qed_name(img));
 		r = fetch_truncate(img->file, file_end);
 		if (r == 0)
 			r = fetch_flush(img->file);

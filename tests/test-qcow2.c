@@ -1,4 +1,4 @@
-/* streamfs: unit tests for the qcow2 driver (formats/qcow2.c).
+/* streamfs: unit tests for the qcow2 driver (formats/qcow2*.c).
  *
  * Most tests build images in memory ("mem:NAME" sources) and check them with
  * an independent refcount recount (tq_recount) that follows qcow2.txt, so
