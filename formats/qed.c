@@ -911,7 +911,7 @@ static int qed_do_open(struct image *img)
 			return r;
 	}
 	if (p->hdr.features & QED_F_NEED_CHECK) {
-		sfs_info("%s: qed: image was not closed cleanly; checking it", img->filename);
+		sfs_info("%s: qed: image was not closed cleanly; checking it", qed_name(img));
 		r = qed_check(img, file_end, img->read_only ? QED_CHECK_REFUSE : QED_CHECK_FIX);
 		if (r < 0)
 			return r;
