@@ -1,4 +1,5 @@
 # streamfs shell-test helpers, sourced by tests/test-*.sh.
+# shellcheck shell=bash
 #
 # Environment: STREAMFS (the binary), HELPERS (built test helpers),
 # FMT (overlay format for format-parameterised tests: qcow2 or qed),
@@ -155,6 +156,7 @@ sfs_mount_fg() {
 
 # sfs_wait_exit: wait for sfs_mount_fg's daemon to exit (after an unmount)
 # and set SFS_RC to its exit status (128+N: killed by signal N).
+# shellcheck disable=SC2034 # SFS_RC is for the caller
 sfs_wait_exit() {
 	local pid=$SFS_PID
 	wait_gone "$pid" 60 || fail "daemon $pid did not exit after unmount"

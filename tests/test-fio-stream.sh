@@ -9,7 +9,7 @@ requires qemu-img fusermount3 fio
 mkbacking "$T/base.raw" 64
 "$STREAMFS" create -f "$FMT" -b "$T/base.raw" -F raw "$T/ovl" >/dev/null
 sfs_mount "$T/ovl" "$T/mnt" -o stream,speed=32M
-cd "$T" # fio may drop verify state files in the current directory
+cd "$T" || fail "cd $T" # fio may drop verify state files in the current directory
 engine=libaio
 fio --enghelp=io_uring >/dev/null 2>&1 && engine=io_uring
 fio --name=v --filename="$T/mnt/disk" --rw=randwrite --bs=4k:64k --size=16m --offset=24m \

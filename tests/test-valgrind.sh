@@ -22,8 +22,8 @@ valgrind -q --leak-check=full --errors-for-leak-kinds=definite,indirect --error-
 vpid=$!
 cleanup_fn "kill $vpid 2>/dev/null"
 mounted() { [ -e "$T/mnt/control/status" ] || ! alive $vpid; }
-wait_until 20 mounted && [ -e "$T/mnt/control/status" ] ||
-	fail "no mount under valgrind: $(cat "$T/daemon.err" "$T/vg.log")"
+wait_until 20 mounted || true
+[ -e "$T/mnt/control/status" ] || fail "no mount under valgrind: $(cat "$T/daemon.err" "$T/vg.log")"
 dd if=/dev/urandom of="$T/data" bs=64k count=40 status=none
 dd if="$T/data" of="$T/mnt/disk" bs=64k seek=30 conv=notrunc,fsync status=none
 dd if="$T/data" of="$T/ref.raw" bs=64k seek=30 conv=notrunc status=none
