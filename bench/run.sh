@@ -10,10 +10,11 @@
 #   BENCH_SPEED_MIB=100                 requested rate of the throttled stream
 #   BENCH_ONLY="reads stream http throttle latency rss"   subset of sections
 #
-# Peers and settings as in /work/shared/PEERS.md. Every peer step runs under
-# `timeout`; a step that times out is reported as "hang", one that fails as
-# "fail", one that is not supported as "n/a". Cold runs drop the page cache
-# (needs root). Everything started here is stopped by PID on exit.
+# Peers and settings as in ../shared/PEERS.md (beside the repository). Every
+# peer step runs under `timeout`; a step that times out is reported as "hang",
+# one that fails as "fail", one that is not supported as "n/a". Cold runs drop
+# the page cache (needs root). Everything started here is stopped by PID on
+# exit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

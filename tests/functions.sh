@@ -1,4 +1,5 @@
 # streamfs shell-test helpers, sourced by tests/test-*.sh.
+# shellcheck shell=bash
 #
 # Environment: STREAMFS (the binary), HELPERS (built test helpers),
 # FMT (overlay format for format-parameterised tests: qcow2 or qed),
@@ -48,11 +49,22 @@ umount_all() {
 }
 
 fail() { echo "FAIL: $TESTNAME: $*" >&2; exit 1; }
-skip() { echo "SKIP: $TESTNAME: $*" >&2; exit 77; }
 info() { echo "  $TESTNAME: $*" >&2; }
 
-# requires CMD...: skip the test unless every command exists.
-requires() { for c in "$@"; do command -v "$c" >/dev/null 2>&1 || skip "needs $c"; done; }
+# skip REASON: the test does not apply here, for a reason that is not a
+# missing tool (e.g. valgrind cannot run an ASan build). A skip, in CI too.
+skip() { echo "SKIP: $TESTNAME: $*" >&2; exit 77; }
+
+# missing WHAT: a tool or oracle the test needs is not there. Outside CI
+# the test is skipped; in CI (CI set) a skip would hide a broken setup, so
+# the test fails.
+missing() {
+	[ -z "${CI:-}" ] || fail "CI: missing $*"
+	skip "needs $*"
+}
+
+# requires CMD...: every command must exist (see missing).
+requires() { for c in "$@"; do command -v "$c" >/dev/null 2>&1 || missing "$c"; done; }
 
 # Random data file: randfile PATH SIZE_MIB
 randfile() { head -c "$(($2 * 1024 * 1024))" /dev/urandom >"$1"; }
@@ -83,6 +95,29 @@ alive() {
 	[ ${#tasks[@]} -gt 1 ]
 }
 
+# wait_gone PID [TIMEOUT_S]: wait until PID has exited (see alive); returns
+# 1 if it is still alive after TIMEOUT_S (default 30).
+wait_gone() {
+	local i
+	for ((i = 0; i < ${2:-30} * 20; i++)); do
+		alive "$1" || return 0
+		sleep 0.05
+	done
+	! alive "$1"
+}
+
+# wait_until TIMEOUT_S CMD...: poll until CMD succeeds; returns 1 if it
+# still fails after TIMEOUT_S.
+wait_until() {
+	local t=$1 i
+	shift
+	for ((i = 0; i < t * 50; i++)); do
+		"$@" && return 0
+		sleep 0.02
+	done
+	"$@"
+}
+
 # sfs_mount OVERLAY MNT [streamfs options...]: mount, wait for the pid file.
 # Sets SFS_PID.
 sfs_mount() {
@@ -99,6 +134,35 @@ sfs_mount() {
 	[ -s "$T/pid" ] || fail "no pid file after mount"
 	SFS_PID=$(cat "$T/pid")
 	mountpoint -q "$mnt" || fail "$mnt is not mounted"
+}
+
+# sfs_mount_fg OVERLAY MNT [streamfs options...]: run the daemon in the
+# foreground (-f) as a child of this shell, so that sfs_wait_exit can
+# collect its exit status; wait until the mount serves control/status.
+# Fails if the daemon exits first. Sets SFS_PID.
+sfs_mount_fg() {
+	local ovl=$1 mnt=$2 i
+	shift 2
+	mkdir -p "$mnt"
+	"$STREAMFS" -f "$ovl" "$mnt" "$@" 2>>"$T/daemon.err" &
+	SFS_PID=$!
+	for ((i = 0; i < 400; i++)); do
+		mountpoint -q "$mnt" && [ -e "$mnt/control/status" ] && return 0
+		alive "$SFS_PID" || fail "daemon exited before mounting: $(tail -5 "$T/daemon.err")"
+		sleep 0.025
+	done
+	fail "$mnt not mounted after 10 s"
+}
+
+# sfs_wait_exit: wait for sfs_mount_fg's daemon to exit (after an unmount)
+# and set SFS_RC to its exit status (128+N: killed by signal N).
+# shellcheck disable=SC2034 # SFS_RC is for the caller
+sfs_wait_exit() {
+	local pid=$SFS_PID
+	wait_gone "$pid" 60 || fail "daemon $pid did not exit after unmount"
+	SFS_RC=0
+	wait "$pid" || SFS_RC=$?
+	SFS_PID=
 }
 
 # sfs_umount MNT: unmount and wait for the daemon to exit (it flushes).
@@ -169,13 +233,17 @@ wait_offset() {
 # http_serve DIR: serve DIR over HTTP with a private nginx on a free
 # 127.0.0.1 port, stopped by PID at exit. Sets HTTP_URL. Returns 1 and
 # sets HTTP_ERR if nginx, curl or python3 is missing or nginx does not start
-# (callers skip); fails if it starts but does not answer.
+# (callers skip); in CI those fail instead ("CI: missing nginx"). Fails if
+# nginx starts but does not answer.
 # shellcheck disable=SC2034 # HTTP_URL, HTTP_ERR are for the caller
 http_serve() {
 	local root=$1 ngx=$T/ngx port="" i
 	HTTP_ERR=
 	for i in nginx curl python3; do
-		command -v $i >/dev/null 2>&1 || { HTTP_ERR="needs $i"; return 1; }
+		command -v $i >/dev/null 2>&1 && continue
+		[ -z "${CI:-}" ] || fail "CI: missing $i"
+		HTTP_ERR="needs $i"
+		return 1
 	done
 	mkdir -p "$ngx"
 	chmod 755 "$T" "$root" # nginx workers run as an unprivileged user
@@ -205,7 +273,11 @@ NGX
 		nginx -c "$ngx/nginx.conf" -p "$ngx" 2>"$ngx/start.log" && break
 		port=""
 	done
-	[ -n "$port" ] || { HTTP_ERR="nginx does not start: $(cat "$ngx/start.log")"; return 1; }
+	if [ -z "$port" ]; then
+		HTTP_ERR="nginx does not start: $(cat "$ngx/start.log")"
+		[ -z "${CI:-}" ] || fail "CI: $HTTP_ERR"
+		return 1
+	fi
 	cleanup_fn http_stop
 	HTTP_URL=http://127.0.0.1:$port
 	# The daemonised master writes its pid file after nginx returns.

@@ -4,7 +4,10 @@
  * reader that fell more than EVENTS_RING events behind.
  *
  * Threads that block are joined with a deadline (pthread_timedjoin_np), so
- * a missed wakeup fails the test instead of hanging it.
+ * a missed wakeup fails the test instead of hanging it. Before the post or
+ * shutdown that should wake them, the test waits until /proc shows every
+ * reader asleep in its condition wait (te_wait_blocked), so a reader that
+ * never blocks fails instead of passing.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -13,7 +16,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -244,7 +249,8 @@ struct te_reader {
 	struct events *ev;
 	uint64_t cursor;
 	int timeout_ms;
-	_Atomic int started;
+	_Atomic pid_t tid; /* set before the read; 0 until then */
+	_Atomic int returned;
 	size_t n;
 	char buf[4 * EVENTS_LINE];
 };
@@ -253,16 +259,65 @@ static void *te_reader_thread(void *opaque)
 {
 	struct te_reader *r = opaque;
 
-	atomic_store(&r->started, 1);
+	atomic_store(&r->tid, (pid_t)syscall(SYS_gettid));
 	r->n = events_read(r->ev, &r->cursor, r->buf, sizeof(r->buf), r->timeout_ms);
+	atomic_store(&r->returned, 1);
 	return NULL;
 }
 
-static void te_wait_started(struct te_reader *r)
+/* Is thread tid of this process asleep in a futex wait? Its state is S and
+ * the system call it sits in is futex. */
+static bool te_in_futex_wait(pid_t tid)
 {
-	while (!atomic_load(&r->started))
+	char path[64], buf[512], *st;
+	long nr = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+	f = fopen(path, "r");
+	if (!f)
+		return false;
+	st = fgets(buf, sizeof(buf), f);
+	fclose(f);
+	st = st ? strrchr(buf, ')') : NULL; /* the name may hold spaces */
+	if (!st || st[1] != ' ' || st[2] != 'S')
+		return false;
+	snprintf(path, sizeof(path), "/proc/self/task/%d/syscall", (int)tid);
+	f = fopen(path, "r");
+	if (!f)
+		return false;
+	if (fscanf(f, "%ld", &nr) != 1)
+		nr = -1; /* "running" */
+	fclose(f);
+	return nr == SYS_futex;
+}
+
+/* Wait (up to 10 s, else fail) until all n readers are blocked at the same
+ * time: each asleep in a futex wait inside events_read, none returned.
+ * Readers contend only for ev's mutex, which its holder never keeps while
+ * asleep; so when all of them sleep together, none holds it and each one
+ * sleeps in the condition wait, past its check for events. */
+static void te_wait_blocked(struct te_reader *r, int n)
+{
+	uint64_t t0 = te_now_ms();
+
+	for (;;) {
+		int blocked = 0;
+
+		for (int i = 0; i < n; i++) {
+			pid_t tid = atomic_load(&r[i].tid);
+
+			if (atomic_load(&r[i].returned))
+				fail_msg("reader %d returned before any post or shutdown", i);
+			if (tid && te_in_futex_wait(tid))
+				blocked++;
+		}
+		if (blocked == n)
+			return;
+		if (te_now_ms() - t0 > 10000)
+			fail_msg("only %d of %d readers blocked within 10 s", blocked, n);
 		te_sleep_ms(1);
-	te_sleep_ms(50); /* let it reach the wait; a post before it is fine too */
+	}
 }
 
 static void test_events_blocking_read_woken_by_post(void **state)
@@ -281,8 +336,8 @@ static void test_events_blocking_read_woken_by_post(void **state)
 		r[i].timeout_ms = i == 0 ? -1 : 60000;
 		assert_int_equal(pthread_create(&t[i], NULL, te_reader_thread, &r[i]), 0);
 	}
-	te_wait_started(&r[0]);
-	te_wait_started(&r[1]);
+	/* Both must be blocked before the post, and woken by it. */
+	te_wait_blocked(r, 2);
 	events_post(ev, "completed", "length=%d", 42);
 	for (int i = 0; i < 2; i++) {
 		te_join(t[i], 5000);
@@ -390,8 +445,7 @@ static void test_events_shutdown_wakes_readers(void **state)
 		r[i].timeout_ms = -1;
 		assert_int_equal(pthread_create(&t[i], NULL, te_reader_thread, &r[i]), 0);
 	}
-	for (int i = 0; i < 3; i++)
-		te_wait_started(&r[i]);
+	te_wait_blocked(r, 3);
 	events_shutdown(ev);
 	for (int i = 0; i < 3; i++) {
 		te_join(t[i], 5000);

@@ -35,7 +35,7 @@ mkbacking "$T/base.raw" $mib
 speed=$((mib * 1024 * 1024 * 55 / (secs * 80)))
 sfs_mount "$T/ovl" "$T/mnt"
 pid=$SFS_PID
-cd "$T" # fio drops verify state files in the current directory
+cd "$T" || fail "cd $T" # fio drops verify state files in the current directory
 
 engine=libaio
 fio --enghelp=io_uring >/dev/null 2>&1 && engine=io_uring
@@ -71,10 +71,19 @@ bsrange=4k-128k
 EOF
 }
 
-# The blocked events reader and the control-file loop.
+# The blocked events reader and the control-file loop. The reader's cursor
+# is set when it opens control/events: start the job once it has.
 cat "$T/mnt/control/events" >"$T/events.log" 2>"$T/events.err" &
 epid=$!
-sleep 0.2
+events_open() {
+	local fd
+	for fd in "/proc/$epid/fd/"*; do
+		[ "$(readlink "$fd")" = "$T/mnt/control/events" ] && return 0
+	done
+	alive $epid || fail "the events reader died: $(cat "$T/events.err")"
+	return 1
+}
+wait_until 10 events_open || fail "the events reader did not open control/events"
 echo "start speed=$speed" >"$T/mnt/control/stream"
 (
 	n=0 errs=0
@@ -107,7 +116,7 @@ while [ $((SECONDS - start)) -lt $secs ]; do
 	fio --output="$T/fio.txt" "$T/jobs.fio" >/dev/null 2>"$T/fio.err" ||
 		fail "fio pass $passes failed: $(grep -iE 'err|verify' "$T/fio.txt" "$T/fio.err" | head -5)"
 	grep -q "err= 0" "$T/fio.txt" || fail "fio pass $passes reported errors"
-	kill -0 $epid 2>/dev/null || fail "the events reader died: $(cat "$T/events.err")"
+	alive $epid || fail "the events reader died: $(cat "$T/events.err")"
 done
 state=$(cat "$T/mnt/control/stream")
 info "$passes fio passes (3 jobs x ${rsz} MiB written and verified each) in $((SECONDS - start)) s; job: $state at $(field "$T/mnt" percent)"
@@ -120,12 +129,13 @@ read -r ctl_n ctl_errs <"$T/ctl.count"
 hwm=$(awk '/^VmHWM/ {print $2}' /proc/$pid/status)
 info "control loop: $ctl_n status+map reads, no error; daemon VmHWM $((hwm / 1024)) MiB (max VmRSS sampled $(($(cat "$T/rss.max") / 1024)) MiB)"
 [ "$hwm" -lt $rss_limit_kib ] || fail "daemon peak RSS $hwm KiB >= $rss_limit_mib MiB"
-sleep 0.2
-kill -0 $epid 2>/dev/null || fail "the events reader died: $(cat "$T/events.err")"
+# The reader, still blocked on control/events, must have seen both.
+saw_completed() { grep -q completed "$T/events.log"; }
+wait_until 10 saw_completed || fail "events reader missed completed: $(cat "$T/events.log")"
+alive $epid || fail "the events reader died: $(cat "$T/events.err")"
 kill $epid 2>/dev/null
 wait $epid 2>/dev/null || true
-grep -q started "$T/events.log" && grep -q completed "$T/events.log" ||
-	fail "events reader missed started/completed: $(cat "$T/events.log")"
+grep -q started "$T/events.log" || fail "events reader missed started: $(cat "$T/events.log")"
 info "events seen: $(awk '{print $2}' "$T/events.log" | sort | uniq -c | tr -s ' \n' ' ')"
 
 # What streamfs serves now, then the overlay after a clean unmount.
