@@ -6,7 +6,7 @@
 # formats: qcow2 qed
 . "$(dirname "$0")/functions.sh"
 requires qemu-img fusermount3
-[ -x "$HELPERS/hammer" ] || skip "hammer helper not built"
+[ -x "$HELPERS/hammer" ] || missing "the hammer helper (make check builds it)"
 
 randfile "$T/base.raw" 64
 rounds=${ROUNDS:-120}

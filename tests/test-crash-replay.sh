@@ -25,7 +25,7 @@
 # formats: qcow2 qed
 . "$(dirname "$0")/functions.sh"
 requires qemu-img fusermount3 cmp
-[ -x "$HELPERS/replay" ] || skip "replay helper not built"
+[ -x "$HELPERS/replay" ] || missing "the replay helper (make check builds it)"
 
 seed=${SEED:-$RANDOM}
 RANDOM=$seed

@@ -50,7 +50,7 @@ else
 		info "built replay binaries with ${san[*]}"
 	elif [ -z "$FUZZ_REPLAY" ] || [ ! -x "$FUZZ_REPLAY/replay-qcow2" ]; then
 		lib=$ROOT/build/libstreamfs.a
-		[ -f "$lib" ] || skip "no sanitizer, no replay binaries and no $lib"
+		[ -f "$lib" ] || missing "a sanitizer runtime, the replay binaries or $lib"
 		mkdir -p "$T/bin"
 		for h in $HARNESSES; do
 			"$cc" "${cflags[@]}" -o "$T/bin/replay-$h" "$F/fuzz-$h.c" "$F/replay-main.c" \

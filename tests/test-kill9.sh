@@ -14,7 +14,7 @@
 # formats: qcow2 qed
 . "$(dirname "$0")/functions.sh"
 requires qemu-img fusermount3
-[ -x "$HELPERS/writer" ] || skip "writer helper not built"
+[ -x "$HELPERS/writer" ] || missing "the writer helper (make check builds it)"
 
 wpid=
 cleanup_fn '[ -n "$wpid" ] && kill "$wpid" 2>/dev/null'

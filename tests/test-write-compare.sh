@@ -38,8 +38,11 @@ fi
 [ "$(stat -c %s "$T/mnt/disk")" = $size ] || fail "disk size changed"
 cmp "$T/mnt/disk" "$T/ref.raw" || fail "guest view differs from reference"
 
+[ -n "${CI:-}" ] && ! command -v fio >/dev/null && fail "CI: missing fio"
 if command -v fio >/dev/null; then
-	# fio writes a verifiable pattern with O_DIRECT at depth, then verifies.
+	# fio writes a verifiable pattern with O_DIRECT at depth, then verifies
+	# (from $T: fio leaves its verify state file in the current directory).
+	cd "$T" || fail "cd $T"
 	fio --name=w --filename="$T/mnt/disk" --rw=randwrite --bs=4k --size=8m --offset=16m \
 		--direct=1 --ioengine=psync --numjobs=1 --verify=crc32c --do_verify=1 --verify_state_save=0 \
 		--randseed=7 --output="$T/fio.txt" >/dev/null || fail "fio verify failed: $(tail "$T/fio.txt")"
