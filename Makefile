@@ -15,9 +15,12 @@ CFLAGS_ALL = $(OPT) -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wsha
 LDFLAGS_ALL = -pthread $(SANITIZE) $(LDFLAGS)
 
 BUILD ?= build
-LIB_SRCS := $(wildcard fetch/*.c) $(wildcard formats/*.c) $(wildcard util/*.c) \
-	$(filter-out fusefs/main.c,$(wildcard fusefs/*.c))
-FUSE_SRCS := fusefs/main.c
+# The FUSE-free core is libstreamfs.a (the tests, fuzzers and any other
+# front end link it); fusefs/ is the FUSE front end and command line. See
+# "Source layout" in README.md.
+CORE_DIRS := util fetch formats block job control
+LIB_SRCS := $(foreach d,$(CORE_DIRS),$(wildcard $(d)/*.c))
+FUSE_SRCS := $(wildcard fusefs/*.c)
 LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/%.o)
 FUSE_OBJS := $(FUSE_SRCS:%.c=$(BUILD)/%.o)
 UNIT_SRCS := $(wildcard tests/test-*.c)
@@ -54,7 +57,7 @@ check-unit: $(UNIT_BINS)
 FUZZ_REPLAY_BINS := $(patsubst tests/fuzz/fuzz-%.c,$(BUILD)/tests/fuzz/replay-%,$(wildcard tests/fuzz/fuzz-*.c))
 $(BUILD)/tests/fuzz/replay-%: tests/fuzz/fuzz-%.c tests/fuzz/replay-main.c $(BUILD)/libstreamfs.a $(wildcard tests/fuzz/*.h)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) -Ifusefs -o $@ $< tests/fuzz/replay-main.c $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
+	$(CC) $(CFLAGS_ALL) -o $@ $< tests/fuzz/replay-main.c $(BUILD)/libstreamfs.a $(LDFLAGS_ALL) $(PKG_LIBS)
 
 check-shell: streamfs $(HELPER_BINS) $(FUZZ_REPLAY_BINS)
 	@STREAMFS=$(CURDIR)/streamfs HELPERS=$(CURDIR)/$(BUILD)/tests/helpers \
@@ -110,7 +113,7 @@ FUZZ_TIME ?= 60
 FUZZ_OPTS ?= -max_len=65536 -timeout=25 -rss_limit_mb=2560 -entropic_scale_per_exec_time=1
 FUZZ_SRCS := $(wildcard tests/fuzz/fuzz-*.c)
 FUZZ_BINS := $(FUZZ_SRCS:tests/fuzz/%.c=build-fuzz/%)
-FUZZ_FLAGS := -g -O1 -std=gnu11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -pthread -Iinclude -Ifusefs \
+FUZZ_FLAGS := -g -O1 -std=gnu11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -pthread -Iinclude \
 	$(PKG_CFLAGS) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 build-fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard include/*.h) $(wildcard */*.h) \
 		$(wildcard tests/fuzz/*.h)

@@ -384,6 +384,21 @@ int image_block_status(struct image *img, struct image *base, uint64_t off, uint
 	return 0;
 }
 
+int image_create_option(const char *fmt, struct image_create_opts *opts, const char *opt)
+{
+	const struct image_driver *drv = image_find_driver(fmt);
+
+	if (!drv || !drv->create) {
+		sfs_error("cannot create images of format '%s' (use qcow2 or qed)", fmt);
+		return -EINVAL;
+	}
+	if (!drv->create_option || drv->create_option(opts, opt) < 0) {
+		sfs_error("%s images have no creation option '%s'", fmt, opt);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 int image_create(const char *path, const char *fmt, const struct image_create_opts *opts)
 {
 	const struct image_driver *drv = image_find_driver(fmt);

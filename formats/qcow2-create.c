@@ -216,3 +216,15 @@ out:
 	free(exts);
 	return r;
 }
+
+int qcow2_create_option(struct image_create_opts *opts, const char *opt)
+{
+	/* qemu-img's names for the two header versions. */
+	if (strcmp(opt, "compat=0.10") == 0 || strcmp(opt, "compat=v2") == 0)
+		opts->version = 2;
+	else if (strcmp(opt, "compat=1.1") == 0 || strcmp(opt, "compat=v3") == 0)
+		opts->version = 3;
+	else
+		return -EINVAL;
+	return 0;
+}

@@ -505,4 +505,5 @@ const struct image_driver image_qcow2_driver = {
     .flush = qcow2_flush,
     .set_backing = qcow2_set_backing,
     .create = qcow2_create,
+    .create_option = qcow2_create_option,
 };

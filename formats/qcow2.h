@@ -335,5 +335,7 @@ int qcow2_build_header(uint8_t *out, uint32_t cs, const uint8_t *base, uint32_t 
 
 /* image_driver.create: write a new empty image to f. */
 int qcow2_create(struct fetch_source *f, const struct image_create_opts *opts);
+/* One creation option: compat=0.10|v2|1.1|v3 (qemu-img's spelling). */
+int qcow2_create_option(struct image_create_opts *opts, const char *opt);
 
 #endif /* STREAMFS_QCOW2_H */

@@ -531,6 +531,8 @@ static int sfs_create_main(int argc, char **argv)
 {
 	const char *fmt = "qcow2", *backing = NULL, *bfmt = NULL, *path;
 	struct image_create_opts co = {0};
+	const char *fopts[16]; /* -o options, applied by the format's driver */
+	unsigned nfopts = 0;
 	bool unsafe = false;
 	uint64_t v;
 	int c, r;
@@ -548,22 +550,19 @@ static int sfs_create_main(int argc, char **argv)
 			bfmt = optarg;
 			break;
 		case 'c':
-			if (sfs_parse_size(optarg, &v) < 0 || v > (64u << 20) || !SFS_IS_POW2(v)) {
+			/* The format checks its own limits (image_create). */
+			if (sfs_parse_size(optarg, &v) < 0 || v == 0 || v > UINT32_MAX) {
 				fprintf(stderr, "streamfs create: bad cluster size '%s'\n", optarg);
 				return EXIT_USAGE;
 			}
 			co.cluster_size = (uint32_t)v;
 			break;
 		case 'o':
-			if (strcmp(optarg, "compat=0.10") == 0 || strcmp(optarg, "compat=v2") == 0)
-				co.version = 2;
-			else if (strcmp(optarg, "compat=1.1") == 0 ||
-				 strcmp(optarg, "compat=v3") == 0)
-				co.version = 3;
-			else {
-				fprintf(stderr, "streamfs create: unknown option '%s'\n", optarg);
+			if (nfopts == sizeof(fopts) / sizeof(fopts[0])) {
+				fprintf(stderr, "streamfs create: too many -o options\n");
 				return EXIT_USAGE;
 			}
+			fopts[nfopts++] = optarg;
 			break;
 		case 'u':
 			unsafe = true;
@@ -590,7 +589,10 @@ static int sfs_create_main(int argc, char **argv)
 		fprintf(stderr, "streamfs create: unexpected argument '%s'\n", argv[optind + 2]);
 		return EXIT_USAGE;
 	}
-	if (strcmp(fmt, "qcow2") != 0 && strcmp(fmt, "qed") != 0) {
+	for (unsigned i = 0; i < nfopts; i++)
+		if (image_create_option(fmt, &co, fopts[i]) < 0)
+			return EXIT_USAGE;
+	if (!image_find_driver(fmt) || !image_find_driver(fmt)->create) {
 		fprintf(stderr, "streamfs create: format must be qcow2 or qed\n");
 		return EXIT_USAGE;
 	}

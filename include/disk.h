@@ -1,13 +1,31 @@
 /* streamfs: the guest-facing disk: copy-on-read, writes with cluster
  * read-modify-write, in-flight tracking, populate (used by the stream job and
- * control/pull), rebase. Lives in formats/disk.c, above the format drivers
+ * control/pull), rebase. Lives in block/disk.c, above the format drivers
  * and below fusefs/, which only translates FUSE requests into these calls.
  *
  * In-flight tracking: every operation that allocates in the overlay (guest
  * write, copy-on-read, stream copy) first locks the cluster-aligned guest
- * range it touches (formats/rangelock.c), then re-maps it under the lock.
+ * range it touches (block/rangelock.c), then re-maps it under the lock.
  * So a copy-on-read that read old backing data never overwrites a guest write
  * that won the lock first: it sees the cluster allocated and drops its copy.
+ *
+ * LOCK ORDER, across every module (take left before right; never the reverse):
+ *
+ *   job lock (job/stream.c j->lock)
+ *     -> disk chain_lock (read; written only by disk_rebase, which holds
+ *        nothing else)
+ *          -> range lock (block/rangelock.c, one slot per allocating range)
+ *               -> driver lock (qcow2 p->lock, QED's) -> byte-source locks
+ *                  (fetch/http.c connection pool)
+ *     -> events lock (job/events.c; its notify callback runs after release)
+ *   disk flush_lock -> driver lock          (disk_flush, disk_rebase)
+ *   events handle lock (fusefs/ops.c h->lock) -> events lock
+ *   Leaves, taken with nothing else after them: fusefs/ops.c sfs_poll_lock,
+ *   sfs_handles_lock, attr_lock.
+ *
+ * Never held across network or disk I/O: the job lock and the events lock.
+ * The chain lock and range locks are (reads of the backing, overlay writes):
+ * that is what they protect.
  */
 #ifndef STREAMFS_DISK_H
 #define STREAMFS_DISK_H

@@ -5,7 +5,7 @@
  * Drivers are small ops tables, one file each in formats/, registered in
  * formats/image.c. The generic chain walk lives in formats/image.c; the
  * guest-facing layer with copy-on-read and in-flight tracking lives in
- * formats/disk.c (include/disk.h).
+ * block/disk.c (include/disk.h).
  *
  * THREAD MODEL
  * - map(), read_compressed() and reads of EXT_DATA host ranges may run
@@ -104,8 +104,13 @@ struct image_driver {
 	/* Rewrite the backing reference: name NULL drops it. Atomic and
 	 * durable on return (flushes first). Updates img->backing_name/fmt. */
 	int (*set_backing)(struct image *img, const char *name, const char *fmt);
-	/* Write a new empty image to f (already created, empty, writable). */
+	/* Write a new empty image to f (already created, empty, writable).
+	 * The driver checks opts against its own limits (cluster sizes,
+	 * versions) and names them in its message. */
 	int (*create)(struct fetch_source *f, const struct image_create_opts *opts);
+	/* Apply one creation option "NAME=VALUE" (qemu-img's -o spelling) to
+	 * opts; -EINVAL for one the format lacks. Optional. */
+	int (*create_option)(struct image_create_opts *opts, const char *opt);
 };
 
 struct image {
@@ -168,5 +173,8 @@ struct image *image_layer(struct image *img, int n);
 
 /* Create a new image file at path with driver fmt. -EEXIST if it exists. */
 int image_create(const char *path, const char *fmt, const struct image_create_opts *opts);
+/* Apply creation option opt ("compat=0.10") of format fmt to opts: 0, or
+ * -EINVAL after a message naming the format and the option. */
+int image_create_option(const char *fmt, struct image_create_opts *opts, const char *opt);
 
 #endif /* STREAMFS_IMAGE_H */

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <endian.h>
+#include <time.h>
 
 #define STREAMFS_VERSION "0.1.0"
 
@@ -64,6 +65,12 @@ char *sfs_fmt_bytes(uint64_t n, char *buf, size_t len);
 
 /* Monotonic clock in nanoseconds. */
 uint64_t sfs_now_ns(void);
+/* The CLOCK_MONOTONIC time ns from now, as the absolute timespec that
+ * pthread_cond_timedwait() wants of a condvar set to that clock. */
+struct timespec sfs_deadline_ns(uint64_t ns);
+/* Whether a and b are the same file (device and inode), or, when either is
+ * not a local file (a URL), the same string. */
+bool sfs_same_file(const char *a, const char *b) __attribute__((nonnull));
 /* Wall clock as "2026-11-22T08:35:43.123Z" into buf (>= 32 bytes). */
 void sfs_wallclock(char *buf, size_t len);
 

@@ -1,4 +1,4 @@
-/* streamfs: unit tests for the control files (fusefs/control.c): the strict
+/* streamfs: unit tests for the control files (control/control.c): the strict
  * command parsers, the rendered status/progress/map files over a real disk
  * and stream job, and control_command() driving the job.
  *
@@ -20,7 +20,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
-#include "../fusefs/control.h"
+#include "control.h"
 #include "fetch.h"
 #include "image.h"
 #include "util.h"

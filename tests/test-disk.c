@@ -1,4 +1,4 @@
-/* streamfs: unit tests for the guest-facing disk layer (formats/disk.c).
+/* streamfs: unit tests for the guest-facing disk layer (block/disk.c).
  *
  * Every test builds its chain in memory: a random raw "mem:base", an
  * optional qcow2 "mem:mid", and an overlay "mem:ovl" created with
@@ -28,9 +28,9 @@
  * (below) runs a one-shot hook first. disk.c then lands between "read the
  * chain" and "take the lock" exactly when a test wants a guest write
  * there. All four rangelock symbols are defined by this object, so the
- * linker never pulls formats/rangelock.o out of libstreamfs.a. */
+ * linker never pulls block/rangelock.o out of libstreamfs.a. */
 #define rangelock_lock td_real_rangelock_lock
-#include "../formats/rangelock.c"
+#include "../block/rangelock.c"
 #undef rangelock_lock
 
 int rangelock_lock(struct rangelock *rl, uint64_t off, uint64_t len);

@@ -1,4 +1,4 @@
-/* streamfs: unit tests for the job's event log (fusefs/events.c) behind
+/* streamfs: unit tests for the job's event log (job/events.c) behind
  * control/events: per-open cursors, whole timestamped lines, blocking reads
  * woken by posts and by shutdown, timeouts, and the "lost N" line of a
  * reader that fell more than EVENTS_RING events behind.
@@ -25,7 +25,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
-#include "../fusefs/events.h"
+#include "events.h"
 #include "util.h"
 
 #define TE_BUF (EVENTS_LINE * (EVENTS_RING + 8))

@@ -33,7 +33,7 @@ else
 	if "$cc" "${san[@]}" -o "$T/san" "$T/san.c" 2>/dev/null && "$T/san"; then
 		mkdir -p "$T/obj" "$T/bin"
 		srcs=()
-		for s in "$ROOT"/fetch/*.c "$ROOT"/formats/*.c "$ROOT"/util/*.c "$ROOT"/fusefs/*.c; do
+		for s in "$ROOT"/fetch/*.c "$ROOT"/formats/*.c "$ROOT"/util/*.c "$ROOT"/block/*.c "$ROOT"/job/*.c "$ROOT"/control/*.c "$ROOT"/fusefs/*.c; do
 			[ "$(basename "$s")" = main.c ] || srcs+=("$s")
 		done
 		for s in "${srcs[@]}"; do

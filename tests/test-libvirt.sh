@@ -144,7 +144,11 @@ private_check() {
 			fail "$1: uid $u can write disk ($(stat -c '%u:%g %a' "$M/disk"))"
 	done
 	after=$(head -c 4096 "$M/disk" | md5sum)
-	[ "$before" = "$after" ] || fail "$1: disk changed by another user"
+	# While the guest runs it rewrites its superblock (offset 1024) itself:
+	# only a stopped guest's disk must be byte-identical; the refused dd
+	# above is the check while it runs.
+	[ "$1" != "after shutdown" ] || [ "$before" = "$after" ] ||
+		fail "$1: disk changed by another user"
 	info "$1: disk is $(stat -c '%u:%g %a' "$M/disk"), unreadable and unwritable by uids 65534 and 1"
 }
 

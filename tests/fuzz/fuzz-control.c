@@ -1,4 +1,4 @@
-/* libFuzzer harness: the control-file command parsers (fusefs/control.c) and
+/* libFuzzer harness: the control-file command parsers (control/control.c) and
  * sfs_parse_size (util/util.c). Besides memory errors it checks the parsers'
  * contracts: a START's base points into cmd.base and is NUL-terminated, a
  * pull length is never 0, and a parsed speed reads back the same in decimal.

@@ -9,7 +9,7 @@
  *    run through image_pread(), aligned and unaligned (so compressed clusters
  *    are inflated with and without a skipped prefix).
  * 2. Writable, on the same bytes: zero_clusters() on one cluster, a few guest
- *    writes and a read through formats/disk.c (cluster read-modify-write,
+ *    writes and a read through block/disk.c (cluster read-modify-write,
  *    allocation, refcounts), a flush, set_backing() (header rewrite over the
  *    hostile extension area), close (flush + need-check clear); then reopen
  *    the result read-only and walk it again: what we wrote must parse.
@@ -125,7 +125,7 @@ static void fuzz_read_image(struct image *img)
 		abort();
 }
 
-/* Writes through the driver and formats/disk.c on a writable copy. The
+/* Writes through the driver and block/disk.c on a writable copy. The
  * input's last 4 bytes (plan) choose the offset and length (up to 256 KiB:
  * many clusters, new L2 tables and refcount blocks) of one of the writes. */
 static void fuzz_write_image(const char *fmt, uint32_t plan)

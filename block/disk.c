@@ -628,23 +628,12 @@ int disk_rebase(struct disk *d, struct image *base)
 	return 0;
 }
 
-/* Same file (device and inode), or the same name when either is not a
- * local file (a URL). */
-static bool disk_same_file(const char *a, const char *b)
-{
-	struct stat sa, sb;
-
-	if (stat(a, &sa) < 0 || stat(b, &sb) < 0)
-		return strcmp(a, b) == 0;
-	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
-
 struct image *disk_find_layer(struct disk *d, const char *name)
 {
 	struct image *parent, *cur;
 
 	for (parent = d->top; (cur = parent->backing); parent = cur) {
-		if (disk_same_file(cur->filename, name) ||
+		if (sfs_same_file(cur->filename, name) ||
 		    (parent->backing_name && strcmp(parent->backing_name, name) == 0))
 			return cur;
 	}

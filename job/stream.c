@@ -86,12 +86,8 @@ const char *stream_state_name(enum stream_state s)
 /* Wait on the job's condvar for at most ns; called with lock held. */
 static void stream_timedwait(struct stream_job *j, uint64_t ns)
 {
-	struct timespec ts;
+	struct timespec ts = sfs_deadline_ns(ns);
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ns += (uint64_t)ts.tv_nsec;
-	ts.tv_sec += (time_t)(ns / 1000000000ull);
-	ts.tv_nsec = (long)(ns % 1000000000ull);
 	pthread_cond_timedwait(&j->cond, &j->lock, &ts);
 }
 

@@ -113,15 +113,8 @@ size_t events_read(struct events *ev, uint64_t *cursor, char *buf, size_t len, i
 	struct timespec ts;
 	volatile size_t n = 0;
 
-	if (timeout_ms > 0) {
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		ts.tv_sec += timeout_ms / 1000;
-		ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-		if (ts.tv_nsec >= 1000000000L) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000L;
-		}
-	}
+	if (timeout_ms > 0)
+		ts = sfs_deadline_ns((uint64_t)timeout_ms * 1000000ULL);
 	pthread_mutex_lock(&ev->lock);
 	/* libfuse cancels worker threads at unmount: don't die holding the lock. */
 	pthread_cleanup_push(events_unlock, &ev->lock);
