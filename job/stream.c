@@ -37,6 +37,12 @@
 #define STREAM_FLUSH_NS	      2000000000ull /* ... or this long */
 #define STREAM_RATE_WINDOW    8		    /* rate samples kept, STREAM_RATE_NS apart */
 #define STREAM_RATE_NS	      250000000ull
+/* Lanes: chunks in flight at once (see "Depth" below). */
+#define STREAM_MAX_LANES  8
+#define STREAM_LANE_CHUNK (4u << 20)	/* bytes per chunk with more than one lane */
+#define STREAM_PROBE_NS	  1000000000ull /* measure each depth this long */
+#define STREAM_PROBE_GAIN 1.15		/* a deeper pipeline must be this much faster */
+#define STREAM_PROBE_HOLD 10		/* periods to wait before probing again */
 
 struct stream_job {
 	struct disk *d;
@@ -47,6 +53,24 @@ struct stream_job {
 	uint8_t *buf; /* job's scratch buffer, STREAM_CHUNK + a cluster */
 	size_t bufsize;
 	/* All below protected by lock. */
+	/* Lanes 1.. (lane 0 is the job thread): each copies one chunk at a
+	 * time; lane_len[i] != 0 while lane i has [lane_pos[i], +lane_len[i])
+	 * in flight. next is the first offset not yet handed out; offset (the
+	 * progress shown) is the first offset not yet done. */
+	pthread_t lanes[STREAM_MAX_LANES];
+	unsigned nlanes; /* lane threads started, 1.. */
+	uint8_t *lane_buf[STREAM_MAX_LANES];
+	uint64_t lane_pos[STREAM_MAX_LANES], lane_len[STREAM_MAX_LANES];
+	unsigned active; /* chunks in flight */
+	uint64_t next;
+	int lane_err; /* first error of a lane, 0 = none */
+	uint64_t lane_err_pos;
+	bool guest_active;   /* lane 0's last look: the guest has I/O going on */
+	unsigned depth;	     /* lanes allowed to take chunks now */
+	unsigned good_depth; /* the depth whose rate the probe is compared with */
+	uint64_t probe_t0, probe_b0, probe_rate; /* the current period */
+	unsigned probe_hold;
+	uint64_t unflushed, flushed_ns; /* progress since the last flush request */
 	enum stream_state state;
 	bool quit, want_pause, want_cancel;
 	bool starting; /* a stream_start() is looking up its base */
@@ -182,7 +206,9 @@ static int stream_pace(struct stream_job *j, uint64_t *chunk, uint64_t last_chun
 		       bool guest_active)
 {
 	uint32_t cs = j->d->top->cluster_size;
-	uint64_t c = guest_active ? STREAM_CHUNK_BUSY : STREAM_CHUNK;
+	uint64_t c = guest_active   ? STREAM_CHUNK_BUSY
+		     : j->depth > 1 ? STREAM_LANE_CHUNK
+				    : STREAM_CHUNK;
 
 	if (guest_active && last_chunk_ns) {
 		stream_timedwait(j, SFS_MIN(last_chunk_ns / STREAM_BUSY_SLEEP_DIV, 20000000ull));
@@ -268,18 +294,232 @@ static void *stream_flusher(void *opaque)
 	return NULL;
 }
 
+/* The first offset not yet done: the lowest chunk in flight, or next.
+ * Called with lock held. */
+static uint64_t stream_done_upto(struct stream_job *j)
+{
+	uint64_t o = j->next;
+
+	for (unsigned i = 0; i < STREAM_MAX_LANES; i++)
+		if (j->lane_len[i] && j->lane_pos[i] < o)
+			o = j->lane_pos[i];
+	return SFS_MIN(o, j->length);
+}
+
+/* Hand [next, next + chunk) to lane idx and charge the token bucket with it
+ * now, so that lanes starting together cannot overshoot the limit (the
+ * bytes not copied are refunded at completion). Called with lock held. */
+static void stream_take(struct stream_job *j, unsigned idx, uint64_t chunk, uint64_t *pos,
+			uint64_t *len)
+{
+	*pos = j->next;
+	*len = SFS_MIN(chunk, j->length - j->next);
+	j->lane_pos[idx] = *pos;
+	j->lane_len[idx] = *len;
+	j->next += *len;
+	j->active++;
+	j->bucket_bytes += *len;
+}
+
+/* Lane idx finished its chunk with result r, having copied 'copied' bytes.
+ * Called with lock held. */
+static void stream_complete(struct stream_job *j, unsigned idx, int r, uint64_t copied)
+{
+	uint64_t pos = j->lane_pos[idx], len = j->lane_len[idx], now = sfs_now_ns();
+
+	j->lane_len[idx] = 0;
+	j->active--;
+	j->bucket_bytes -= SFS_MIN(j->bucket_bytes, len - SFS_MIN(len, copied));
+	j->copied += copied;
+	j->unflushed += copied;
+	if (r == 0 &&
+	    (j->unflushed >= STREAM_FLUSH_BYTES || now - j->flushed_ns >= STREAM_FLUSH_NS)) {
+		/* Persist progress (what is copied stays copied after a crash)
+		 * in the background, one flush at a time. */
+		if (!j->flush_busy && !j->flush_req) {
+			j->flush_req = true;
+			pthread_cond_signal(&j->fcond);
+		}
+		j->unflushed = 0;
+		j->flushed_ns = now;
+	}
+	if (r == 0 && j->flush_err) {
+		r = j->flush_err;
+		j->flush_err = 0;
+	}
+	if (r < 0 && (!j->lane_err || pos < j->lane_err_pos)) {
+		j->lane_err = r;
+		j->lane_err_pos = pos;
+	}
+	j->offset = stream_done_upto(j);
+	stream_rate_sample(j, now, false);
+	pthread_cond_broadcast(&j->cond);
+}
+
+static void *stream_lane(void *opaque);
+
+struct stream_lane_arg {
+	struct stream_job *j;
+	unsigned idx;
+};
+
+/* Start lane threads up to j->depth; on failure the depth stays at the
+ * lanes there are. Called with lock held. */
+static void stream_grow_lanes(struct stream_job *j)
+{
+	size_t bufsize = SFS_MAX((size_t)STREAM_LANE_CHUNK, (size_t)j->d->top->cluster_size);
+
+	while (j->nlanes < j->depth) {
+		struct stream_lane_arg *a = malloc(sizeof(*a));
+		unsigned idx = j->nlanes;
+
+		j->lane_buf[idx] = malloc(bufsize);
+		if (!a || !j->lane_buf[idx] ||
+		    pthread_create(&j->lanes[idx], NULL, stream_lane, a) != 0) {
+			free(a);
+			free(j->lane_buf[idx]);
+			j->lane_buf[idx] = NULL;
+			j->depth = j->nlanes;
+			sfs_warn("stream: cannot start lane %u; the job keeps %u chunks in flight",
+				 idx, j->nlanes);
+			return;
+		}
+		a->j = j;
+		a->idx = idx;
+		j->nlanes++;
+	}
+}
+
+/* Depth: how many chunks the job keeps in flight. One is best for a local
+ * or loopback backing (the copy is CPU- and disk-bound; and it is what the
+ * job did before lanes existed); a far backing needs several, to cover the
+ * round trip of every request and the window of every connection: one
+ * request at a time used a fifth of an 80 ms / 500 Mbit/s link. The number
+ * is measured, not configured for one network: every STREAM_PROBE_NS the
+ * copy rate of the period is compared with the rate at the depth that
+ * worked; the depth doubles while that raises the rate by at least
+ * STREAM_PROBE_GAIN, and when it does not, the job goes back and probes
+ * again after STREAM_PROBE_HOLD periods (links change). While the guest
+ * does I/O the depth is 1 (see Yielding). Called with lock held, by lane 0. */
+static void stream_adapt_depth(struct stream_job *j, uint64_t now)
+{
+	unsigned before = j->depth;
+	uint64_t rate;
+
+	if (j->guest_active || j->probe_t0 == 0) {
+		j->depth = j->good_depth = SFS_MAX(j->good_depth, 1u);
+		if (j->guest_active)
+			j->depth = 1;
+		j->probe_t0 = now;
+		j->probe_b0 = j->copied;
+		return;
+	}
+	if (now - j->probe_t0 < STREAM_PROBE_NS)
+		return;
+	rate = (uint64_t)((double)(j->copied - j->probe_b0) * 1e9 / (double)(now - j->probe_t0));
+	if (j->depth > j->good_depth) {
+		/* A probe ended: keep it only if it paid. */
+		if ((double)rate > (double)j->probe_rate * STREAM_PROBE_GAIN) {
+			j->good_depth = j->depth;
+			j->probe_rate = rate;
+			if (j->depth < STREAM_MAX_LANES)
+				j->depth = SFS_MIN(j->depth * 2, (unsigned)STREAM_MAX_LANES);
+		} else {
+			j->depth = j->good_depth;
+			j->probe_hold = STREAM_PROBE_HOLD;
+		}
+	} else {
+		j->probe_rate = rate;
+		if (j->probe_hold)
+			j->probe_hold--;
+		else if (rate > 0 && j->depth < STREAM_MAX_LANES)
+			j->depth = SFS_MIN(j->depth * 2, (unsigned)STREAM_MAX_LANES);
+	}
+	j->probe_t0 = now;
+	j->probe_b0 = j->copied;
+	if (j->depth > j->nlanes)
+		stream_grow_lanes(j);
+	if (j->depth != before) {
+		sfs_debug("stream: %u chunk(s) in flight (rate %llu B/s)", j->depth,
+			  (unsigned long long)rate);
+		pthread_cond_broadcast(&j->cond);
+	}
+}
+
+/* May lane idx (>= 1) take a chunk now? If only the token bucket says no,
+ * *wait_ns is how long until it says yes. Called with lock held. */
+static bool stream_lane_may_take(struct stream_job *j, unsigned idx, uint64_t *wait_ns)
+{
+	*wait_ns = 0;
+	if (j->state != STREAM_RUNNING || j->want_pause || j->want_cancel || j->lane_err ||
+	    j->guest_active || idx >= j->depth || j->next >= j->length)
+		return false;
+	if (j->speed) {
+		uint64_t now = sfs_now_ns();
+		uint64_t due =
+		    j->bucket_t0 + (uint64_t)((double)j->bucket_bytes * 1e9 / (double)j->speed);
+		if (now < due) {
+			*wait_ns = due - now;
+			return false;
+		}
+	}
+	return true;
+}
+
+/* Lanes 1..: copy chunks while the depth allows them. */
+static void *stream_lane(void *opaque)
+{
+	struct stream_lane_arg *a = opaque;
+	struct stream_job *j = a->j;
+	unsigned idx = a->idx;
+	enum stream_prio prio = STREAM_PRIO_NORMAL;
+	size_t bufsize = SFS_MAX((size_t)STREAM_LANE_CHUNK, (size_t)j->d->top->cluster_size);
+
+	free(a);
+	pthread_mutex_lock(&j->lock);
+	while (!j->quit) {
+		uint64_t wait_ns, chunk, pos, len, copied = 0;
+		uint32_t cs = j->d->top->cluster_size;
+		struct image *base;
+		int r;
+
+		if (!stream_lane_may_take(j, idx, &wait_ns)) {
+			if (wait_ns)
+				stream_timedwait(j, wait_ns);
+			else
+				pthread_cond_wait(&j->cond, &j->lock);
+			continue;
+		}
+		stream_apply_priority(j, &prio);
+		chunk = STREAM_LANE_CHUNK;
+		if (j->speed)
+			chunk = SFS_MIN(chunk, SFS_MAX(j->speed / 20, 64 * 1024));
+		chunk = SFS_MIN(SFS_MAX(SFS_ALIGN_DOWN(chunk, cs), cs), (uint64_t)bufsize);
+		stream_take(j, idx, chunk, &pos, &len);
+		base = j->base;
+		pthread_mutex_unlock(&j->lock);
+		r = disk_populate(j->d, base, pos, len, j->lane_buf[idx], bufsize, &copied);
+		pthread_mutex_lock(&j->lock);
+		stream_complete(j, idx, r, copied);
+	}
+	pthread_mutex_unlock(&j->lock);
+	return NULL;
+}
+
+/* Lane 0, the job thread: owns the state transitions (which wait until no
+ * chunk is in flight), paces itself (throttle, guest yielding), adapts the
+ * depth, and copies chunks like any lane. */
 static void *stream_thread(void *opaque)
 {
 	struct stream_job *j = opaque;
 	struct disk *d = j->d;
-	uint64_t last_ops = 0, last_chunk_ns = 0, flushed_bytes = 0, flushed_ns = sfs_now_ns();
+	uint64_t last_ops = 0, last_chunk_ns = 0;
 	enum stream_prio prio = STREAM_PRIO_NORMAL;
 
 	pthread_mutex_lock(&j->lock);
 	for (;;) {
-		uint64_t pos, length, chunk, copied = 0, t0, ops;
+		uint64_t pos, len, chunk, copied = 0, t0, ops;
 		struct image *base;
-		bool guest_active;
 		char msg[600];
 		int r;
 
@@ -287,7 +527,15 @@ static void *stream_thread(void *opaque)
 			pthread_cond_wait(&j->cond, &j->lock);
 		if (j->quit)
 			break;
+		if ((j->want_cancel || j->want_pause || j->lane_err || j->next >= j->length) &&
+		    j->active > 0) {
+			/* Transitions happen with no chunk in flight. */
+			pthread_cond_wait(&j->cond, &j->lock);
+			continue;
+		}
 		if (j->want_cancel) {
+			j->next = j->offset;
+			j->lane_err = 0;
 			pthread_mutex_unlock(&j->lock);
 			disk_flush(d);
 			pthread_mutex_lock(&j->lock);
@@ -296,7 +544,28 @@ static void *stream_thread(void *opaque)
 			stream_finish(j, STREAM_CANCELLED, "cancelled", msg);
 			continue;
 		}
+		if (j->lane_err) {
+			r = j->lane_err;
+			pos = j->lane_err_pos;
+			j->lane_err = 0;
+			j->next = j->offset = pos;
+			snprintf(j->error, sizeof(j->error), "offset %llu: %s",
+				 (unsigned long long)pos, strerror(-r));
+			if (j->on_error == STREAM_ON_ERROR_STOP) {
+				j->run_ns += sfs_now_ns() - j->resume_ns;
+				j->state = STREAM_PAUSED;
+				j->want_pause = false;
+				pthread_cond_broadcast(&j->cond);
+				events_post(j->ev, "error", "%s", j->error);
+				events_post(j->ev, "paused", "offset=%llu on-error=stop",
+					    (unsigned long long)pos);
+			} else {
+				stream_finish(j, STREAM_FAILED, "failed", j->error);
+			}
+			continue;
+		}
 		if (j->want_pause) {
+			j->next = j->offset;
 			j->want_pause = false;
 			j->run_ns += sfs_now_ns() - j->resume_ns;
 			j->state = STREAM_PAUSED;
@@ -332,63 +601,35 @@ static void *stream_thread(void *opaque)
 			stream_finish(j, STREAM_COMPLETED, "completed", msg);
 			continue;
 		}
-		ops = atomic_load(&d->stats.guest_ops);
-		guest_active = ops != last_ops || atomic_load(&d->stats.guest_inflight) > 0;
-		last_ops = ops;
-		if (stream_pace(j, &chunk, last_chunk_ns, guest_active))
+		if (j->next >= j->length) {
+			/* Everything is handed out and done: offset caught up. */
+			j->offset = stream_done_upto(j);
 			continue;
+		}
+		ops = atomic_load(&d->stats.guest_ops);
+		j->guest_active = ops != last_ops || atomic_load(&d->stats.guest_inflight) > 0;
+		last_ops = ops;
+		stream_adapt_depth(j, sfs_now_ns());
+		if (stream_pace(j, &chunk, last_chunk_ns, j->guest_active))
+			continue;
+		if (j->next >= j->length || j->lane_err || j->state != STREAM_RUNNING)
+			continue; /* other lanes took the rest meanwhile, or failed */
 		/* After pacing, which a speed change (control/speed) wakes:
 		 * every chunk runs at the priority for the current limit. */
 		stream_apply_priority(j, &prio);
-		pos = j->offset;
-		length = j->length;
+		stream_take(j, 0, chunk, &pos, &len);
 		base = j->base;
-		chunk = SFS_MIN(chunk, length - pos);
+		pthread_cond_broadcast(&j->cond);
 		pthread_mutex_unlock(&j->lock);
 
 		t0 = sfs_now_ns();
-		if (pos + chunk < length)
-			disk_prefetch(d, base, pos + chunk, chunk);
-		r = disk_populate(d, base, pos, chunk, j->buf, j->bufsize, &copied);
+		if (j->depth == 1 && pos + len < j->length)
+			disk_prefetch(d, base, pos + len, len);
+		r = disk_populate(d, base, pos, len, j->buf, j->bufsize, &copied);
 		last_chunk_ns = sfs_now_ns() - t0;
-		flushed_bytes += copied;
 
 		pthread_mutex_lock(&j->lock);
-		if (r == 0 && (flushed_bytes >= STREAM_FLUSH_BYTES ||
-			       sfs_now_ns() - flushed_ns >= STREAM_FLUSH_NS)) {
-			/* Persist progress (what is copied stays copied after a
-			 * crash) in the background, one flush at a time. */
-			if (!j->flush_busy && !j->flush_req) {
-				j->flush_req = true;
-				pthread_cond_signal(&j->fcond);
-			}
-			flushed_bytes = 0;
-			flushed_ns = sfs_now_ns();
-		}
-		if (r == 0 && j->flush_err) {
-			r = j->flush_err;
-			j->flush_err = 0;
-		}
-		j->copied += copied;
-		j->bucket_bytes += copied;
-		stream_rate_sample(j, sfs_now_ns(), false);
-		if (r < 0) {
-			snprintf(j->error, sizeof(j->error), "offset %llu: %s",
-				 (unsigned long long)pos, strerror(-r));
-			if (j->on_error == STREAM_ON_ERROR_STOP) {
-				j->run_ns += sfs_now_ns() - j->resume_ns;
-				j->state = STREAM_PAUSED;
-				j->want_pause = false;
-				pthread_cond_broadcast(&j->cond);
-				events_post(j->ev, "error", "%s", j->error);
-				events_post(j->ev, "paused", "offset=%llu on-error=stop",
-					    (unsigned long long)pos);
-			} else {
-				stream_finish(j, STREAM_FAILED, "failed", j->error);
-			}
-			continue;
-		}
-		j->offset = pos + chunk;
+		stream_complete(j, 0, r, copied);
 	}
 	pthread_mutex_unlock(&j->lock);
 	return NULL;
@@ -410,6 +651,8 @@ int stream_new(struct disk *d, struct events *ev, struct stream_job **out)
 		return -ENOMEM;
 	}
 	j->length = d->top->size;
+	j->depth = j->good_depth = j->nlanes = 1; /* lane 0 is the job thread */
+	j->flushed_ns = sfs_now_ns();
 	/* Threads inherit the creator's policy and nice: remember them. */
 	if (pthread_getschedparam(pthread_self(), &j->base_policy, &j->base_param) != 0) {
 		j->base_policy = SCHED_OTHER;
@@ -457,6 +700,10 @@ void stream_free(struct stream_job *j)
 	pthread_cond_broadcast(&j->fcond);
 	pthread_mutex_unlock(&j->lock);
 	pthread_join(j->thread, NULL);
+	for (unsigned i = 1; i < j->nlanes; i++) {
+		pthread_join(j->lanes[i], NULL);
+		free(j->lane_buf[i]);
+	}
 	pthread_join(j->flusher, NULL);
 	pthread_mutex_destroy(&j->lock);
 	pthread_cond_destroy(&j->cond);
@@ -519,7 +766,11 @@ int stream_start(struct stream_job *j, const struct stream_params *p)
 	if (p->speed_set)
 		j->speed = p->speed;
 	j->on_error = p->on_error;
-	j->offset = 0;
+	j->offset = j->next = 0;
+	j->lane_err = 0;
+	j->probe_t0 = 0; /* a new job measures its depth afresh */
+	j->good_depth = j->depth = 1;
+	j->probe_hold = 0;
 	j->length = d->top->size;
 	j->resumed_from = resumed;
 	j->copied = 0;
@@ -567,6 +818,8 @@ int stream_resume(struct stream_job *j)
 	} else {
 		j->state = STREAM_RUNNING;
 		j->resume_ns = sfs_now_ns();
+		j->next = j->offset;
+		j->probe_t0 = 0;
 		j->error[0] = '\0';
 		stream_bucket_reset(j);
 		j->rate_n = 0;
