@@ -113,7 +113,8 @@ static size_t fetch_scheme_len(const char *uri)
 static const struct fetch_scheme *fetch_find_scheme(const char *uri, size_t n)
 {
 	for (size_t i = 0; n && i < FETCH_NSCHEMES; i++)
-		if (strlen(fetch_schemes[i].name) == n && strncasecmp(uri, fetch_schemes[i].name, n) == 0)
+		if (strlen(fetch_schemes[i].name) == n &&
+		    strncasecmp(uri, fetch_schemes[i].name, n) == 0)
 			return &fetch_schemes[i];
 	return NULL;
 }
@@ -225,20 +226,23 @@ as_is:
 	return *out ? 0 : -ENOMEM;
 }
 
-/* Log that uri's scheme (of length n) is not one streamfs reads. */
+/* Log that uri's scheme (of length n) is not one streamfs reads, listing
+ * those it does from the table ("file, http and https"). */
 static void fetch_unsupported(const char *uri, size_t n)
 {
 	char *shown = fetch_display_uri(uri), list[128] = "";
-	size_t k = 0, len = 0;
+	size_t k = 0, j = 0, len = 0;
 
 	for (size_t i = 0; i < FETCH_NSCHEMES; i++)
 		k += fetch_schemes[i].listed;
-	for (size_t i = 0, j = 0; i < FETCH_NSCHEMES; i++) {
+	for (size_t i = 0; i < FETCH_NSCHEMES && len < sizeof(list); i++) {
+		const char *sep = "";
+
 		if (!fetch_schemes[i].listed)
 			continue;
-		j++;
-		len += (size_t)snprintf(list + len, sizeof(list) - SFS_MIN(len, sizeof(list)),
-					"%s%s", j == 1 ? "" : j == k ? " and " : ", ",
+		if (j++)
+			sep = j == k ? " and " : ", ";
+		len += (size_t)snprintf(list + len, sizeof(list) - len, "%s%s", sep,
 					fetch_schemes[i].name);
 	}
 	sfs_error("%s: unsupported scheme '%.*s' (streamfs reads %s backings)",

@@ -116,8 +116,7 @@ bool fetch_uri_is_path(const char *uri) __attribute__((nonnull));
  *    directory unchanged: "/i/ovl" + "../b" gives "/i/../b".
  * Returns 0 and a malloc'd *out; -ENOMEM; -EINVAL for an empty name or one
  * that makes no URL (logged, naming both in their shown form). */
-int fetch_resolve_uri(const char *parent, const char *name, char **out)
-    __attribute__((nonnull));
+int fetch_resolve_uri(const char *parent, const char *name, char **out) __attribute__((nonnull));
 
 /* Open the source named by uri ("/path", "rel/path", "file:///path",
  * "http://...", "https://..."). Returns 0 and *out, or -errno after logging

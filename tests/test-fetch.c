@@ -136,8 +136,9 @@ static void test_resolve_url_query_slash(void **state)
 static void test_resolve_hostile(void **state)
 {
 	static const char *const parents[] = {
-	    "/img/t.qcow2", "t.qcow2", "http://h", "https://h/d/x?q=/", "file:///d/x", "mem:x",
-	    "http://", "http://[::1", "http://h:99999/x", "http://u:p@h/x", "a:b"};
+	    "/img/t.qcow2",	"t.qcow2",	  "http://h", "https://h/d/x?q=/",
+	    "file:///d/x",	"mem:x",	  "http://",  "http://[::1",
+	    "http://h:99999/x", "http://u:p@h/x", "a:b"};
 	size_t big = 100000;
 	char *name = malloc(big + 1), *r;
 	int rc;
@@ -197,11 +198,11 @@ static void test_resolve_hostile(void **state)
 
 static void test_uri_is_path(void **state)
 {
-	static const char *const paths[] = {"/x", "x", "rel/x", "", "disk:1.raw", "1a://x",
-					    "-a://x", "/a://b", "./http://h"};
+	static const char *const paths[] = {"/x",     "x",	"rel/x",  "",	       "disk:1.raw",
+					    "1a://x", "-a://x", "/a://b", "./http://h"};
 	static const char *const uris[] = {
-	    "file:///x",  "FILE:///x",	  "file:x", "http://h/x", "HTTPS://h/x",
-	    "mem:x",	  "nbd://h/export", "ftp://h/x", "json:{}",    "s3+x.y-z://b/k"};
+	    "file:///x", "FILE:///x",	   "file:x",	"http://h/x", "HTTPS://h/x",
+	    "mem:x",	 "nbd://h/export", "ftp://h/x", "json:{}",    "s3+x.y-z://b/k"};
 
 	for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
 		if (!fetch_uri_is_path(paths[i]))
@@ -215,8 +216,7 @@ static void test_open_nbd(void *arg)
 {
 	struct fetch_source *s = NULL;
 
-	assert_int_equal(fetch_open("nbd://h:10809/export", FETCH_RDONLY, &s),
-			 -EPROTONOSUPPORT);
+	assert_int_equal(fetch_open("nbd://h:10809/export", FETCH_RDONLY, &s), -EPROTONOSUPPORT);
 	assert_int_equal(fetch_open("ftp://user:SECRET@h/x?t=SECRET", FETCH_RDONLY, &s),
 			 -EPROTONOSUPPORT);
 	assert_int_equal(fetch_open("json:{\"password\":\"SECRET\"}", FETCH_RDONLY, &s),
