@@ -1,19 +1,45 @@
-/* streamfs: generic byte-source layer. Picks a fetch_ops by scheme, checks
- * bounds so the sources can trust their arguments, and keeps statistics.
+/* streamfs: generic byte-source layer. Owns URIs (the scheme table below,
+ * backing-name resolution), picks a fetch_ops by scheme, checks bounds so the
+ * sources can trust their arguments, and keeps statistics.
  *
  * THREAD MODEL: stateless apart from the atomic counters in each source and
  * the process-wide options, which are set once before any source is opened.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <curl/curl.h>
+
 #include "fetch.h"
 #include "util.h"
+
+/* The kinds of sources, one file each in fetch/. */
+extern const struct fetch_ops fetch_file_ops;
+extern const struct fetch_ops fetch_http_ops;
+extern const struct fetch_ops fetch_mem_ops;
+
+/* Every URI scheme streamfs reads, and its source: adding a kind of source
+ * is its file plus its line here (and its extern above). A URI without a
+ * scheme is a local path, served by the first entry. */
+static const struct fetch_scheme {
+	const char *name; /* lower case; matched case-insensitively (RFC 3986 3.1) */
+	const struct fetch_ops *ops;
+	bool listed; /* named in the "unsupported scheme" message */
+} fetch_schemes[] = {
+    {"file", &fetch_file_ops, true},
+    {"http", &fetch_http_ops, true},
+    {"https", &fetch_http_ops, true},
+    {"mem", &fetch_mem_ops, false}, /* unit tests and fuzzers */
+};
+#define FETCH_NSCHEMES (sizeof(fetch_schemes) / sizeof(fetch_schemes[0]))
 
 static struct fetch_options fetch_opts;
 
@@ -71,33 +97,180 @@ const struct fetch_options *fetch_get_options(void)
 	return &fetch_opts;
 }
 
-static const struct fetch_ops *fetch_pick(const char *uri)
+/* Length of the scheme of uri ("http" in "http://h/x"; RFC 3986 3.1:
+ * ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) then ":"), or 0 if it has none. */
+static size_t fetch_scheme_len(const char *uri)
 {
-	if (sfs_is_url(uri))
-		return &fetch_http_ops;
-	if (strncmp(uri, "mem:", 4) == 0)
-		return &fetch_mem_ops;
-	return &fetch_file_ops;
+	size_t n;
+
+	if (!isalpha((unsigned char)uri[0]))
+		return 0;
+	n = strspn(uri, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-");
+	return uri[n] == ':' ? n : 0;
+}
+
+/* The table entry for uri's scheme of length n, or NULL. */
+static const struct fetch_scheme *fetch_find_scheme(const char *uri, size_t n)
+{
+	for (size_t i = 0; n && i < FETCH_NSCHEMES; i++)
+		if (strlen(fetch_schemes[i].name) == n &&
+		    strncasecmp(uri, fetch_schemes[i].name, n) == 0)
+			return &fetch_schemes[i];
+	return NULL;
+}
+
+bool fetch_uri_is_path(const char *uri)
+{
+	size_t n = fetch_scheme_len(uri);
+
+	/* "json:" is QEMU's pseudo-protocol: a URI, refused by fetch_open. */
+	return !n || (!fetch_find_scheme(uri, n) && strncmp(uri + n, "://", 3) != 0 &&
+		      strncasecmp(uri, "json:", 5) != 0);
+}
+
+/* A URL whose relative references resolve per RFC 3986: "scheme://" other
+ * than file:, whose names stay plain paths (see fetch_resolve_uri). */
+static bool fetch_uri_is_url(const char *uri)
+{
+	size_t n = fetch_scheme_len(uri);
+
+	return n && strncmp(uri + n, "://", 3) == 0 && strncasecmp(uri, "file:", 5) != 0;
+}
+
+/* Log that name does not resolve against parent, both in their shown form. */
+static void fetch_resolve_error(const char *parent, const char *name, const char *why)
+{
+	char *p = fetch_display_uri(parent), *n = fetch_display_uri(name);
+	char esc[256];
+
+	sfs_error("%s: backing name '%s' %s", p ? p : "image",
+		  sfs_escape(esc, sizeof(esc), n ? n : "", n ? strlen(n) : 0), why);
+	free(p);
+	free(n);
+}
+
+/* Resolve the relative reference name against the URL parent with CURLU. */
+static int fetch_resolve_url(const char *parent, const char *name, char **out)
+{
+	const unsigned flags = CURLU_NON_SUPPORT_SCHEME;
+	char *ref = NULL, *url = NULL;
+	CURLUcode rc;
+	CURLU *u;
+	int r = 0;
+
+	u = curl_url();
+	if (!u)
+		return -ENOMEM;
+	/* "a:b" would parse as scheme "a": RFC 3986 4.2 says write "./a:b". */
+	if (asprintf(&ref, "%s%s", fetch_scheme_len(name) ? "./" : "", name) < 0) {
+		ref = NULL;
+		r = -ENOMEM;
+		goto out;
+	}
+	rc = curl_url_set(u, CURLUPART_URL, parent, flags);
+	/* The fragment is never inherited; and libcurl 7.88 would take a '/'
+	 * inside it for the last path separator. */
+	if (rc == CURLUE_OK)
+		rc = curl_url_set(u, CURLUPART_FRAGMENT, NULL, 0);
+	if (rc == CURLUE_OK)
+		rc = curl_url_set(u, CURLUPART_URL, ref, flags);
+	if (rc == CURLUE_OK)
+		rc = curl_url_get(u, CURLUPART_URL, &url, 0);
+	if (rc == CURLUE_OUT_OF_MEMORY) {
+		r = -ENOMEM;
+	} else if (rc != CURLUE_OK) {
+		fetch_resolve_error(parent, name, "does not make a URL");
+		r = -EINVAL;
+	} else {
+		*out = strdup(url);
+		if (!*out)
+			r = -ENOMEM;
+	}
+out:
+	curl_free(url);
+	free(ref);
+	curl_url_cleanup(u);
+	return r;
+}
+
+int fetch_resolve_uri(const char *parent, const char *name, char **out)
+{
+	const char *slash;
+	size_t dirlen;
+
+	*out = NULL;
+	if (!name[0]) {
+		fetch_resolve_error(parent, name, "is empty");
+		return -EINVAL;
+	}
+	/* As QEMU's bdrv_make_absolute_filename: a name with a scheme or an
+	 * absolute path is as is, even below a URL (QEMU opens "/b" as a
+	 * local file there too). */
+	if (name[0] == '/' || !fetch_uri_is_path(name))
+		goto as_is;
+	if (fetch_uri_is_url(parent))
+		return fetch_resolve_url(parent, name, out);
+	/* A path: the parent's directory, then name, as QEMU's path_combine. */
+	slash = strrchr(parent, '/');
+	if (!slash)
+		goto as_is;
+	dirlen = (size_t)(slash - parent) + 1;
+	*out = malloc(dirlen + strlen(name) + 1);
+	if (!*out)
+		return -ENOMEM;
+	memcpy(*out, parent, dirlen);
+	strcpy(*out + dirlen, name);
+	return 0;
+as_is:
+	*out = strdup(name);
+	return *out ? 0 : -ENOMEM;
+}
+
+/* Log that uri's scheme (of length n) is not one streamfs reads, listing
+ * those it does from the table ("file, http and https"). */
+static void fetch_unsupported(const char *uri, size_t n)
+{
+	char *shown = fetch_display_uri(uri), list[128] = "";
+	size_t k = 0, j = 0, len = 0;
+
+	for (size_t i = 0; i < FETCH_NSCHEMES; i++)
+		k += fetch_schemes[i].listed;
+	for (size_t i = 0; i < FETCH_NSCHEMES && len < sizeof(list); i++) {
+		const char *sep = "";
+
+		if (!fetch_schemes[i].listed)
+			continue;
+		if (j++)
+			sep = j == k ? " and " : ", ";
+		len += (size_t)snprintf(list + len, sizeof(list) - len, "%s%s", sep,
+					fetch_schemes[i].name);
+	}
+	sfs_error("%s: unsupported scheme '%.*s' (streamfs reads %s backings)",
+		  shown ? shown : "URL", (int)SFS_MIN(n, 32), uri, list);
+	free(shown);
 }
 
 int fetch_open(const char *uri, int flags, struct fetch_source **out)
 {
-	const struct fetch_ops *ops = fetch_pick(uri);
+	const struct fetch_ops *ops = fetch_schemes[0].ops;
 	struct fetch_source *s;
+	size_t n = fetch_scheme_len(uri);
 	char *shown;
 	int r;
 
-	if (strstr(uri, "://") && !sfs_is_url(uri) && strncmp(uri, "file://", 7) != 0) {
-		shown = fetch_display_uri(uri);
-		sfs_error("%s: unsupported URL scheme (only file paths, http:// and https://)",
-			  shown ? shown : "URL");
-		free(shown);
-		return -EPROTONOSUPPORT;
-	}
-	if (strncmp(uri, "json:", 5) == 0) {
+	if (strncasecmp(uri, "json:", 5) == 0) {
 		/* Not shown: its options may hold a password in any form. */
 		sfs_error("json: pseudo-URLs are not supported");
 		return -EPROTONOSUPPORT;
+	}
+	if (!fetch_uri_is_path(uri)) {
+		const struct fetch_scheme *e = fetch_find_scheme(uri, n);
+
+		if (!e) {
+			fetch_unsupported(uri, n);
+			return -EPROTONOSUPPORT;
+		}
+		ops = e->ops;
 	}
 	if ((flags & FETCH_RDWR) && !ops->pwrite) {
 		shown = fetch_display_uri(uri);

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -29,7 +30,7 @@ struct file_priv {
 
 static const char *file_path(const char *uri)
 {
-	return strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri;
+	return strncasecmp(uri, "file://", 7) == 0 ? uri + 7 : uri;
 }
 
 static int file_lock_range(int fd, short type, off_t start, off_t len)

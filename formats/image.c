@@ -210,11 +210,9 @@ int image_open_chain(const char *uri, const char *fmt, int flags, const char *ba
 			r = -EINVAL;
 			goto fail;
 		}
-		child_uri = sfs_resolve_backing(cur->filename, name);
-		if (!child_uri) {
-			r = -ENOMEM;
+		r = fetch_resolve_uri(cur->filename, name, &child_uri);
+		if (r < 0)
 			goto fail;
-		}
 		child_display = fetch_display_uri(child_uri);
 		if (!child_display) {
 			free(child_uri);

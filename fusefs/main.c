@@ -610,9 +610,9 @@ static int sfs_create_main(int argc, char **argv)
 		/* Open the chain to learn its size and check it is sane; a
 		 * relative name is relative to the overlay, as in the header. */
 		struct image *b;
-		char *uri = sfs_resolve_backing(path, backing);
+		char *uri;
 
-		if (!uri)
+		if (fetch_resolve_uri(path, backing, &uri) < 0)
 			return EXIT_IMAGE;
 		r = image_open_chain(uri, bfmt, 0, NULL, &b);
 		free(uri);

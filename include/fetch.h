@@ -5,7 +5,10 @@
  * never clusters: image formats (formats/) sit on top of it.
  *
  * Each kind of source is one file in fetch/ ending in a designated
- * initializer of struct fetch_ops; fetch_open() picks one by scheme.
+ * initializer of struct fetch_ops, listed by URI scheme in the one table in
+ * fetch/fetch.c (fetch_schemes), which fetch_open() searches. This layer owns
+ * URIs: what has a scheme, how a backing name resolves against its parent,
+ * how a URL is shown.
  *
  * THREAD MODEL: all ops may be called concurrently from many threads on one
  * source (FUSE worker threads, the stream job). Implementations protect their
@@ -31,7 +34,7 @@
 struct fetch_source;
 
 struct fetch_ops {
-	const char *scheme; /* "file", "http" (also serves "https") */
+	const char *scheme; /* the kind, in messages: "file", "http" (also serves "https") */
 	bool network;	    /* bytes come over the network (counted in status) */
 	size_t priv_size;   /* bytes of zeroed private state at s->priv */
 	/* Open s->uri; set s->size. Log a clear message and return -errno on failure. */
@@ -95,9 +98,30 @@ const struct fetch_options *fetch_get_options(void);
  * secret in the query. Returns a malloc'd string or NULL (ENOMEM). */
 char *fetch_display_uri(const char *uri) __attribute__((nonnull));
 
+/* Is uri a local path ("/abs", "rel/x", even "a:b") rather than a URI with
+ * a scheme fetch_open() acts on ("file:///x", "http://h/x", "mem:x", or an
+ * unsupported "nbd://h/x", refused there)? A "scheme:" prefix whose scheme
+ * is unknown and not followed by "//" is part of a file name. */
+bool fetch_uri_is_path(const char *uri) __attribute__((nonnull));
+
+/* Resolve a backing name stored in an image header against the URI of the
+ * image that names it, relative to that image's directory as QEMU does:
+ *  - a name with a scheme ("https://h/b", "file:///b") or an absolute path
+ *    ("/b") is returned as is;
+ *  - against a URL parent, a relative name is a relative reference resolved
+ *    per RFC 3986 (libcurl's CURLU): "http://h/d/img?sig=a/b" + "b.raw" gives
+ *    "http://h/d/b.raw" (the parent's query and fragment are not inherited),
+ *    "../b" gives "http://h/b";
+ *  - against a path (or a file: or mem: URI) it is joined to the parent's
+ *    directory unchanged: "/i/ovl" + "../b" gives "/i/../b".
+ * Returns 0 and a malloc'd *out; -ENOMEM; -EINVAL for an empty name or one
+ * that makes no URL (logged, naming both in their shown form). */
+int fetch_resolve_uri(const char *parent, const char *name, char **out) __attribute__((nonnull));
+
 /* Open the source named by uri ("/path", "rel/path", "file:///path",
  * "http://...", "https://..."). Returns 0 and *out, or -errno after logging
- * a message that names the uri. */
+ * a message that names the uri; -EPROTONOSUPPORT for a scheme no source
+ * serves. */
 int fetch_open(const char *uri, int flags, struct fetch_source **out);
 void fetch_close(struct fetch_source *s);
 
@@ -127,11 +151,7 @@ static inline uint64_t fetch_size(struct fetch_source *s)
 	return atomic_load(&s->size);
 }
 
-/* The kinds of sources, registered in fetch/fetch.c. */
-extern const struct fetch_ops fetch_file_ops;
-extern const struct fetch_ops fetch_http_ops;
-/* In-memory source "mem:NAME" for unit tests and fuzzers (fetch/mem.c). */
-extern const struct fetch_ops fetch_mem_ops;
+/* The in-memory source "mem:NAME" for unit tests and fuzzers (fetch/mem.c). */
 
 /* Create or replace the in-memory file NAME with a copy of data[0..len). */
 int fetch_mem_put(const char *name, const void *data, size_t len);

@@ -74,13 +74,4 @@ bool sfs_same_file(const char *a, const char *b) __attribute__((nonnull));
 /* Wall clock as "2026-11-22T08:35:43.123Z" into buf (>= 32 bytes). */
 void sfs_wallclock(char *buf, size_t len);
 
-/* Resolve a backing name stored in an image header relative to the image
- * that names it: absolute paths and URLs are returned as is; a relative name
- * is joined to the directory of 'parent' (a path or a URL).
- * Returns a malloc'd string or NULL (ENOMEM). */
-char *sfs_resolve_backing(const char *parent, const char *name);
-
-/* True if s starts with "http://" or "https://" (case-insensitive). */
-bool sfs_is_url(const char *s);
-
 #endif /* STREAMFS_UTIL_H */

@@ -801,7 +801,7 @@ static void test_http_refusal_hides_secrets(void **state)
 	log[n] = '\0';
 	fprintf(stderr, "%s", log);
 	assert_non_null(strstr(log, "http://***@127.0.0.1:1/d?t=***: credentials in the URL"));
-	assert_non_null(strstr(log, "gopher://***@h/d?t=***: unsupported URL scheme"));
+	assert_non_null(strstr(log, "gopher://***@h/d?t=***: unsupported scheme 'gopher'"));
 	assert_null(strstr(log, "SECRET"));
 }
 

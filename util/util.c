@@ -1,11 +1,10 @@
-/* streamfs: shared helpers (logging, size parsing, clocks, backing-name
- * resolution). No state beyond the log settings. */
+/* streamfs: shared helpers (logging, size parsing, clocks). No state beyond
+ * the log settings. URIs belong to the fetch layer (fetch/fetch.c). */
 #include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/stat.h>
 #include <syslog.h>
 #include <time.h>
@@ -195,38 +194,4 @@ void sfs_wallclock(char *buf, size_t len)
 	gmtime_r(&ts.tv_sec, &tm);
 	strftime(tmp, sizeof(tmp), "%Y-%m-%dT%H:%M:%S", &tm);
 	snprintf(buf, len, "%s.%03ldZ", tmp, ts.tv_nsec / 1000000);
-}
-
-bool sfs_is_url(const char *s)
-{
-	return strncasecmp(s, "http://", 7) == 0 || strncasecmp(s, "https://", 8) == 0;
-}
-
-char *sfs_resolve_backing(const char *parent, const char *name)
-{
-	const char *slash;
-	char *r;
-	size_t dirlen;
-
-	if (name[0] == '/' || sfs_is_url(name) || strncmp(name, "file:", 5) == 0)
-		return strdup(name);
-	slash = strrchr(parent, '/');
-	if (sfs_is_url(parent)) {
-		/* "http://host" has no path: the directory is "http://host/". */
-		const char *host = strstr(parent, "://") + 3;
-		if (!strchr(host, '/')) {
-			if (asprintf(&r, "%s/%s", parent, name) < 0)
-				return NULL;
-			return r;
-		}
-	}
-	if (!slash)
-		return strdup(name);
-	dirlen = (size_t)(slash - parent) + 1;
-	r = malloc(dirlen + strlen(name) + 1);
-	if (!r)
-		return NULL;
-	memcpy(r, parent, dirlen);
-	strcpy(r + dirlen, name);
-	return r;
 }

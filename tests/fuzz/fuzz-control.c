@@ -3,7 +3,8 @@
  * contracts: a START's base points into cmd.base and is NUL-terminated, a
  * pull length is never 0, and a parsed speed reads back the same in decimal.
  * It also resolves the input as a backing name stored in an image header
- * (sfs_resolve_backing), against file and URL parents and as the parent. */
+ * (fetch_resolve_uri), against file and URL parents and as the parent. */
+#include <errno.h>
 #include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -11,6 +12,7 @@
 #include <string.h>
 
 #include "control.h"
+#include "fetch.h"
 #include "util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -20,7 +22,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct control_stream_cmd cmd;
 	uint64_t a, b, c;
 	char num[32];
-	char *s;
+	char *s, *r0;
 
 	sfs_log_level = -1;
 	if (control_parse_stream((const char *)data, size, &cmd) == 0) {
@@ -50,14 +52,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	for (size_t i = 0; i < 3; i++) {
 		static const char *const parents[] = {"/img/t.qcow2", "http://h", "https://h/d/x"};
-		char *r = sfs_resolve_backing(parents[i], s);
+		char *r;
+		int rc = fetch_resolve_uri(parents[i], s, &r);
 
-		/* The name is always kept whole, at the end. */
-		if (r && (strlen(r) < strlen(s) || strcmp(r + strlen(r) - strlen(s), s) != 0))
+		/* A string, or a clean -EINVAL (empty, not a URL) or -ENOMEM. */
+		if (rc == 0 ? !r : r != NULL || (rc != -EINVAL && rc != -ENOMEM))
+			abort();
+		/* Against a path the name is kept whole, at the end (against a
+		 * URL it is resolved per RFC 3986: dot segments go, bytes are
+		 * %-encoded). */
+		if (rc == 0 && i == 0 &&
+		    (strlen(r) < strlen(s) || strcmp(r + strlen(r) - strlen(s), s) != 0))
 			abort();
 		free(r);
 	}
-	free(sfs_resolve_backing(s, "base.raw"));
+	if (fetch_resolve_uri(s, "base.raw", &r0) == 0)
+		free(r0);
 	free(s);
 	return 0;
 }
