@@ -34,7 +34,10 @@
  *
  * What it does not model: loss and retransmission, reordering, jitter, slow start and
  * congestion avoidance (the window is there from the first byte), ACK traffic on the reverse
- * link, the MTU (the unit is one read, at most LINKEM_CHUNK bytes), and delayed RSTs.
+ * link, the MTU (the unit is one read, at most LINKEM_CHUNK bytes), and delayed RSTs. A
+ * receiver that reads slowly still used the bottleneck for what was read (bytes take their
+ * slot when read, not when written); the window then stops its sender, as a receive window
+ * would, one window late.
  *
  * NOTES ON THE THREAD MODEL: one thread, one epoll loop, level-triggered. Every turn: handle
  * the ready sockets (one read per readable socket), then pump every connection (return

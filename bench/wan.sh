@@ -19,6 +19,7 @@
 #   LINKEM=build/bench/linkem   the emulator (built from bench/linkem.c if missing or stale)
 #
 # The RTT is split evenly: RTT_MS/2 of delay each way. The target is on 127.0.0.1.
+# shellcheck disable=SC2015 # A && B || die: die is the intended outcome of either failing
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=${WAN_DIR:-/tmp/streamfs-wan}
