@@ -45,7 +45,9 @@
  * (epoll_pwait2, nanosecond timeout). SIGTERM/SIGINT are blocked except inside the wait, so a
  * signal always ends the wait with EINTR and the loop exits cleanly.
  */
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* accept4, epoll_pwait2 */
+#endif
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
