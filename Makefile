@@ -28,7 +28,7 @@ UNIT_BINS := $(UNIT_SRCS:tests/%.c=$(BUILD)/tests/%)
 HELPER_SRCS := $(wildcard tests/helpers/*.c)
 HELPER_BINS := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
 
-.PHONY: all check check-unit check-shell check-asan check-long check-valgrind clean install uninstall demo bench format format-check fuzz
+.PHONY: all check check-unit check-shell check-asan check-long check-valgrind clean install uninstall demo bench linkem-test format format-check fuzz
 
 all: streamfs
 
@@ -100,8 +100,17 @@ check-long: streamfs $(HELPER_BINS) $(FUZZ_REPLAY_BINS) check-valgrind
 demo: streamfs
 	./demo.sh
 
-bench: streamfs
-	bench/run.sh
+# bench/linkem: the user-space WAN link emulator of the WAN rows (no netem
+# on this kernel); bench/linkem-test.sh checks it against nginx.
+$(BUILD)/bench/linkem: bench/linkem.c
+	@mkdir -p $(@D)
+	$(CC) -O2 -Wall -Wextra -Werror -pthread -o $@ $<
+
+bench: streamfs $(BUILD)/bench/linkem
+	LINKEM=$(CURDIR)/$(BUILD)/bench/linkem bench/run.sh
+
+linkem-test: $(BUILD)/bench/linkem
+	LINKEM=$(CURDIR)/$(BUILD)/bench/linkem bench/linkem-test.sh
 
 # libFuzzer harnesses (tests/fuzz/fuzz-*.c), each run for FUZZ_TIME seconds
 # over its seed corpus tests/fuzz/corpus-<name>/ plus the inputs it found
