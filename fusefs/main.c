@@ -49,6 +49,7 @@ struct sfs_opts {
 	int verbose;
 	unsigned readahead_kb;
 	unsigned max_threads;
+	unsigned stream_depth;
 	char *pidfile;
 	char *uid, *gid, *mode; /* owner and permissions of disk */
 	int show_help;
@@ -83,6 +84,7 @@ static const struct fuse_opt sfs_opt_spec[] = {
     SFS_OPT("readahead=%u", readahead_kb, 0),
     SFS_OPT("threads=%u", max_threads, 0),
     SFS_OPT("pidfile=%s", pidfile, 0),
+    SFS_OPT("stream_depth=%u", stream_depth, 0),
     /* Ours, not libfuse's: its uid=/gid= would force the owner of every
      * file and make chown on disk a silent no-op. */
     SFS_OPT("uid=%s", uid, 0),
@@ -125,6 +127,7 @@ static void sfs_usage(FILE *f)
 	    "    -o speed=N[KMG]        stream rate limit in bytes/s (0 = unlimited)\n"
 	    "    -o base=IMAGE          stream only images above IMAGE, then rebase onto it\n"
 	    "    -o on_error=report|stop  stream job error policy (report)\n"
+	    "    -o stream_depth=N      chunks the job keeps in flight, 1-8 (default: measured)\n"
 	    "    -o backing=URI         use this backing instead of the header's, for this mount\n"
 	    "    -o format=qcow2|qed    overlay format (probed by default)\n"
 	    "    -o cacert=FILE         extra CA certificates for https backings\n"
@@ -368,6 +371,11 @@ static int sfs_mount_main(int argc, char **argv)
 		fprintf(stderr, "streamfs: on_error must be report or stop\n");
 		goto out;
 	}
+	if (o.stream_depth > STREAM_MAX_DEPTH) {
+		fprintf(stderr, "streamfs: stream_depth must be 1 to %d (0: measured)\n",
+			STREAM_MAX_DEPTH);
+		goto out;
+	}
 	if (o.ro && o.stream) {
 		fprintf(stderr, "streamfs: -o stream needs a writable overlay (drop -o ro)\n");
 		goto out;
@@ -463,6 +471,7 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_MOUNT;
 		goto out_signals;
 	}
+	stream_set_depth(m.ctl.job, o.stream_depth);
 	if (!o.ro) {
 		struct stream_params sp = {.speed = speed, .speed_set = true, .base = base};
 		sp.on_error = o.on_error && strcmp(o.on_error, "stop") == 0

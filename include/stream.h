@@ -66,6 +66,10 @@ int stream_pause(struct stream_job *j);	 /* -EINVAL unless running */
 int stream_resume(struct stream_job *j); /* -EINVAL unless paused */
 int stream_cancel(struct stream_job *j); /* -EINVAL unless running or paused */
 int stream_set_speed(struct stream_job *j, uint64_t speed);
+/* Keep depth (1..STREAM_MAX_DEPTH) chunks in flight instead of measuring
+ * the best depth (0, the default). -EINVAL above the maximum. */
+#define STREAM_MAX_DEPTH 8
+int stream_set_depth(struct stream_job *j, unsigned depth);
 void stream_get_status(struct stream_job *j, struct stream_status *st);
 /* Pull [off, off+len) into the overlay now (control/pull); returns when done. */
 int stream_pull(struct stream_job *j, uint64_t off, uint64_t len);

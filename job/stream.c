@@ -71,6 +71,7 @@ struct stream_job {
 	uint64_t probe_t0, probe_b0, probe_rate; /* the current period */
 	unsigned probe_hold;
 	uint64_t unflushed, flushed_ns; /* progress since the last flush request */
+	unsigned fixed_depth;		/* stream_set_depth(): 0 = measured */
 	enum stream_state state;
 	bool quit, want_pause, want_cancel;
 	bool starting; /* a stream_start() is looking up its base */
@@ -374,6 +375,10 @@ static void stream_grow_lanes(struct stream_job *j)
 		unsigned idx = j->nlanes;
 
 		j->lane_buf[idx] = malloc(bufsize);
+		if (a) {
+			a->j = j;
+			a->idx = idx;
+		}
 		if (!a || !j->lane_buf[idx] ||
 		    pthread_create(&j->lanes[idx], NULL, stream_lane, a) != 0) {
 			free(a);
@@ -384,8 +389,6 @@ static void stream_grow_lanes(struct stream_job *j)
 				 idx, j->nlanes);
 			return;
 		}
-		a->j = j;
-		a->idx = idx;
 		j->nlanes++;
 	}
 }
@@ -405,6 +408,15 @@ static void stream_adapt_depth(struct stream_job *j, uint64_t now)
 {
 	unsigned before = j->depth;
 	uint64_t rate;
+
+	if (j->fixed_depth) {
+		j->depth = j->good_depth = j->guest_active ? 1 : j->fixed_depth;
+		if (j->depth > j->nlanes)
+			stream_grow_lanes(j);
+		if (j->depth != before)
+			pthread_cond_broadcast(&j->cond);
+		return;
+	}
 
 	if (j->guest_active || j->probe_t0 == 0) {
 		j->depth = j->good_depth = SFS_MAX(j->good_depth, 1u);
@@ -451,8 +463,11 @@ static void stream_adapt_depth(struct stream_job *j, uint64_t now)
 static bool stream_lane_may_take(struct stream_job *j, unsigned idx, uint64_t *wait_ns)
 {
 	*wait_ns = 0;
+	/* The guest first: no new chunk while a guest request is in progress
+	 * (lane 0's guest_active lags by up to a chunk; the counter does not). */
 	if (j->state != STREAM_RUNNING || j->want_pause || j->want_cancel || j->lane_err ||
-	    j->guest_active || idx >= j->depth || j->next >= j->length)
+	    j->guest_active || idx >= j->depth || j->next >= j->length ||
+	    atomic_load(&j->d->stats.guest_inflight) > 0)
 		return false;
 	if (j->speed) {
 		uint64_t now = sfs_now_ns();
@@ -852,6 +867,17 @@ int stream_cancel(struct stream_job *j)
 		pthread_cond_wait(&j->cond, &j->lock);
 	pthread_mutex_unlock(&j->lock);
 	return r;
+}
+
+int stream_set_depth(struct stream_job *j, unsigned depth)
+{
+	if (depth > STREAM_MAX_LANES)
+		return -EINVAL;
+	pthread_mutex_lock(&j->lock);
+	j->fixed_depth = depth;
+	j->probe_t0 = 0;
+	pthread_mutex_unlock(&j->lock);
+	return 0;
 }
 
 int stream_set_speed(struct stream_job *j, uint64_t speed)

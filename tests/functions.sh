@@ -125,7 +125,10 @@ sfs_mount() {
 	shift 2
 	mkdir -p "$mnt"
 	rm -f "$T/pid"
-	"$STREAMFS" "$ovl" "$mnt" -o "pidfile=$T/pid" "$@" || return $?
+	# SFS_STREAM_DEPTH=N: run the stream job with N chunks in flight
+	# (test-stream-lanes.sh reruns the stream tests so).
+	"$STREAMFS" "$ovl" "$mnt" -o "pidfile=$T/pid" ${SFS_STREAM_DEPTH:+-o stream_depth=$SFS_STREAM_DEPTH} \
+		"$@" || return $?
 	local i
 	for ((i = 0; i < 200; i++)); do
 		[ -s "$T/pid" ] && break
