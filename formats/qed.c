@@ -60,11 +60,13 @@
  * entries, fdatasync. So a table entry never reaches the disk before what it
  * points to, and a crash leaves at worst leaked clusters.
  */
+#include <assert.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitset.h"
 #include "image.h"
 #include "util.h"
 
@@ -688,15 +690,6 @@ static void qed_validate_l1(struct image *img, uint64_t file_end)
 		qed_err(img, "%llu invalid L1 entries in all", (unsigned long long)bad);
 }
 
-/* Set bit c of bm; return its old value. */
-static bool qed_bit_test_set(uint64_t *bm, uint64_t c)
-{
-	bool was = bm[c / 64] & (1ULL << (c % 64));
-
-	bm[c / 64] |= 1ULL << (c % 64);
-	return was;
-}
-
 enum qed_check_mode {
 	QED_CHECK_FIX,	  /* need-check set, writable: drop invalid entries */
 	QED_CHECK_REFUSE, /* need-check set, read-only: invalid entries fail the open */
@@ -720,25 +713,29 @@ static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode m
 	uint64_t table_clusters = p->table_bytes >> p->cluster_bits;
 	uint64_t slices = p->table_bytes / p->slice_bytes;
 	uint64_t n = p->slice_bytes / sizeof(uint64_t);
+	uint64_t l1_first = p->hdr.l1_table_offset >> p->cluster_bits;
 	uint64_t invalid = 0, doubles = 0, leaks = 0;
-	uint64_t *bitmap, *buf = NULL;
-	int r = 0;
+	uint64_t *buf = NULL;
+	struct bitset bm;
+	int r;
 
-	bitmap = calloc(nclusters / 64 + 1, sizeof(uint64_t));
+	/* qed_parse_header() proved the header area and the L1 table lie
+	 * inside file_end: the bit set covers them. */
+	assert(p->header_bytes <= file_end && l1_first + table_clusters <= nclusters);
+	r = bitset_init(&bm, nclusters);
 	buf = malloc(p->slice_bytes);
-	if (!bitmap || !buf) {
+	if (r < 0 || !buf) {
 		r = -ENOMEM;
 		goto out;
 	}
-	for (uint64_t c = 0; c < p->header_bytes >> p->cluster_bits; c++)
-		qed_bit_test_set(bitmap, c);
+	bitset_test_and_set_range(&bm, 0, p->header_bytes >> p->cluster_bits);
+	/* Per cluster: every cluster of the L1 table already taken counts. */
 	for (uint64_t c = 0; c < table_clusters; c++)
-		if (qed_bit_test_set(bitmap, (p->hdr.l1_table_offset >> p->cluster_bits) + c))
+		if (bitset_test_and_set(&bm, l1_first + c))
 			doubles++;
 
 	for (uint64_t i = 0; i < p->l1_entries; i++) {
 		uint64_t t = p->l1[i];
-		bool dup = false;
 
 		if (t == 0)
 			continue;
@@ -754,10 +751,8 @@ static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode m
 			}
 			continue;
 		}
-		for (uint64_t c = 0; c < table_clusters; c++)
-			if (qed_bit_test_set(bitmap, (t >> p->cluster_bits) + c))
-				dup = true;
-		if (dup) {
+		if (bitset_test_and_set_range(&bm, t >> p->cluster_bits,
+					      (t >> p->cluster_bits) + table_clusters)) {
 			qed_err(img, "L2 table at offset %llu overlaps another table",
 				(unsigned long long)t);
 			doubles++;
@@ -788,7 +783,7 @@ static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode m
 					}
 					continue;
 				}
-				if (qed_bit_test_set(bitmap, v >> p->cluster_bits)) {
+				if (bitset_test_and_set(&bm, v >> p->cluster_bits)) {
 					if (doubles++ < QED_MAX_LOGGED)
 						qed_err(
 						    img,
@@ -803,9 +798,7 @@ static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode m
 			}
 		}
 	}
-	for (uint64_t c = 0; c < nclusters; c++)
-		if (!(bitmap[c / 64] & (1ULL << (c % 64))))
-			leaks++;
+	leaks = bitset_count_clear(&bm);
 
 	if (doubles) {
 		qed_err(img,
@@ -847,7 +840,7 @@ static int qed_check(struct image *img, uint64_t file_end, enum qed_check_mode m
 			r = fetch_flush(img->file);
 	}
 out:
-	free(bitmap);
+	bitset_free(&bm);
 	free(buf);
 	return r;
 }
