@@ -68,6 +68,7 @@
 
 #include "bitset.h"
 #include "image.h"
+#include "lru.h"
 #include "util.h"
 
 #define QED_MAGIC	 0x00444551U /* "QED\0" read as a little-endian uint32 */
@@ -136,12 +137,10 @@ struct qed_header {
 
 /* One cached slice of an L2 table. */
 struct qed_slice {
-	uint64_t key;			       /* file offset of the slice */
-	struct qed_slice *hnext;	       /* hash chain */
-	struct qed_slice *lru_prev, *lru_next; /* most recently used first */
-	uint64_t gen;			       /* bumped on every change (flush compares it) */
-	bool dirty;			       /* differs from the file; never evicted */
-	uint64_t *e;			       /* the entries, little-endian (same allocation) */
+	struct lru_node node; /* key: file offset of the slice */
+	uint64_t gen;	      /* bumped on every change (flush compares it) */
+	bool dirty;	      /* differs from the file; never evicted */
+	uint64_t *e;	      /* the entries, little-endian (same allocation) */
 };
 
 struct qed_priv {
@@ -168,9 +167,7 @@ struct qed_priv {
 	uint64_t l1_lo, l1_hi;	  /* protected by lock: dirty L1 range [lo, hi) */
 	uint64_t l1_gen;	  /* protected by lock: bumped on every L1 change */
 	uint64_t alloc_end;	  /* protected by lock: next free file offset */
-	struct qed_slice **hash;  /* protected by lock */
-	struct qed_slice lru;	  /* protected by lock: list head */
-	uint64_t cache_bytes;	  /* protected by lock */
+	struct lru cache;	  /* protected by lock: the slices, slice_bytes each */
 	uint64_t dirty_bytes;	  /* protected by lock */
 	uint64_t cache_seq;	  /* protected by lock: bumped when a flush cleans slices */
 	uint64_t *fresh;	  /* protected by lock: offsets of fresh L2 tables */
@@ -313,50 +310,22 @@ static bool qed_range_ok(const struct qed_priv *p, uint64_t off, uint64_t len, u
 
 /* --- Slice cache (all called with p->lock held) -------------------------- */
 
-static size_t qed_hash_idx(const struct qed_priv *p, uint64_t key)
-{
-	uint64_t k = key >> (p->slice_bits + 3);
+#define qed_slice_of(n) lru_entry(n, struct qed_slice, node)
 
-	return (size_t)((k * 0x9E3779B97F4A7C15ULL) >> (64 - QED_HASH_BITS));
-}
-
-static void qed_lru_del(struct qed_slice *s)
-{
-	s->lru_prev->lru_next = s->lru_next;
-	s->lru_next->lru_prev = s->lru_prev;
-}
-
-static void qed_lru_add_head(struct qed_priv *p, struct qed_slice *s)
-{
-	s->lru_next = p->lru.lru_next;
-	s->lru_prev = &p->lru;
-	p->lru.lru_next->lru_prev = s;
-	p->lru.lru_next = s;
-}
-
+/* The cached slice at file offset key, now the most recently used; or NULL. */
 static struct qed_slice *qed_cache_find(struct qed_priv *p, uint64_t key)
 {
-	struct qed_slice *s;
+	struct lru_node *n = lru_find(&p->cache, key);
 
-	for (s = p->hash[qed_hash_idx(p, key)]; s; s = s->hnext) {
-		if (s->key == key) {
-			qed_lru_del(s);
-			qed_lru_add_head(p, s);
-			return s;
-		}
-	}
-	return NULL;
+	if (!n)
+		return NULL;
+	lru_touch(&p->cache, n);
+	return qed_slice_of(n);
 }
 
 static void qed_cache_remove(struct qed_priv *p, struct qed_slice *s)
 {
-	struct qed_slice **pp = &p->hash[qed_hash_idx(p, s->key)];
-
-	while (*pp != s)
-		pp = &(*pp)->hnext;
-	*pp = s->hnext;
-	qed_lru_del(s);
-	p->cache_bytes -= p->slice_bytes;
+	lru_remove(&p->cache, &s->node);
 	if (s->dirty)
 		p->dirty_bytes -= p->slice_bytes;
 	free(s);
@@ -366,25 +335,27 @@ static void qed_cache_remove(struct qed_priv *p, struct qed_slice *s)
  * slices stay: alloc_write() flushes when too many pile up. */
 static void qed_cache_shrink(struct qed_priv *p)
 {
-	struct qed_slice *s = p->lru.lru_prev, *prev;
+	struct lru_node *n = lru_oldest(&p->cache);
 
-	while (p->cache_bytes > QED_CACHE_BYTES && s != &p->lru) {
-		prev = s->lru_prev;
-		if (!s->dirty)
-			qed_cache_remove(p, s);
-		s = prev;
+	while (p->cache.count * p->slice_bytes > QED_CACHE_BYTES && n) {
+		struct lru_node *newer = lru_newer(&p->cache, n);
+
+		if (!qed_slice_of(n)->dirty)
+			qed_cache_remove(p, qed_slice_of(n));
+		n = newer;
 	}
 }
 
-static void qed_cache_insert(struct qed_priv *p, struct qed_slice *s)
+/* Cache s as the slice at file offset key (not cached yet). */
+static void qed_cache_insert(struct qed_priv *p, struct qed_slice *s, uint64_t key)
 {
-	size_t i = qed_hash_idx(p, s->key);
-
-	s->hnext = p->hash[i];
-	p->hash[i] = s;
-	qed_lru_add_head(p, s);
-	p->cache_bytes += p->slice_bytes;
+	lru_insert(&p->cache, &s->node, key);
 	qed_cache_shrink(p);
+}
+
+static void qed_cache_free_node(struct lru_node *n)
+{
+	free(qed_slice_of(n));
 }
 
 static void qed_slice_dirty(struct qed_priv *p, struct qed_slice *s)
@@ -404,9 +375,9 @@ static bool qed_is_fresh(const struct qed_priv *p, uint64_t table)
 	return false;
 }
 
-/* Replace the invalid entries of a slice just read from the file by
+/* Replace the invalid entries of a slice just read from file offset key by
  * QED_L2_BAD, logging once per slice. 'end' bounds valid data clusters. */
-static void qed_slice_validate(struct image *img, struct qed_slice *s, uint64_t end)
+static void qed_slice_validate(struct image *img, struct qed_slice *s, uint64_t key, uint64_t end)
 {
 	struct qed_priv *p = img->priv;
 	uint64_t n = p->slice_bytes / sizeof(uint64_t), bad = 0, first = 0;
@@ -426,7 +397,7 @@ static void qed_slice_validate(struct image *img, struct qed_slice *s, uint64_t 
 		qed_err(img,
 			"L2 table slice at offset %llu has %llu invalid entries (first: 0x%llx; "
 			"unaligned or past the end of the file); reads there fail",
-			(unsigned long long)s->key, (unsigned long long)bad,
+			(unsigned long long)key, (unsigned long long)bad,
 			(unsigned long long)first);
 }
 
@@ -452,10 +423,9 @@ static int qed_slice_get(struct image *img, uint64_t table, uint64_t slice_idx,
 		if (!s)
 			return -ENOMEM;
 		s->e = (uint64_t *)(s + 1);
-		s->key = key;
 		if (qed_is_fresh(p, table)) {
 			/* Not on disk yet: all entries unallocated. */
-			qed_cache_insert(p, s);
+			qed_cache_insert(p, s, key);
 			*out = s;
 			return 0;
 		}
@@ -463,7 +433,7 @@ static int qed_slice_get(struct image *img, uint64_t table, uint64_t slice_idx,
 		pthread_mutex_unlock(&p->lock);
 		r = fetch_pread(img->file, s->e, p->slice_bytes, key);
 		if (r == 0)
-			qed_slice_validate(img, s,
+			qed_slice_validate(img, s, key,
 					   SFS_ALIGN_DOWN(fetch_size(img->file), p->cluster_size));
 		pthread_mutex_lock(&p->lock);
 		if (r < 0) {
@@ -476,7 +446,7 @@ static int qed_slice_get(struct image *img, uint64_t table, uint64_t slice_idx,
 			free(s);
 			continue;
 		}
-		qed_cache_insert(p, s);
+		qed_cache_insert(p, s, key);
 		*out = s;
 		return 0;
 	}
@@ -508,17 +478,7 @@ static int qed_probe(const uint8_t *buf, size_t len)
 
 static void qed_free_tables(struct qed_priv *p)
 {
-	if (p->hash) {
-		struct qed_slice *s = p->lru.lru_next, *next;
-
-		while (s && s != &p->lru) {
-			next = s->lru_next;
-			free(s);
-			s = next;
-		}
-	}
-	free(p->hash);
-	p->hash = NULL;
+	lru_destroy(&p->cache, qed_cache_free_node);
 	free(p->l1);
 	p->l1 = NULL;
 	free(p->fresh);
@@ -886,10 +846,11 @@ static int qed_do_open(struct image *img)
 	r = qed_read_backing(img);
 	if (r < 0)
 		return r;
-	p->hash = calloc(1u << QED_HASH_BITS, sizeof(*p->hash));
-	if (!p->hash)
-		return -ENOMEM;
-	p->lru.lru_next = p->lru.lru_prev = &p->lru;
+	/* Keys are slice offsets: hash them after dropping the bits below
+	 * one slice. */
+	r = lru_init(&p->cache, (size_t)1 << QED_HASH_BITS, qed_log2(p->slice_bytes));
+	if (r < 0)
+		return r;
 	r = qed_read_l1(img);
 	if (r < 0)
 		return r;
@@ -1313,7 +1274,7 @@ static int qed_flush(struct image *img)
 	uint8_t *bufs = NULL;
 	uint64_t *l1buf = NULL, l1_lo = 0, l1_n = 0, l1_gen = 0;
 	size_t nsnap = 0, nfresh;
-	struct qed_slice *s;
+	struct lru_node *n;
 	int r = 0;
 
 	if (img->read_only)
@@ -1332,10 +1293,15 @@ static int qed_flush(struct image *img)
 			pthread_mutex_unlock(&p->lock);
 			goto out;
 		}
-		for (s = p->lru.lru_next; s != &p->lru && nsnap < ndirty; s = s->lru_next) {
+		lru_list_for_each(n, &p->cache.list)
+		{
+			struct qed_slice *s = qed_slice_of(n);
+
+			if (nsnap == ndirty)
+				break;
 			if (!s->dirty)
 				continue;
-			snap[nsnap].key = s->key;
+			snap[nsnap].key = n->key;
 			snap[nsnap].gen = s->gen;
 			memcpy(bufs + nsnap * p->slice_bytes, s->e, p->slice_bytes);
 			nsnap++;
@@ -1381,9 +1347,11 @@ static int qed_flush(struct image *img)
 	/* Mark clean what did not change meanwhile. */
 	pthread_mutex_lock(&p->lock);
 	for (size_t i = 0; i < nsnap; i++) {
-		for (s = p->hash[qed_hash_idx(p, snap[i].key)]; s; s = s->hnext)
-			if (s->key == snap[i].key)
-				break;
+		struct qed_slice *s;
+
+		/* lru_find(), not qed_cache_find(): a write-back is no use. */
+		n = lru_find(&p->cache, snap[i].key);
+		s = n ? qed_slice_of(n) : NULL;
 		if (s && s->dirty && s->gen == snap[i].gen) {
 			s->dirty = false;
 			p->dirty_bytes -= p->slice_bytes;
