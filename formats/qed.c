@@ -250,6 +250,60 @@ static int qed_clear_need_check(struct image *img)
 	return r;
 }
 
+/* Unknown autoclear features are invalid once we write: clear them. */
+static int qed_clear_autoclear(struct image *img)
+{
+	struct qed_priv *p = img->priv;
+	int r;
+
+	if (!(p->hdr.autoclear_features & ~QED_AUTOCLEAR_FEATURE_MASK))
+		return 0;
+	p->hdr.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK;
+	r = qed_write_header(img->file, &p->hdr);
+	if (r == 0)
+		r = fetch_flush(img->file);
+	return r;
+}
+
+/* Check the tables at open: always after an unclean close, and before we
+ * write in place; a clean read-only image only has its L1 entries marked. */
+static int qed_open_check(struct image *img, uint64_t file_end)
+{
+	struct qed_priv *p = img->priv;
+	int r;
+
+	if (p->hdr.features & QED_F_NEED_CHECK) {
+		sfs_info("%s: qed: image was not closed cleanly; checking it", qed_name(img));
+		return qed_check(img, file_end, img->read_only ? QED_CHECK_REFUSE : QED_CHECK_FIX);
+	}
+	/* Before we write in place, prove no cluster is referenced twice (a
+	 * guest cluster on a table or on another guest cluster) and none lies
+	 * past the end of the file. */
+	if (!img->read_only) {
+		r = qed_check(img, file_end, QED_CHECK_CLEAN);
+		if (r < 0)
+			return r;
+	}
+	qed_validate_l1(img, file_end);
+	return 0;
+}
+
+/* A torn append from a crash: nothing references it. Truncate the file to
+ * file_end, durably. */
+static int qed_drop_partial_cluster(struct image *img, uint64_t file_end)
+{
+	int r;
+
+	sfs_info("%s: qed: dropping a partial cluster at the end of the file", qed_name(img));
+	r = fetch_truncate(img->file, file_end);
+	if (r == 0)
+		r = fetch_flush(img->file);
+	if (r < 0)
+		qed_err(img, "cannot truncate the file to %llu bytes: %s",
+			(unsigned long long)file_end, strerror(-r));
+	return r;
+}
+
 static int qed_do_open(struct image *img)
 {
 	struct qed_priv *p = img->priv;
@@ -280,43 +334,18 @@ static int qed_do_open(struct image *img)
 	if (r < 0)
 		return r;
 
-	if (!img->read_only && (p->hdr.autoclear_features & ~QED_AUTOCLEAR_FEATURE_MASK)) {
-		/* Unknown autoclear features are invalid once we write. */
-		p->hdr.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK;
-		r = qed_write_header(img->file, &p->hdr);
-		if (r == 0)
-			r = fetch_flush(img->file);
+	if (!img->read_only) {
+		r = qed_clear_autoclear(img);
 		if (r < 0)
 			return r;
 	}
-	if (p->hdr.features & QED_F_NEED_CHECK) {
-		sfs_info("%s: qed: image was not closed cleanly; checking it", qed_name(img));
-		r = qed_check(img, file_end, img->read_only ? QED_CHECK_REFUSE : QED_CHECK_FIX);
-		if (r < 0)
-			return r;
-	} else {
-		/* Before we write in place, prove no cluster is referenced
-		 * twice (a guest cluster on a table or on another guest
-		 * cluster) and none lies past the end of the file. */
-		if (!img->read_only) {
-			r = qed_check(img, file_end, QED_CHECK_CLEAN);
-			if (r < 0)
-				return r;
-		}
-		qed_validate_l1(img, file_end);
-	}
+	r = qed_open_check(img, file_end);
+	if (r < 0)
+		return r;
 	if (!img->read_only && fsize != file_end) {
-		/* A torn append from a crash: nothing references it. */
-		sfs_info("%s: qed: dropping a partial cluster at the end of the file",
-			 qed_name(img));
-		r = fetch_truncate(img->file, file_end);
-		if (r == 0)
-			r = fetch_flush(img->file);
-		if (r < 0) {
-			qed_err(img, "cannot truncate the file to %llu bytes: %s",
-				(unsigned long long)file_end, strerror(-r));
+		r = qed_drop_partial_cluster(img, file_end);
+		if (r < 0)
 			return r;
-		}
 	}
 	if (!img->read_only && (p->hdr.features & QED_F_NEED_CHECK)) {
 		r = qed_clear_need_check(img);
