@@ -45,7 +45,7 @@
 
 struct rangelock;
 
-/* Counters shown in control/status; all in bytes. */
+/* Counters shown in control/status; in bytes unless noted. */
 struct disk_stats {
 	_Atomic uint64_t guest_read;	   /* bytes read by the guest */
 	_Atomic uint64_t guest_written;	   /* bytes written by the guest */
