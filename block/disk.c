@@ -466,7 +466,7 @@ int disk_read(struct disk *d, void *buf, size_t len, uint64_t off)
 	atomic_fetch_add(&d->stats.guest_ops, 1);
 	if (r == 0) {
 		atomic_fetch_add(&d->stats.guest_read, (uint64_t)(b - (uint8_t *)buf));
-		if (cor && !fetched && b > (uint8_t *)buf && t.in_ra)
+		if (!fetched && t.in_ra)
 			atomic_fetch_add(&d->stats.readahead_hits, 1);
 	}
 	return r;
