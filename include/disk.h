@@ -1,7 +1,14 @@
-/* streamfs: the guest-facing disk: copy-on-read, writes with cluster
- * read-modify-write, in-flight tracking, populate (used by the stream job and
- * control/pull), rebase. Lives in block/disk.c, above the format drivers
- * and below fusefs/, which only translates FUSE requests into these calls.
+/* streamfs: the guest-facing disk: copy-on-read with adaptive read-ahead,
+ * writes with cluster read-modify-write, in-flight tracking, populate (used
+ * by the stream job and control/pull), rebase. Lives in block/disk.c, above
+ * the format drivers and below fusefs/, which only translates FUSE requests
+ * into these calls.
+ *
+ * Read-ahead: a copy-on-read miss that continues a sequential guest stream
+ * also copies the data that follows (a window doubling from 128 KiB to
+ * 4 MiB while the stream holds), in the same backing request, so the
+ * stream's next reads cost no round trip. Misses of one read separated by
+ * small allocated gaps are fetched in one backing request too.
  *
  * In-flight tracking: every operation that allocates in the overlay (guest
  * write, copy-on-read, stream copy) first locks the cluster-aligned guest
@@ -21,7 +28,7 @@
  *   disk flush_lock -> driver lock          (disk_flush, disk_rebase)
  *   events handle lock (fusefs/ops.c h->lock) -> events lock
  *   Leaves, taken with nothing else after them: fusefs/ops.c sfs_poll_lock,
- *   sfs_handles_lock, attr_lock.
+ *   sfs_handles_lock, attr_lock; block/disk.c's read-ahead table lock.
  *
  * Never held across network or disk I/O: the job lock and the events lock.
  * The chain lock and range locks are (reads of the backing, overlay writes):
@@ -38,7 +45,7 @@
 
 struct rangelock;
 
-/* Counters shown in control/status; all in bytes. */
+/* Counters shown in control/status; in bytes unless noted. */
 struct disk_stats {
 	_Atomic uint64_t guest_read;	   /* bytes read by the guest */
 	_Atomic uint64_t guest_written;	   /* bytes written by the guest */
@@ -50,7 +57,11 @@ struct disk_stats {
 	_Atomic uint64_t guest_ops;	   /* guest requests seen (for yielding) */
 	_Atomic uint64_t guest_inflight;   /* guest requests in progress */
 	_Atomic uint64_t net_bytes_closed; /* HTTP bytes fetched by layers since closed */
+	_Atomic uint64_t readahead_bytes;  /* bytes copied ahead of sequential guest reads */
+	_Atomic uint64_t readahead_hits;   /* guest reads (count) served from read-ahead data */
 };
+
+struct disk_ra;
 
 struct disk {
 	struct image *top;	 /* the writable overlay (or read-only with -o ro) */
@@ -61,6 +72,7 @@ struct disk {
 	pthread_rwlock_t chain_lock; /* write-held while the backing chain is swapped */
 	pthread_mutex_t flush_lock;
 	_Atomic bool dirty; /* allocations since the last flush */
+	struct disk_ra *ra; /* recent sequential guest read streams */
 };
 
 /* Wrap an open chain. Takes ownership of top. */

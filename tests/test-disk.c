@@ -1536,6 +1536,285 @@ static void test_disk_flush_failure_keeps_dirty(void **state)
 #f "(qed)", f, td_setup, td_teardown, (void *)"qed"                                \
 	}
 
+/* ---- read-ahead and coalescing ---- */
+
+#define TD_RA_SIZE (16u << 20)
+#define TD_RA_MIN  (128u << 10) /* block/disk.c's DISK_RA_MIN */
+
+/* A random raw base of size bytes and an overlay of format fmt over it. */
+static struct disk *td_setup_ra(const char *fmt, bool cor, uint64_t size, uint8_t **base)
+{
+	*base = td_put_base(size, 3);
+	td_create(TD_OVL, fmt, size, TD_BASE_URI, "raw");
+	return td_open(TD_OVL, cor, false);
+}
+
+/* Requests the backing layer's byte source has served. */
+static uint64_t td_backing_reads(struct disk *d)
+{
+	return atomic_load(&d->top->backing->file->stats.reads);
+}
+
+/* Read [off, off+len) in n-byte pieces; each must equal expect. */
+static void td_read_seq(struct disk *d, const uint8_t *expect, uint64_t off, uint64_t len, size_t n)
+{
+	uint8_t *buf = td_xmalloc(n);
+
+	for (uint64_t pos = off; pos < off + len; pos += n) {
+		size_t k = (size_t)SFS_MIN((uint64_t)n, off + len - pos);
+
+		assert_int_equal(disk_read(d, buf, k, pos), 0);
+		assert_memory_equal(buf, expect + pos, k);
+	}
+	free(buf);
+}
+
+/* Every byte now comes from the overlay: the backing may fail. */
+static void td_assert_all_copied(struct disk *d, const uint8_t *expect)
+{
+	assert_int_equal(fetch_mem_fail("base", FETCH_MEM_READ, 0, EIO), 0);
+	td_assert_disk(d, expect);
+	td_unfail("base");
+}
+
+static void test_disk_ra_sequential_reads_ramp_up(void **state)
+{
+	uint8_t *base;
+	struct disk *d = td_setup_ra(td_fmt(state), true, TD_RA_SIZE, &base);
+	uint64_t reads, n = TD_RA_SIZE / 4096;
+
+	td_read_seq(d, base, 0, TD_RA_SIZE, 4096);
+	reads = td_backing_reads(d);
+	/* Cluster 0; cluster 1 and 128 KiB; windows of 256 KiB..4 MiB; two
+	 * more of 4 MiB: 10, where one per read would be 4096. */
+	assert_in_range(reads, 2, 12);
+	assert_int_equal(atomic_load(&d->stats.cor_bytes) + atomic_load(&d->stats.readahead_bytes),
+			 TD_RA_SIZE);
+	assert_true(atomic_load(&d->stats.readahead_bytes) > TD_RA_SIZE - 16 * TD_CS);
+	/* Each read either fetched (one 4 KiB cluster) or hit read-ahead. */
+	assert_int_equal(atomic_load(&d->stats.readahead_hits), n - reads);
+	td_assert_all_copied(d, base);
+	assert_int_equal(disk_close(d), 0);
+	td_assert_reopen(TD_OVL, base, TD_RA_SIZE, TD_BASE_URI);
+	free(base);
+}
+
+static void test_disk_ra_random_reads_do_not_read_ahead(void **state)
+{
+	uint8_t *base, buf[4096];
+	struct disk *d = td_setup_ra(td_fmt(state), true, TD_RA_SIZE, &base);
+	uint64_t nclust = TD_RA_SIZE / TD_CS;
+
+	/* Stride 1237 clusters: never the next cluster, never just behind. */
+	for (uint64_t i = 1; i <= 300; i++) {
+		uint64_t off = (i * 1237 % nclust) * TD_CS;
+
+		assert_int_equal(disk_read(d, buf, sizeof(buf), off), 0);
+		assert_memory_equal(buf, base + off, sizeof(buf));
+	}
+	assert_int_equal(td_backing_reads(d), 300);
+	assert_int_equal(atomic_load(&d->top->backing->file->stats.bytes_read), 300 * TD_CS);
+	assert_int_equal(atomic_load(&d->stats.readahead_bytes), 0);
+	assert_int_equal(atomic_load(&d->stats.readahead_hits), 0);
+	assert_int_equal(atomic_load(&d->stats.cor_bytes), 300 * TD_CS);
+	assert_int_equal(disk_close(d), 0);
+	free(base);
+}
+
+static void test_disk_ra_off_without_copy_on_read(void **state)
+{
+	uint8_t *base;
+	struct disk *d = td_setup_ra(td_fmt(state), false, 1u << 20, &base);
+
+	td_read_seq(d, base, 0, 1u << 20, 4096);
+	assert_int_equal(td_backing_reads(d), (1u << 20) / 4096);
+	assert_int_equal(atomic_load(&d->stats.readahead_bytes), 0);
+	assert_int_equal(atomic_load(&d->stats.readahead_hits), 0);
+	assert_int_equal(atomic_load(&d->stats.cor_bytes), 0);
+	assert_int_equal(disk_close(d), 0);
+	free(base);
+}
+
+static void test_disk_ra_two_interleaved_streams(void **state)
+{
+	uint8_t *base, buf[4096];
+	struct disk *d = td_setup_ra(td_fmt(state), true, TD_RA_SIZE, &base);
+	uint64_t half = TD_RA_SIZE / 2;
+
+	for (uint64_t pos = 0; pos < half; pos += sizeof(buf)) {
+		assert_int_equal(disk_read(d, buf, sizeof(buf), pos), 0);
+		assert_memory_equal(buf, base + pos, sizeof(buf));
+		assert_int_equal(disk_read(d, buf, sizeof(buf), half + pos), 0);
+		assert_memory_equal(buf, base + half + pos, sizeof(buf));
+	}
+	/* Each stream ramps up on its own: 2 + 6 windows to cover 8 MiB;
+	 * one per read would be 4096. */
+	assert_in_range(td_backing_reads(d), 4, 2 * 10);
+	assert_int_equal(atomic_load(&d->stats.cor_bytes) + atomic_load(&d->stats.readahead_bytes),
+			 TD_RA_SIZE);
+	td_assert_all_copied(d, base);
+	assert_int_equal(disk_close(d), 0);
+	free(base);
+}
+
+static void test_disk_ra_clamped_at_image_end(void **state)
+{
+	uint8_t *base;
+	/* TD_SIZE ends in a partial cluster, far short of one window. */
+	struct disk *d = td_setup_ra(td_fmt(state), true, TD_SIZE, &base);
+
+	td_read_seq(d, base, 0, TD_SIZE, 1000);
+	/* Cluster 0, then cluster 1 and everything to the end. */
+	assert_int_equal(td_backing_reads(d), 2);
+	assert_int_equal(atomic_load(&d->stats.readahead_bytes), TD_SIZE - 2 * TD_CS);
+	td_assert_map(d->top, "DDDDDDDDDDD");
+	td_assert_all_copied(d, base);
+	assert_int_equal(disk_close(d), 0);
+	td_assert_reopen(TD_OVL, base, TD_SIZE, TD_BASE_URI);
+	free(base);
+}
+
+static void test_disk_ra_skips_holes(void **state)
+{
+	uint8_t *model = td_make_holey_mid();
+	struct disk *d;
+
+	td_create(TD_OVL, td_fmt(state), TD_SIZE, TD_MID_URI, "qcow2");
+	d = td_open(TD_OVL, true, false);
+	td_read_seq(d, model, 0, TD_SIZE, 4096);
+	/* Only mid's data clusters, 2 and 5, were read ahead. */
+	assert_int_equal(atomic_load(&d->stats.readahead_bytes), 2 * TD_CS);
+	assert_int_equal(atomic_load(&d->stats.readahead_hits), 2);
+	td_assert_disk(d, model);
+	assert_int_equal(disk_close(d), 0);
+	free(model);
+}
+
+/* A guest write lands in the read-ahead window between the backing read
+ * and the commit: the overlay keeps the guest's bytes. */
+static void test_disk_ra_race_guest_write_wins(void **state)
+{
+	uint8_t *base, *model, buf[TD_CS], host[TD_CS];
+	struct disk *d = td_setup_ra(td_fmt(state), true, 1u << 20, &base);
+
+	model = td_xmalloc(1u << 20);
+	memcpy(model, base, 1u << 20);
+	assert_int_equal(disk_read(d, buf, TD_CS, 0), 0);
+	/* The read of cluster 1 reads ahead [2, 34) and locks from 1. */
+	td_race_setup(d, model, TD_CS, 10 * TD_CS + 10, 100);
+	assert_int_equal(disk_read(d, buf, TD_CS, TD_CS), 0);
+	assert_int_equal(td_race_r, 0);
+	assert_memory_equal(buf, base + TD_CS, TD_CS);
+	assert_int_equal(atomic_load(&d->stats.readahead_bytes), TD_RA_MIN - TD_CS);
+	td_overlay_bytes(d->top, 10 * TD_CS, host, TD_CS);
+	assert_memory_equal(host, model + 10 * TD_CS, TD_CS);
+	assert_memory_not_equal(host, base + 10 * TD_CS, TD_CS);
+	/* Read-ahead data and the guest's write, all from the overlay. */
+	assert_int_equal(fetch_mem_fail("base", FETCH_MEM_READ, 0, EIO), 0);
+	td_read_seq(d, model, 0, 2 * TD_CS + TD_RA_MIN, 4096);
+	td_unfail("base");
+	td_assert_disk(d, model);
+	assert_int_equal(disk_close(d), 0);
+	td_assert_reopen(TD_OVL, model, 1u << 20, TD_BASE_URI);
+	free(model);
+	free(base);
+}
+
+/* Misses of one read split by allocated gaps under 64 KiB: one backing
+ * read; the gaps keep the overlay's data. A gap of 64 KiB splits it. */
+static void test_disk_coalesce_misses(void **state)
+{
+	uint8_t *base, *model, *buf = td_xmalloc(64 * TD_CS);
+	struct disk *d = td_setup_ra(td_fmt(state), true, 1u << 20, &base);
+	uint64_t r0;
+
+	model = td_xmalloc(1u << 20);
+	memcpy(model, base, 1u << 20);
+	td_write(d, model, 2 * TD_CS + 7, 100, 60);
+	td_write(d, model, 5 * TD_CS, 2 * TD_CS, 61);
+	r0 = td_backing_reads(d);
+	assert_int_equal(disk_read(d, buf, 9 * TD_CS - 20, 10), 0);
+	assert_memory_equal(buf, model + 10, 9 * TD_CS - 20);
+	assert_int_equal(td_backing_reads(d) - r0, 1);
+	assert_int_equal(atomic_load(&d->stats.cor_bytes), 6 * TD_CS);
+	/* A 16-cluster (64 KiB) gap: two backing reads. */
+	td_write(d, model, 20 * TD_CS, 16 * TD_CS, 62);
+	r0 = td_backing_reads(d);
+	assert_int_equal(disk_read(d, buf, 18 * TD_CS, 19 * TD_CS), 0);
+	assert_memory_equal(buf, model + 19 * TD_CS, 18 * TD_CS);
+	assert_int_equal(td_backing_reads(d) - r0, 2);
+	td_assert_disk(d, model);
+	assert_int_equal(disk_close(d), 0);
+	td_assert_reopen(TD_OVL, model, 1u << 20, TD_BASE_URI);
+	free(buf);
+	free(model);
+	free(base);
+}
+
+/* Sequential readers (each read ahead over the whole small disk) beside
+ * writers and the stream job: gap bytes read as the backing, every owner's
+ * bytes as its last write. */
+static void *tc_seq_reader(void *opaque)
+{
+	struct tc_arg *a = opaque;
+	struct tc_ctx *c = a->c;
+	uint8_t buf[700];
+
+	for (uint64_t s = (uint64_t)a->id * 100; s < TD_SIZE; s += sizeof(buf)) {
+		size_t n = (size_t)SFS_MIN((uint64_t)sizeof(buf), TD_SIZE - s);
+
+		if (disk_read(c->d, buf, n, s) != 0) {
+			atomic_fetch_add(&c->failures, 1);
+			break;
+		}
+		for (size_t i = 0; i < n; i++) {
+			if (tc_in_gap(s + i) && buf[i] != c->base[s + i]) {
+				atomic_fetch_add(&c->failures, 1);
+				return NULL;
+			}
+		}
+	}
+	return NULL;
+}
+
+static void test_disk_ra_concurrent_seq_read_write_populate(void **state)
+{
+	for (int round = 0; round < 64; round++) {
+		struct tc_ctx c = {0};
+		struct tc_arg args[TC_WRITERS + 3];
+		pthread_t th[TC_WRITERS + 3];
+		uint8_t *base;
+		int n = 0;
+
+		fetch_mem_reset();
+		c.d = td_setup_2(td_fmt(state), true, &base);
+		c.base = base;
+		c.model = td_xmalloc(TD_SIZE);
+		memcpy(c.model, base, TD_SIZE);
+		atomic_store(&c.writers_left, TC_WRITERS);
+		for (int i = 0; i < TC_WRITERS + 3; i++)
+			args[i] = (struct tc_arg){.c = &c, .id = i};
+		for (int i = 0; i < TC_WRITERS; i++, n++)
+			assert_int_equal(pthread_create(&th[n], NULL, tc_writer, &args[n]), 0);
+		assert_int_equal(pthread_create(&th[n], NULL, tc_seq_reader, &args[n]), 0);
+		n++;
+		assert_int_equal(pthread_create(&th[n], NULL, tc_seq_reader, &args[n]), 0);
+		n++;
+		if (round % 2) {
+			assert_int_equal(pthread_create(&th[n], NULL, tc_populater, &args[n]), 0);
+			n++;
+		}
+		for (int i = 0; i < n; i++)
+			pthread_join(th[i], NULL);
+		assert_int_equal(atomic_load(&c.failures), 0);
+		td_assert_disk(c.d, c.model);
+		assert_int_equal(disk_close(c.d), 0);
+		td_assert_reopen(TD_OVL, c.model, TD_SIZE, TD_BASE_URI);
+		free(c.model);
+		free(base);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1571,6 +1850,15 @@ int main(void)
 	    TD_BOTH(test_disk_fault_backing_read_eio),
 	    TD_BOTH(test_disk_fault_backing_read_sweep),
 	    TD_BOTH(test_disk_flush_failure_keeps_dirty),
+	    TD_BOTH(test_disk_ra_sequential_reads_ramp_up),
+	    TD_BOTH(test_disk_ra_random_reads_do_not_read_ahead),
+	    TD_BOTH(test_disk_ra_off_without_copy_on_read),
+	    TD_BOTH(test_disk_ra_two_interleaved_streams),
+	    TD_BOTH(test_disk_ra_clamped_at_image_end),
+	    TD_BOTH(test_disk_ra_skips_holes),
+	    TD_BOTH(test_disk_ra_race_guest_write_wins),
+	    TD_BOTH(test_disk_coalesce_misses),
+	    TD_BOTH(test_disk_ra_concurrent_seq_read_write_populate),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
