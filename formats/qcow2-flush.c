@@ -127,8 +127,7 @@ static int qcow2_flush_snapshot(struct qcow2_priv *p, struct qcow2_snap *sn)
 	int r = 0;
 
 	pthread_mutex_lock(&p->lock);
-	lru_list_for_each(n, &p->dirty)
-	{
+	lru_list_for_each (n, &p->dirty) {
 		struct qcow2_meta *e = qcow2_meta_of(n);
 
 		r = qcow2_wbs_add(e->refblock ? &sn->rb : &sn->l2, e->node.key, e->buf, p->cs, e);

@@ -35,8 +35,7 @@ static int qed_flush_snap_slices(struct qed_priv *p, struct qed_flush_snap *sn)
 	sn->bufs = malloc(ndirty * p->slice_bytes);
 	if (!sn->snap || !sn->bufs)
 		return -ENOMEM;
-	lru_list_for_each(n, &p->cache.list)
-	{
+	lru_list_for_each (n, &p->cache.list) {
 		struct qed_slice *s = qed_slice_of(n);
 
 		if (sn->nsnap == ndirty)

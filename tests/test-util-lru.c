@@ -151,8 +151,7 @@ static void test_lru_parked_list(void **state)
 	assert_int_equal(c.count, 3);
 	assert_ptr_equal(lru_find(&c, 1), &a->node);
 	/* The parked list is most recently moved first. */
-	lru_list_for_each(n, &dirty)
-	{
+	lru_list_for_each (n, &dirty) {
 		order[seen++] = test_value(n);
 	}
 	assert_int_equal(seen, 2);
