@@ -13,9 +13,10 @@
  *
  * Text, one item a line, lines end in "\n" ("\r\n" is accepted too).
  * - The first line is the header: the word "streamfs-trace", the version
- *   (decimal), then KEY=VALUE fields, separated by spaces or tabs, each key
- *   at most once, in any order. Required: size= (the backing image's size
- *   in bytes, decimal), cluster= (the granule of the ranges in bytes: a
+ *   (decimal), then at most 14 KEY=VALUE fields, separated by spaces or
+ *   tabs, each key at most once, in any order. Required: size= (the
+ *   backing image's size in bytes, decimal), cluster= (the granule of the
+ *   ranges in bytes: a
  *   power of two, at least TRACE_CLUSTER_MIN), validator= (the backing's
  *   identity: an HTTP ETag or Last-Modified, or for a local file something
  *   like "mtime:NS,ino:N"; it may be empty). Other keys (lower case letters,
@@ -77,15 +78,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TRACE_MAGIC	      "streamfs-trace"
-#define TRACE_VERSION	      1
-#define TRACE_CLUSTER_MIN     512u		 /* bytes */
-#define TRACE_VALIDATOR_MAX   1024u		 /* bytes, decoded */
-#define TRACE_MAX_LINE	      4096u		 /* bytes, with the line end */
-#define TRACE_MAX_RANGES      (1u << 20)	 /* range lines in a trace */
-#define TRACE_MAX_TEXT	      (64u << 20)	 /* bytes of trace text */
+#define TRACE_MAGIC	       "streamfs-trace"
+#define TRACE_VERSION	       1
+#define TRACE_CLUSTER_MIN      512u		   /* bytes */
+#define TRACE_VALIDATOR_MAX    1024u		   /* bytes, decoded */
+#define TRACE_MAX_LINE	       4096u		   /* bytes, with the line end */
+#define TRACE_MAX_RANGES       (1u << 20)	   /* range lines in a trace */
+#define TRACE_MAX_TEXT	       (64u << 20)	   /* bytes of trace text */
 #define TRACE_REC_MAX_CLUSTERS (UINT64_C(1) << 28) /* bits in a recorder's bitmap */
-#define TRACE_REC_LEAF_BITS   (UINT64_C(1) << 15) /* bits per lazily allocated leaf */
+#define TRACE_REC_LEAF_BITS    (UINT64_C(1) << 15) /* bits per lazily allocated leaf */
 
 /* A byte range of the backing image. */
 struct trace_range {
@@ -96,10 +97,10 @@ struct trace_range {
 /* A parsed (normalized) trace: ranges disjoint, in first-access order, and
  * no range starts where the one before it ends. */
 struct trace {
-	uint64_t size;		  /* backing image size, in bytes */
-	uint64_t cluster;	  /* granule of the ranges, in bytes (power of two) */
-	char *validator;	  /* decoded, NUL-terminated, maybe "" */
-	size_t n;		  /* number of ranges */
+	uint64_t size;	       /* backing image size, in bytes */
+	uint64_t cluster;      /* granule of the ranges, in bytes (power of two) */
+	char *validator;       /* decoded, NUL-terminated, maybe "" */
+	size_t n;	       /* number of ranges */
 	struct trace_range *r; /* n ranges */
 };
 

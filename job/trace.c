@@ -390,13 +390,15 @@ static int trace_parse_header(const char *p, size_t n, struct trace *t, char *er
 		for (size_t j = 0; j < kn; j++) {
 			if (!((k[j] >= 'a' && k[j] <= 'z') || (k[j] >= '0' && k[j] <= '9') ||
 			      k[j] == '_' || k[j] == '-')) {
-				trace_err(err, errlen, "line 1: bad header key in field %zu", i - 1);
+				trace_err(err, errlen, "line 1: bad header key in field %zu",
+					  i - 1);
 				return -EINVAL;
 			}
 		}
 		if (kn == 4 && memcmp(k, "size", 4) == 0) {
 			if (have_size || !trace_num(v, vn, &x)) {
-				trace_err(err, errlen, "line 1: %s size=", have_size ? "repeated" : "bad");
+				trace_err(err, errlen,
+					  "line 1: %s size=", have_size ? "repeated" : "bad");
 				return -EINVAL;
 			}
 			t->size = x;
@@ -430,7 +432,9 @@ static int trace_parse_header(const char *p, size_t n, struct trace *t, char *er
 	}
 	if (!have_size || !have_cluster || !t->validator) {
 		trace_err(err, errlen, "line 1: header without %s",
-			  !have_size ? "size=" : !have_cluster ? "cluster=" : "validator=");
+			  !have_size	  ? "size="
+			  : !have_cluster ? "cluster="
+					  : "validator=");
 		return -EINVAL;
 	}
 	return 0;
@@ -456,13 +460,15 @@ static int trace_parse_range(const char *p, size_t n, size_t line, const struct 
 	}
 	if (off % t->cluster) {
 		trace_err(err, errlen,
-			  "line %zu: offset %" PRIu64 " is not a multiple of the cluster size %" PRIu64,
+			  "line %zu: offset %" PRIu64
+			  " is not a multiple of the cluster size %" PRIu64,
 			  line, off, t->cluster);
 		return -EINVAL;
 	}
 	if (!sfs_add_ok(off, len, &end) || end > t->size) {
 		trace_err(err, errlen,
-			  "line %zu: range %" PRIu64 "+%" PRIu64 " ends past the image size %" PRIu64,
+			  "line %zu: range %" PRIu64 "+%" PRIu64
+			  " ends past the image size %" PRIu64,
 			  line, off, len, t->size);
 		return -EINVAL;
 	}
@@ -600,8 +606,9 @@ int trace_merge(const struct trace *const *in, size_t n, struct trace **out, cha
 	}
 	for (size_t k = 0; k < n; k++) {
 		if (!trace_matches(in[k], in[0]->size, in[0]->validator)) {
-			trace_err(err, errlen, "trace %zu is of another image than trace 1 (%s differs)",
-				  k + 1, in[k]->size != in[0]->size ? "size" : "validator");
+			trace_err(err, errlen,
+				  "trace %zu is of another image than trace 1 (%s differs)", k + 1,
+				  in[k]->size != in[0]->size ? "size" : "validator");
 			return -EINVAL;
 		}
 		if (__builtin_add_overflow(total, in[k]->n, &total) || total > SIZE_MAX / 2)
