@@ -16,12 +16,11 @@
  *   (decimal), then at most 14 KEY=VALUE fields, separated by spaces or
  *   tabs, each key at most once, in any order. Required: size= (the
  *   backing image's size in bytes, decimal), cluster= (the granule of the
- *   ranges in bytes: a
- *   power of two, at least TRACE_CLUSTER_MIN), validator= (the backing's
- *   identity: an HTTP ETag or Last-Modified, or for a local file something
- *   like "mtime:NS,ino:N"; it may be empty). Other keys (lower case letters,
- *   digits, '_' and '-') are ignored, so a writer may add information that
- *   does not change the meaning of the trace.
+ *   ranges in bytes: a power of two, at least TRACE_CLUSTER_MIN),
+ *   validator= (the backing's identity: an HTTP ETag or Last-Modified, or
+ *   for a local file something like "mtime:NS,ino:N"; it may be empty).
+ *   Other keys (lower case letters, digits, '_' and '-') are ignored, so a
+ *   writer may add information that does not change the meaning.
  * - The validator is opaque and may come from a hostile server, so it is
  *   stored %-encoded: bytes 0x21..0x7e other than '%' as they are, every
  *   other byte as %HH (upper case hex on output, either case on input). A
