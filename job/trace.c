@@ -380,13 +380,14 @@ static int trace_parse_header(const char *p, size_t n, struct trace *t, char *er
 	for (size_t i = 2; i < nt; i++) {
 		const char *eq = memchr(tok[i].p, '=', tok[i].n);
 		size_t kn = eq ? (size_t)(eq - tok[i].p) : 0, vn = eq ? tok[i].n - kn - 1 : 0;
-		const char *k = tok[i].p, *v = eq + 1;
+		const char *k = tok[i].p, *v;
 		uint64_t x;
 
 		if (!eq || kn == 0) {
 			trace_err(err, errlen, "line 1: header field %zu is not KEY=VALUE", i - 1);
 			return -EINVAL;
 		}
+		v = eq + 1;
 		for (size_t j = 0; j < kn; j++) {
 			if (!((k[j] >= 'a' && k[j] <= 'z') || (k[j] >= '0' && k[j] <= '9') ||
 			      k[j] == '_' || k[j] == '-')) {
