@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <strings.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -433,6 +434,20 @@ int fetch_truncate(struct fetch_source *s, uint64_t size)
 	if (r == 0)
 		atomic_store(&s->size, size);
 	return r;
+}
+
+const char *fetch_validator(struct fetch_source *s, char *buf, size_t len)
+{
+	struct stat st;
+
+	if (s->ops->validator)
+		snprintf(buf, len, "%s", s->ops->validator(s));
+	else if (!s->ops->network && stat(s->uri, &st) == 0)
+		snprintf(buf, len, "size:%lld,mtime:%lld.%09ld", (long long)st.st_size,
+			 (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+	else
+		snprintf(buf, len, "%s", "");
+	return buf;
 }
 
 int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum)

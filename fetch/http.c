@@ -1411,6 +1411,13 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 	return r;
 }
 
+static const char *http_validator(struct fetch_source *s)
+{
+	struct http_priv *p = s->priv;
+
+	return p->validator; /* set at open, never changed */
+}
+
 const struct fetch_ops fetch_http_ops = {
     .scheme = "http",
     .network = true,
@@ -1418,6 +1425,7 @@ const struct fetch_ops fetch_http_ops = {
     .open = http_open,
     .close = http_close,
     .pread = http_pread,
+    .validator = http_validator,
     .pwrite = NULL,
     .flush = NULL,
     .truncate = NULL,

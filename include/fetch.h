@@ -57,6 +57,9 @@ struct fetch_ops {
 	/* Hint: [off, off+len) will be read soon; start fetching it without
 	 * waiting. Optional (local files: POSIX_FADV_WILLNEED). */
 	void (*prefetch)(struct fetch_source *s, uint64_t off, uint64_t len);
+	/* The source's version identity (an HTTP ETag or Last-Modified), ""
+	 * if it has none. Optional (NULL: ""). */
+	const char *(*validator)(struct fetch_source *s);
 };
 
 /* Statistics kept by the generic wrappers; read with atomic loads. */
@@ -138,6 +141,11 @@ int fetch_flush(struct fetch_source *s);
 int fetch_truncate(struct fetch_source *s, uint64_t size);
 /* Read-ahead hint (see fetch_ops.prefetch); clamped, never fails. */
 void fetch_prefetch(struct fetch_source *s, uint64_t off, uint64_t len);
+/* The source's version identity for matching a boot trace: the remote's
+ * ETag or Last-Modified; for a local file "size:S,mtime:SEC.NSEC" (a copy
+ * with a new mtime counts as another version: conservative); "" if none.
+ * Writes at most len bytes into buf and returns buf. */
+const char *fetch_validator(struct fetch_source *s, char *buf, size_t len);
 /* Data or hole at off (see fetch_ops.extent); "all data" when unknown. */
 int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum);
 

@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "prefetch.h"
 #include "stream.h"
 #include "util.h"
 
@@ -72,6 +73,7 @@ struct stream_job {
 	unsigned probe_hold;
 	uint64_t unflushed, flushed_ns; /* progress since the last flush request */
 	unsigned fixed_depth;		/* stream_set_depth(): 0 = measured */
+	struct prefetch *prefetch;	/* a boot-trace replay to let finish first */
 	enum stream_state state;
 	bool quit, want_pause, want_cancel;
 	bool starting; /* a stream_start() is looking up its base */
@@ -469,6 +471,10 @@ static bool stream_lane_may_take(struct stream_job *j, unsigned idx, uint64_t *w
 	    j->guest_active || idx >= j->depth || j->next >= j->length ||
 	    atomic_load(&j->d->stats.guest_inflight) > 0)
 		return false;
+	if (prefetch_active(j->prefetch)) {
+		*wait_ns = STREAM_PREFETCH_POLL_NS;
+		return false;
+	}
 	if (j->speed) {
 		uint64_t now = sfs_now_ns();
 		uint64_t due =
@@ -624,6 +630,12 @@ static void *stream_thread(void *opaque)
 		ops = atomic_load(&d->stats.guest_ops);
 		j->guest_active = ops != last_ops || atomic_load(&d->stats.guest_inflight) > 0;
 		last_ops = ops;
+		if (prefetch_active(j->prefetch)) {
+			/* The replay copies what the guest needs first; the
+			 * job then copies the rest, nothing twice. */
+			stream_timedwait(j, STREAM_PREFETCH_POLL_NS);
+			continue;
+		}
 		stream_adapt_depth(j, sfs_now_ns());
 		if (stream_pace(j, &chunk, last_chunk_ns, j->guest_active))
 			continue;
@@ -867,6 +879,13 @@ int stream_cancel(struct stream_job *j)
 		pthread_cond_wait(&j->cond, &j->lock);
 	pthread_mutex_unlock(&j->lock);
 	return r;
+}
+
+void stream_set_prefetch(struct stream_job *j, struct prefetch *pf)
+{
+	pthread_mutex_lock(&j->lock);
+	j->prefetch = pf;
+	pthread_mutex_unlock(&j->lock);
 }
 
 int stream_set_depth(struct stream_job *j, unsigned depth)
