@@ -548,6 +548,7 @@ void fetch_net_totals(struct fetch_net_stats *out)
 		 * are the figures that stay meaningful when merged. */
 		for (int c = 0; c < FETCH_NCLASSES; c++) {
 			out->in_flight[c] += k.in_flight[c];
+			out->waiting[c] += k.waiting[c];
 			out->bytes[c] += k.bytes[c];
 		}
 		out->requests += k.requests;

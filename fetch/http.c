@@ -181,6 +181,7 @@ struct http_sample {
 /* Network statistics: one per source and one for the process. */
 struct http_net {
 	_Atomic uint64_t in_flight[FETCH_NCLASSES];
+	_Atomic uint64_t waiting[FETCH_NCLASSES];
 	_Atomic uint64_t bytes[FETCH_NCLASSES];
 	_Atomic uint64_t requests, retries, stalls, errors, connections;
 	pthread_mutex_t lock;
@@ -904,6 +905,7 @@ static struct http_conn *http_get_conn(struct http_priv *p, enum fetch_class cls
 		}
 		if (!wait)
 			break;
+		HTTP_NET_ADD(p, waiting[cls], 1);
 		if (cls == FETCH_CLASS_GUEST) {
 			p->guest_waiting++;
 			pthread_cond_wait(&p->cond_guest, &p->lock);
@@ -911,6 +913,7 @@ static struct http_conn *http_get_conn(struct http_priv *p, enum fetch_class cls
 		} else {
 			pthread_cond_wait(&p->cond_job, &p->lock);
 		}
+		HTTP_NET_SUB(p, waiting[cls], 1);
 	}
 	pthread_mutex_unlock(&p->lock);
 	return c;
@@ -965,6 +968,7 @@ static void http_net_read(struct http_net *n, struct fetch_net_stats *out)
 
 	for (int c = 0; c < FETCH_NCLASSES; c++) {
 		out->in_flight[c] = atomic_load(&n->in_flight[c]);
+		out->waiting[c] = atomic_load(&n->waiting[c]);
 		out->bytes[c] = atomic_load(&n->bytes[c]);
 	}
 	out->requests = atomic_load(&n->requests);

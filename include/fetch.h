@@ -48,6 +48,7 @@ enum fetch_class {
  * the figures over a window are NAN while unknown (no request yet). */
 struct fetch_net_stats {
 	uint64_t in_flight[FETCH_NCLASSES]; /* requests on the network now, by class */
+	uint64_t waiting[FETCH_NCLASSES];   /* reads waiting for a connection now */
 	uint64_t bytes[FETCH_NCLASSES];	    /* bytes read for each class (delivered) */
 	uint64_t requests;		    /* requests sent (every attempt, retries too) */
 	uint64_t retries;		    /* attempts repeated after a transient failure */
