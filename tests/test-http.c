@@ -42,7 +42,9 @@
 
 #include <curl/curl.h>
 
+#include "control.h"
 #include "fetch.h"
+#include "image.h"
 #include "util.h"
 
 #define TEST_MIB (1024 * 1024)
@@ -1585,6 +1587,105 @@ static void test_http_pool_guest_before_job(void **state)
 	tsrv_stop();
 }
 
+/* ---- tests: control/status and control/metrics over HTTP ---- */
+
+/* The value of "key: value" in a status text, as a number; fails if the
+ * key is missing or the value is not a number. */
+static double test_status_num(const char *text, const char *key)
+{
+	size_t kl = strlen(key);
+	const char *p = text;
+
+	for (; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+		if (strncmp(p, key, kl) == 0 && p[kl] == ':' && p[kl + 1] == ' ') {
+			char *end;
+			double v = strtod(p + kl + 2, &end);
+
+			if (end == p + kl + 2 || *end != '\n')
+				fail_msg("status %s: not a number", key);
+			return v;
+		}
+	}
+	fail_msg("status key %s is missing", key);
+	return 0;
+}
+
+/* A qcow2 overlay in memory over the in-process server's file (raw): the
+ * net_* keys of control/status and the metrics agree with the fetch
+ * layer's figures, guest and job bytes apart, and with network_bytes. */
+static void test_http_control_status_net(void **state)
+{
+	struct image_create_opts o = {.size = test_len & ~(uint64_t)511, .backing_fmt = "raw"};
+	struct fetch_net_stats before, after;
+	struct control_ctx c = {0};
+	struct image *top;
+	uint8_t *buf = malloc(TEST_MIB);
+	char url[128], *text;
+	size_t len;
+	uint64_t guest, job;
+
+	assert_non_null(buf);
+	tsrv_start();
+	tpool_options(0, 2, 1, 3);
+	tsrv_url(url, sizeof(url));
+	fetch_mem_reset();
+	o.backing_name = url;
+	assert_int_equal(image_create("mem:ovl", "qcow2", &o), 0);
+	assert_int_equal(image_open_chain("mem:ovl", NULL, IMAGE_RDWR, NULL, &top), 0);
+	assert_int_equal(disk_new(top, true, false, &c.disk), 0);
+	c.events = events_new();
+	assert_non_null(c.events);
+	assert_int_equal(stream_new(c.disk, c.events, &c.job), 0);
+
+	fetch_net_totals(&before);
+	assert_int_equal(disk_read(c.disk, buf, 100000, 12345), 0);
+	assert_memory_equal(buf, test_data + 12345, 100000);
+	fetch_set_thread_class(FETCH_CLASS_JOB);
+	assert_int_equal(disk_read(c.disk, buf, 300000, 3 * TEST_MIB + 7), 0);
+	fetch_set_thread_class(FETCH_CLASS_GUEST);
+	assert_memory_equal(buf, test_data + 3 * TEST_MIB + 7, 300000);
+	fetch_net_totals(&after);
+	guest = after.bytes[FETCH_CLASS_GUEST] - before.bytes[FETCH_CLASS_GUEST];
+	job = after.bytes[FETCH_CLASS_JOB] - before.bytes[FETCH_CLASS_JOB];
+	assert_true(guest >= 100000 && job >= 300000); /* whole clusters are copied */
+
+	assert_int_equal(control_render(&c, CTL_STATUS, &text, &len), 0);
+	text = realloc(text, len + 1);
+	text[len] = '\0';
+	assert_true(test_status_num(text, "net_bytes_guest") == after.bytes[FETCH_CLASS_GUEST]);
+	assert_true(test_status_num(text, "net_bytes_job") == after.bytes[FETCH_CLASS_JOB]);
+	assert_true(test_status_num(text, "network_bytes") == guest + job);
+	assert_true(test_status_num(text, "net_requests") == after.requests);
+	assert_true(test_status_num(text, "net_requests") > before.requests);
+	assert_true(test_status_num(text, "net_requests_in_flight") == 0);
+	assert_true(test_status_num(text, "net_errors") == after.errors);
+	assert_true(test_status_num(text, "net_connections") >= 1);
+	assert_true(test_status_num(text, "net_latency_p50_ms") > 0);
+	assert_true(test_status_num(text, "net_latency_p50_ms") <=
+		    test_status_num(text, "net_latency_p99_ms"));
+	assert_true(test_status_num(text, "net_rtt_ms") >= 0);
+	assert_true(test_status_num(text, "net_rtt_ms") <=
+		    test_status_num(text, "net_latency_p50_ms"));
+	assert_true(test_status_num(text, "net_rate_bytes_per_s") >= 0);
+	free(text);
+
+	assert_int_equal(control_render(&c, CTL_METRICS, &text, &len), 0);
+	text = realloc(text, len + 1);
+	text[len] = '\0';
+	snprintf(url, sizeof(url), "\nstreamfs_net_fetched_bytes_total{class=\"job\"} %llu\n",
+		 (unsigned long long)after.bytes[FETCH_CLASS_JOB]);
+	assert_non_null(strstr(text, url));
+	assert_null(strstr(text, "NaN")); /* every figure is known now */
+	free(text);
+
+	stream_free(c.job);
+	assert_int_equal(disk_close(c.disk), 0);
+	events_free(c.events);
+	fetch_mem_reset();
+	free(buf);
+	tsrv_stop();
+}
+
 /* ---- throughput (only with STREAMFS_HTTP_BENCH=SIZE) ---- */
 
 static double test_now_s(void)
@@ -1690,6 +1791,7 @@ int main(void)
 	    cmocka_unit_test(test_http_pool_faults_exact),
 	    cmocka_unit_test(test_http_pool_guest_first),
 	    cmocka_unit_test(test_http_pool_guest_before_job),
+	    cmocka_unit_test(test_http_control_status_net),
 	    cmocka_unit_test(test_http_bench_nginx),
 	};
 
