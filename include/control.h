@@ -24,6 +24,7 @@ enum control_id {
 	CTL_PULL,
 	CTL_EVENTS,
 	CTL_MAP,
+	CTL_METRICS,
 	CTL_COUNT,
 };
 

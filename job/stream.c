@@ -44,6 +44,7 @@
 #define STREAM_PROBE_NS	  1000000000ull /* measure each depth this long */
 #define STREAM_PROBE_GAIN 1.15		/* a deeper pipeline must be this much faster */
 #define STREAM_PROBE_HOLD 10		/* periods to wait before probing again */
+#define STREAM_PREFETCH_POLL_NS 50000000ull /* how often a job waiting for a replay looks */
 
 struct stream_job {
 	struct disk *d;
