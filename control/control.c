@@ -31,7 +31,7 @@ const struct control_info control_files[CTL_COUNT] = {
     [CTL_SPEED] = {"speed", 0644},     [CTL_STREAM] = {"stream", 0644},
     [CTL_ABORT] = {"abort", 0200},     [CTL_PULL] = {"pull", 0200},
     [CTL_EVENTS] = {"events", 0444},   [CTL_MAP] = {"map", 0444},
-    [CTL_METRICS] = {"metrics", 0444},
+    [CTL_METRICS] = {"metrics", 0444}, [CTL_TRACE] = {"trace", 0444},
 };
 
 int control_lookup(const char *name)
@@ -157,6 +157,26 @@ static void control_render_net(struct control_buf *b)
 		cb_printf(b, "net_rate_bytes_per_s: %.0f\n", n.rate_bytes_per_s);
 }
 
+/* The boot trace: what this mount recorded, and the replay of -o prefetch. */
+static void control_render_prefetch(struct control_buf *b, struct control_ctx *c)
+{
+	struct prefetch_status ps = {0};
+
+	if (c->prefetch)
+		prefetch_get_status(c->prefetch, &ps);
+	cb_printf(b, "trace_ranges: %llu\n", (unsigned long long)ps.trace_ranges);
+	cb_printf(b, "trace_clusters_dropped: %llu\n", (unsigned long long)ps.trace_dropped);
+	cb_printf(b, "prefetch: %s\n", prefetch_state_name(ps.state));
+	cb_printf(b, "prefetch_ranges_done: %llu\n", (unsigned long long)ps.ranges_done);
+	cb_printf(b, "prefetch_ranges_total: %llu\n", (unsigned long long)ps.ranges_total);
+	cb_printf(b, "prefetch_bytes_done: %llu\n", (unsigned long long)ps.bytes_done);
+	cb_printf(b, "prefetch_bytes_total: %llu\n", (unsigned long long)ps.bytes_total);
+	cb_printf(b, "prefetch_bytes_copied: %llu\n", (unsigned long long)ps.bytes_copied);
+	cb_printf(b, "prefetch_guest_reads_served: %llu\n",
+		  (unsigned long long)ps.guest_reads_served);
+	cb_printf(b, "prefetch_error: %s\n", ps.error[0] ? ps.error : "-");
+}
+
 static void control_render_status(struct control_buf *b, struct control_ctx *c)
 {
 	struct stream_status st;
@@ -204,6 +224,10 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 		  (unsigned long long)atomic_load(&ds->cor_bytes));
 	cb_printf(b, "bytes_not_copied_overlay_full: %llu\n",
 		  (unsigned long long)atomic_load(&ds->cor_skipped));
+	cb_printf(b, "bytes_read_ahead: %llu\n",
+		  (unsigned long long)atomic_load(&ds->readahead_bytes));
+	cb_printf(b, "readahead_hits: %llu\n",
+		  (unsigned long long)atomic_load(&ds->readahead_hits));
 	cb_printf(b, "guest_bytes_read: %llu\n", (unsigned long long)atomic_load(&ds->guest_read));
 	cb_printf(b, "guest_bytes_written: %llu\n",
 		  (unsigned long long)atomic_load(&ds->guest_written));
@@ -213,6 +237,7 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)disk_network_bytes(c->disk));
 	cb_printf(b, "network_rate_bytes_per_s: %llu\n", (unsigned long long)st.net_rate);
 	control_render_net(b);
+	control_render_prefetch(b, c);
 }
 
 static void control_render_map(struct control_buf *b, struct disk *d)
@@ -413,6 +438,10 @@ int control_render(struct control_ctx *c, enum control_id id, char **buf, size_t
 	case CTL_METRICS:
 		control_render_metrics(&b, c);
 		break;
+	case CTL_TRACE:
+		if (c->prefetch)
+			return prefetch_render_trace(c->prefetch, buf, len);
+		break; /* no recorder: an empty file */
 	default:
 		cb_printf(&b, "%s", "");
 		break;

@@ -420,7 +420,7 @@ static int client_trace_merge(int n, char **files)
 
 int sfs_client_main(int argc, char **argv)
 {
-	static const char *cmds[] = {"status", "progress", "map",  "events", "stream", "pause",
+	static const char *cmds[] = {"status", "progress", "map",   "events", "stream", "pause",
 				     "resume", "abort",	   "speed", "wait",   "trace"};
 	const char *cmd = argv[1], *mnt;
 	bool known = false;

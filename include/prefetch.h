@@ -34,9 +34,9 @@ enum prefetch_state { PREFETCH_NONE, PREFETCH_RUNNING, PREFETCH_DONE, PREFETCH_F
 struct prefetch_status {
 	enum prefetch_state state;
 	uint64_t ranges_total, ranges_done;
-	uint64_t bytes_total, bytes_done; /* bytes of the trace covered */
-	uint64_t bytes_copied;		  /* of those, copied (the rest was already there) */
-	uint64_t guest_reads_served;	  /* guest reads of data the replay had copied */
+	uint64_t bytes_total, bytes_done;     /* bytes of the trace covered */
+	uint64_t bytes_copied;		      /* of those, copied (the rest was already there) */
+	uint64_t guest_reads_served;	      /* guest reads of data the replay had copied */
 	uint64_t trace_ranges, trace_dropped; /* the recorder's counters */
 	char error[256];
 };
@@ -51,6 +51,9 @@ void prefetch_free(struct prefetch *pf);
  * buffer. -errno after a message naming the uri. */
 int prefetch_load(const char *uri, char **text, size_t *len);
 
+/* Parse text and check it names d's backing, without starting anything:
+ * -EINVAL after a message for a bad or foreign trace. */
+int prefetch_check(struct prefetch *pf, const char *text, size_t len);
 /* Parse text, check it names d's backing, and start copying its ranges in
  * the background. -EINVAL (after a message) for a bad or foreign trace. */
 int prefetch_replay(struct prefetch *pf, const char *text, size_t len);

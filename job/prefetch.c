@@ -4,7 +4,7 @@
  * - The read observer (prefetch_observe) runs on FUSE worker threads for
  *   every run of every guest read; it touches only the recorder (lock-free
  *   for repeats, see trace.h) and, for hits, an atomic counter after a
- *   binary search of an immutable index.
+ *   binary search of an index that is immutable once pf->spans is set.
  * - Replay lanes take the next piece of the trace under pf->lock, copy it
  *   with disk_populate() without any lock of ours, and account under the
  *   lock. They never hold pf->lock across I/O.
@@ -38,16 +38,16 @@ struct prefetch {
 	/* The replay. t, spans and nspans are immutable once started. */
 	struct trace *t;
 	struct prefetch_span *spans; /* t's ranges sorted by offset */
-	size_t nspans;
-	size_t *span_of; /* t->r[i] is spans[span_of[i]] */
+	_Atomic size_t nspans;	     /* published after spans is sorted */
+	size_t *span_of;	     /* t->r[i] is spans[span_of[i]] */
 	pthread_t lanes[PREFETCH_LANES];
 	unsigned nlanes;
 	pthread_mutex_t lock;
 	/* Protected by lock. */
-	size_t next_range;	/* next range of t to start */
-	uint64_t next_off;	/* next offset inside it */
-	unsigned busy;		/* lanes copying */
-	unsigned *range_left;	/* pieces of each range not yet done */
+	size_t next_range;    /* next range of t to start */
+	uint64_t next_off;    /* next offset inside it */
+	unsigned busy;	      /* lanes copying */
+	unsigned *range_left; /* pieces of each range not yet done */
 	enum prefetch_state state;
 	bool quit;
 	uint64_t ranges_done, bytes_done, bytes_copied;
@@ -64,7 +64,7 @@ const char *prefetch_state_name(enum prefetch_state s)
 /* The span holding off, or NULL. */
 static struct prefetch_span *prefetch_span_at(struct prefetch *pf, uint64_t off)
 {
-	size_t lo = 0, hi = pf->nspans;
+	size_t lo = 0, hi = atomic_load(&pf->nspans);
 
 	while (lo < hi) {
 		size_t mid = lo + (hi - lo) / 2;
@@ -86,11 +86,12 @@ static void prefetch_observe(void *opaque, uint64_t off, uint64_t len, bool miss
 	struct prefetch *pf = opaque;
 	struct prefetch_span *sp;
 
-	if (miss) {
-		trace_rec_note(pf->rec, off, len);
-		return;
-	}
-	if (pf->spans && (sp = prefetch_span_at(pf, off)) && atomic_load(&sp->done))
+	/* Every first read is recorded, also of data that copy-on-read's
+	 * read-ahead, the stream job or a replay had already copied: the trace
+	 * is the guest's order, whatever served it. (Reads of what the guest
+	 * wrote itself are recorded too; a replay skips them, as allocated.) */
+	trace_rec_note(pf->rec, off, len);
+	if (!miss && (sp = prefetch_span_at(pf, off)) && atomic_load(&sp->done))
 		atomic_fetch_add(&pf->guest_hits, 1);
 }
 
@@ -277,21 +278,24 @@ static int prefetch_index(struct prefetch *pf)
 	for (size_t i = 0; i < t->n; i++) {
 		pf->spans[i].off = t->r[i].off;
 		pf->spans[i].end = t->r[i].off + t->r[i].len;
-		/* Stash the range index in done's place until sorted. */
 		pf->range_left[i] = (unsigned)SFS_DIV_ROUND_UP(t->r[i].len, PREFETCH_PIECE);
 	}
 	qsort(pf->spans, t->n, sizeof(*pf->spans), prefetch_span_cmp);
-	/* Ranges are disjoint (trace.h), so an offset finds its span. */
+	atomic_store(&pf->nspans, t->n); /* now the observer may look */
+	/* Ranges are disjoint and non-empty (trace.h), so each range's offset
+	 * finds its own span. */
 	for (size_t i = 0; i < t->n; i++) {
 		struct prefetch_span *sp = prefetch_span_at(pf, t->r[i].off);
 
+		if (!sp)
+			return -EINVAL;
 		pf->span_of[i] = (size_t)(sp - pf->spans);
 	}
-	pf->nspans = t->n;
 	return 0;
 }
 
-int prefetch_replay(struct prefetch *pf, const char *text, size_t len)
+/* Parse text into *out and check it is a trace of d's backing. */
+static int prefetch_parse(struct prefetch *pf, const char *text, size_t len, struct trace **out)
 {
 	struct disk *d = pf->d;
 	struct trace *t = NULL;
@@ -319,6 +323,27 @@ int prefetch_replay(struct prefetch *pf, const char *text, size_t len)
 		trace_free(t);
 		return -EINVAL;
 	}
+	*out = t;
+	return 0;
+}
+
+int prefetch_check(struct prefetch *pf, const char *text, size_t len)
+{
+	struct trace *t;
+	int r = prefetch_parse(pf, text, len, &t);
+
+	if (r == 0)
+		trace_free(t);
+	return r;
+}
+
+int prefetch_replay(struct prefetch *pf, const char *text, size_t len)
+{
+	struct trace *t;
+	int r = prefetch_parse(pf, text, len, &t);
+
+	if (r < 0)
+		return r;
 	pthread_mutex_lock(&pf->lock);
 	if (pf->t) {
 		pthread_mutex_unlock(&pf->lock);

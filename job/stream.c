@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fetch.h"
 #include "prefetch.h"
 #include "stream.h"
 #include "util.h"
@@ -39,12 +40,12 @@
 #define STREAM_RATE_WINDOW    8		    /* rate samples kept, STREAM_RATE_NS apart */
 #define STREAM_RATE_NS	      250000000ull
 /* Lanes: chunks in flight at once (see "Depth" below). */
-#define STREAM_MAX_LANES  8
-#define STREAM_LANE_CHUNK (4u << 20)	/* bytes per chunk with more than one lane */
-#define STREAM_PROBE_NS	  1000000000ull /* measure each depth this long */
-#define STREAM_PROBE_GAIN 1.15		/* a deeper pipeline must be this much faster */
-#define STREAM_PROBE_HOLD 10		/* periods to wait before probing again */
-#define STREAM_PREFETCH_POLL_NS 50000000ull /* how often a job waiting for a replay looks */
+#define STREAM_MAX_LANES	8
+#define STREAM_LANE_CHUNK	(4u << 20)    /* bytes per chunk with more than one lane */
+#define STREAM_PROBE_NS		1000000000ull /* measure each depth this long */
+#define STREAM_PROBE_GAIN	1.15	      /* a deeper pipeline must be this much faster */
+#define STREAM_PROBE_HOLD	10	      /* periods to wait before probing again */
+#define STREAM_PREFETCH_POLL_NS 50000000ull   /* how often a job waiting for a replay looks */
 
 struct stream_job {
 	struct disk *d;
@@ -470,7 +471,7 @@ static bool stream_lane_may_take(struct stream_job *j, unsigned idx, uint64_t *w
 	 * (lane 0's guest_active lags by up to a chunk; the counter does not). */
 	if (j->state != STREAM_RUNNING || j->want_pause || j->want_cancel || j->lane_err ||
 	    j->guest_active || idx >= j->depth || j->next >= j->length ||
-	    atomic_load(&j->d->stats.guest_inflight) > 0)
+	    atomic_load(&j->d->stats.guest_inflight) > 0 || fetch_guest_inflight() > 0)
 		return false;
 	if (prefetch_active(j->prefetch)) {
 		*wait_ns = STREAM_PREFETCH_POLL_NS;
@@ -498,6 +499,8 @@ static void *stream_lane(void *opaque)
 	size_t bufsize = SFS_MAX((size_t)STREAM_LANE_CHUNK, (size_t)j->d->top->cluster_size);
 
 	free(a);
+	/* Guest reads keep their reserved connections (fetch.h). */
+	fetch_set_thread_class(FETCH_CLASS_JOB);
 	pthread_mutex_lock(&j->lock);
 	while (!j->quit) {
 		uint64_t wait_ns, chunk, pos, len, copied = 0;
@@ -538,6 +541,7 @@ static void *stream_thread(void *opaque)
 	uint64_t last_ops = 0, last_chunk_ns = 0;
 	enum stream_prio prio = STREAM_PRIO_NORMAL;
 
+	fetch_set_thread_class(FETCH_CLASS_JOB);
 	pthread_mutex_lock(&j->lock);
 	for (;;) {
 		uint64_t pos, len, chunk, copied = 0, t0, ops;
