@@ -704,6 +704,18 @@ static const char *ct_status_keys[] = {
     "net_latency_p99_ms",
     "net_rtt_ms",
     "net_rate_bytes_per_s",
+    "bytes_read_ahead",
+    "readahead_hits",
+    "trace_ranges",
+    "trace_clusters_dropped",
+    "prefetch",
+    "prefetch_ranges_done",
+    "prefetch_ranges_total",
+    "prefetch_bytes_done",
+    "prefetch_bytes_total",
+    "prefetch_bytes_copied",
+    "prefetch_guest_reads_served",
+    "prefetch_error",
 };
 
 /* Every line is "key: value" with a documented key, each key once. */
@@ -1707,8 +1719,8 @@ static void test_control_pull_copies_range(void **state)
 
 static void test_control_lookup(void **state)
 {
-	static const char *names[] = {"status", "progress", "speed", "stream", "abort",
-				      "pull",	"events",   "map",   "metrics"};
+	static const char *names[] = {"status", "progress", "speed", "stream",	"abort",
+				      "pull",	"events",   "map",   "metrics", "trace"};
 
 	for (int i = 0; i < CTL_COUNT; i++) {
 		assert_int_equal(control_lookup(names[i]), i);
