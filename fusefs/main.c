@@ -136,7 +136,7 @@ static void sfs_usage(FILE *f)
 	    "    -o cacert=FILE         extra CA certificates for https backings\n"
 	    "    -o http_auth_file=FILE credentials for http(s): 'Header: value' or "
 	    "'user:password'\n"
-	    "    -o http_pool=N         parallel HTTP connections per backing (4)\n"
+	    "    -o http_pool=N         HTTP connections per backing for the job (8); guest reads may open 2 more\n"
 	    "    -o http_timeout=S      seconds before a stalled HTTP request is retried (30)\n"
 	    "    -o http_retries=N      attempts per HTTP request (5)\n"
 	    "    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"

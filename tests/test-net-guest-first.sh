@@ -122,6 +122,7 @@ job=$(field "$T/mnt" net_bytes_job)
 [ $((guest + job)) -eq "$(field "$T/mnt" network_bytes)" ] ||
 	fail "net_bytes_guest $guest + net_bytes_job $job != network_bytes $(field "$T/mnt" network_bytes)"
 [ "$guest" -ge $((6 * 65536)) ] || fail "net_bytes_guest $guest: the guest reads were not counted"
+[ "$job" -gt 0 ] || fail "net_bytes_job 0: the stream job's reads were counted as the guest's"
 [ "$(field "$T/mnt" net_errors)" = 0 ] || fail "net_errors $(field "$T/mnt" net_errors)"
 [ "$(field "$T/mnt" net_requests_in_flight)" = 0 ] || fail "requests still in flight"
 rtt=$(field "$T/mnt" net_rtt_ms)
