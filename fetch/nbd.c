@@ -648,6 +648,11 @@ static void nbdsrc_submit(struct nbdsrc_priv *p, struct nbdsrc_req *rq)
 	if (cookie < 0) {
 		err = nbd_get_errno() ? nbd_get_errno() : EIO;
 		nbdsrc_why(why, sizeof(why));
+		/* A connection that died under us (its I/O thread has not
+		 * seen it yet) is refused with EINVAL, "invalid state":
+		 * that is a lost connection, to retry on a new one. */
+		if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h))
+			err = ENOTCONN;
 	}
 
 	pthread_mutex_lock(&p->lock);
