@@ -22,7 +22,7 @@ requires qemu-img fusermount3 cmp
 servers=()
 for s in qemu-nbd nbdkit; do
 	if command -v $s >/dev/null 2>&1; then
-		servers+=($s)
+		servers+=("$s")
 	elif [ -n "${CI:-}" ]; then
 		missing $s
 	fi
@@ -32,7 +32,7 @@ done
 MIB=$((1024 * 1024))
 SOCK=$T/nbd.sock
 URI="nbd+unix:///?socket=$SOCK"
-SRV_PID= wpid=
+SRV_PID="" wpid=""
 
 # srv_start KIND IMAGE: export IMAGE read-only on $SOCK; wait until it serves.
 srv_start() {
@@ -52,8 +52,9 @@ srv_kill() {
 	wait "$SRV_PID" 2>/dev/null || true
 	SRV_PID=
 }
-# At exit: unmount first (a daemon whose server is gone retries before it
-# exits), then the server and the writer.
+# At exit (KEEP_LOG=FILE keeps the daemon's log): unmount first (a daemon
+# whose server is gone retries before it exits), then the server and the
+# writer.
 cleanup_fn '[ -z "${KEEP_LOG:-}" ] || cp "$T/daemon.err" "$KEEP_LOG"; umount_all; srv_kill; [ -n "$wpid" ] && kill "$wpid" 2>/dev/null'
 
 # daemon_said TEXT: the daemon's log (sfs_mount_fg) holds TEXT.
@@ -102,8 +103,9 @@ for srv in "${servers[@]}"; do
 	net=$(field "$T/mnt" network_bytes)
 	# Holes are never transferred: at most the data, and the 16 MiB of
 	# holes would have shown.
-	[ "$net" -gt 0 ] && [ "$net" -le $((data_bytes + 4 * MIB)) ] ||
+	if [ "$net" -eq 0 ] || [ "$net" -gt $((data_bytes + 4 * MIB)) ]; then
 		fail "$srv: $net bytes came over the network for $data_bytes of data"
+	fi
 	"$HELPERS/writer" verify "$T/mnt/disk" "$T/wlog" "$T/src.raw" || fail "$srv: guest data check failed"
 	cat "$T/mnt/disk" >"$T/guest.raw"
 
