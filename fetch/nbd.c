@@ -33,6 +33,17 @@
  * variable until their request is done: libnbd's synchronous calls hold the
  * handle lock for the whole request, so they could not overlap.
  *
+ * Fork. streamfs opens the chain, then fuse_daemonize() forks: threads do
+ * not survive that. So the I/O threads start with the first request, in the
+ * process that makes it (nbdsrc_threads). A raw backing is not read before
+ * the fork, and the daemon starts them over the connection made at open. A
+ * qcow2 backing is (its header): the parent's threads ran, and may still
+ * poll their sockets until the parent exits, so the child takes none of
+ * those connections over: it closes its copies of their sockets (a server
+ * that serves one client at a time, as qemu-nbd does by default, then sees
+ * them go when the parent exits), leaves libnbd's memory of them alone, and
+ * connects anew.
+ *
  * Faults and the time bound. libnbd has no per-request timeout; the I/O
  * thread keeps one: a connection with requests in flight on which nothing
  * moves (no byte read or written) for io_timeout seconds (http_timeout,
@@ -177,6 +188,8 @@ struct nbdsrc_priv {
 	long connect_timeout, io_timeout; /* in seconds */
 	int verbose_level;		  /* of per-source messages; -1: none */
 	struct nbdsrc_conn *conns;
+	atomic_int pid; /* process running the I/O threads, 0: none yet; written
+			 * under nbdsrc_start_lock */
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
@@ -194,6 +207,10 @@ struct nbdsrc_priv {
 	atomic_bool changed; /* sticky: the export changed (size) */
 	_Atomic uint64_t requests, retries, reconnects;
 };
+
+/* Serialises the start of I/O threads (nbdsrc_threads). Global, not in
+ * nbdsrc_priv: after a fork the child cannot trust the parent's locks. */
+static pthread_mutex_t nbdsrc_start_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* ---- Small helpers ---- */
 
@@ -396,7 +413,7 @@ static bool nbdsrc_any_state(struct nbdsrc_priv *p, enum nbdsrc_conn_state st)
 /* Ask c's I/O thread to connect it. Called with p->lock held. */
 static void nbdsrc_kick(struct nbdsrc_conn *c)
 {
-	if (c->state == NBDSRC_CONN_DOWN && !atomic_load(&c->p->quit)) {
+	if (c->state == NBDSRC_CONN_DOWN && c->thread_started && !atomic_load(&c->p->quit)) {
 		c->state = NBDSRC_CONN_CONNECTING;
 		pthread_cond_broadcast(&c->p->cond);
 	}
@@ -690,6 +707,79 @@ static int nbdsrc_wait_up(struct nbdsrc_priv *p, char *why, size_t whylen)
 	return 0;
 }
 
+/* Start the I/O threads in process me (see "Fork" at the top). Called with
+ * nbdsrc_start_lock held. A connection whose thread cannot start stays down
+ * and is never used. */
+static int nbdsrc_start_threads(struct nbdsrc_priv *p, int me)
+{
+	unsigned started = 0;
+
+	if (atomic_load(&p->pid) != 0) {
+		/* A child: no thread of ours is left, no lock can be trusted. */
+		pthread_mutex_init(&p->lock, NULL);
+		pthread_cond_init(&p->cond, NULL);
+		p->degraded = false;
+		for (unsigned i = 0; i < p->nconns; i++) {
+			struct nbdsrc_conn *c = &p->conns[i];
+
+			if (c->h) {
+				int fd = nbd_aio_get_fd(c->h);
+
+				if (fd >= 0)
+					close(fd);
+				c->h = NULL; /* leaked: freeing it would touch the socket */
+			}
+			if (c->wake[0] >= 0)
+				close(c->wake[0]);
+			if (c->wake[1] >= 0)
+				close(c->wake[1]);
+			c->wake[0] = c->wake[1] = -1;
+			c->state = NBDSRC_CONN_DOWN;
+			c->reqs = NULL;
+			c->inflight = c->users = c->fails = 0;
+			c->retry_ns = 0;
+			c->thread_started = false;
+		}
+	}
+	for (unsigned i = 0; i < p->nconns; i++) {
+		struct nbdsrc_conn *c = &p->conns[i];
+		int r = 0;
+
+		if (pipe2(c->wake, O_CLOEXEC | O_NONBLOCK) < 0)
+			r = -errno;
+		else
+			r = -pthread_create(&c->thread, NULL, nbdsrc_conn_thread, c);
+		if (r < 0) {
+			sfs_warn("%s: cannot start the thread of connection %u: %s", p->display, i,
+				 strerror(-r));
+			if (c->h) {
+				nbd_close(c->h);
+				c->h = NULL;
+			}
+			c->state = NBDSRC_CONN_DOWN;
+			continue;
+		}
+		c->thread_started = true;
+		started++;
+	}
+	atomic_store(&p->pid, me);
+	return started ? 0 : -EAGAIN;
+}
+
+/* Make sure this process runs the I/O threads. */
+static int nbdsrc_threads(struct nbdsrc_priv *p)
+{
+	int me = (int)getpid(), r = 0;
+
+	if (atomic_load(&p->pid) == me)
+		return 0;
+	pthread_mutex_lock(&nbdsrc_start_lock);
+	if (atomic_load(&p->pid) != me)
+		r = nbdsrc_start_threads(p, me);
+	pthread_mutex_unlock(&nbdsrc_start_lock);
+	return r;
+}
+
 /* Run the n requests rqs to completion with retries (see the top of the
  * file). Logs the final failure once and returns -EIO; 0 when all are ok. */
 static int nbdsrc_run(struct nbdsrc_priv *p, struct nbdsrc_req *rqs, unsigned n, const char *what)
@@ -698,6 +788,10 @@ static int nbdsrc_run(struct nbdsrc_priv *p, struct nbdsrc_req *rqs, unsigned n,
 	unsigned attempt, i;
 	char why[160];
 
+	if (nbdsrc_threads(p) < 0) {
+		sfs_error("%s: no I/O thread", p->display);
+		return -EIO;
+	}
 	for (i = 0; i < n; i++) {
 		rqs[i].p = p;
 		rqs[i].ok = false;
@@ -844,6 +938,9 @@ static void nbdsrc_close(struct fetch_source *s)
 	if (!p)
 		return;
 	if (p->conns) {
+		/* Our threads, if this process runs them (not the parent's). */
+		bool ours = atomic_load(&p->pid) == (int)getpid();
+
 		pthread_mutex_lock(&p->lock);
 		atomic_store(&p->quit, true);
 		pthread_cond_broadcast(&p->cond);
@@ -851,11 +948,11 @@ static void nbdsrc_close(struct fetch_source *s)
 		for (unsigned i = 0; i < p->nconns; i++) {
 			struct nbdsrc_conn *c = &p->conns[i];
 
-			if (c->thread_started) {
+			if (ours && c->thread_started) {
 				nbdsrc_wake(c);
 				pthread_join(c->thread, NULL);
 			}
-			if (c->h) /* the first one, when its thread never started */
+			if (c->h) /* no thread of ours closed it */
 				nbd_close(c->h);
 			if (c->wake[0] >= 0)
 				close(c->wake[0]);
@@ -946,26 +1043,13 @@ static int nbdsrc_open(struct fetch_source *s, int flags)
 		c->p = p;
 		c->wake[0] = c->wake[1] = -1;
 		/* The extra connections of multi-conn connect in the
-		 * background; reads use the first meanwhile. */
+		 * background once the threads run; reads use the first
+		 * meanwhile. */
 		c->state = i == 0 ? NBDSRC_CONN_UP : NBDSRC_CONN_CONNECTING;
 		atomic_init(&c->last_ns, sfs_now_ns());
 	}
 	p->conns[0].h = h;
-	for (unsigned i = 0; i < p->nconns; i++) {
-		struct nbdsrc_conn *c = &p->conns[i];
-
-		if (pipe2(c->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
-			r = -errno;
-			goto fail;
-		}
-		r = -pthread_create(&c->thread, NULL, nbdsrc_conn_thread, c);
-		if (r < 0) {
-			if (i > 0)
-				c->state = NBDSRC_CONN_DOWN;
-			goto fail;
-		}
-		c->thread_started = true;
-	}
+	atomic_init(&p->pid, 0); /* the threads start with the first request */
 	s->size = p->size;
 	if (p->verbose_level >= 0)
 		sfs_log(

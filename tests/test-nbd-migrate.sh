@@ -9,7 +9,8 @@
 # server is stopped for good and the overlay stands alone: qemu-img check is
 # clean and qemu-img compare equals the guest's view (source + writes, which
 # the writer's log verifies sector by sector). Holes (base:allocation) are
-# never transferred. qemu-img info of a fresh overlay shows the nbd backing
+# never transferred. Daemonized mounts (the daemon forks after opening the
+# backing) read right. qemu-img info of a fresh overlay shows the nbd backing
 # exactly as qemu-img create writes it, and QEMU reads our overlay through
 # its own NBD client. Last, a server gone for good mid-stream: with
 # on-error=stop the job pauses, the daemon's message names the server, a
@@ -121,6 +122,20 @@ for srv in "${servers[@]}"; do
 	grep -F "$SOCK" "$T/daemon.err" | grep -q "restarted\|reconnected" || fail "$srv: messages do not name the server"
 	info "$srv: restart mid-stream carried on; $net bytes over the network; overlay stands alone"
 done
+
+# Daemonized mounts: the daemon forks after the chain is open. A raw
+# backing is not read before the fork; a qcow2 one is (its header).
+qemu-img convert -f raw -O qcow2 "$T/src.raw" "$T/src.qcow2"
+for bfmt in raw qcow2; do
+	srv_start "${servers[0]}" "$T/src.$bfmt"
+	rm -f "$T/ovl"
+	"$STREAMFS" create -f "$FMT" -b "$URI" -F $bfmt "$T/ovl" >/dev/null || fail "create over $bfmt"
+	sfs_mount "$T/ovl" "$T/mnt"
+	timeout 60 cmp "$T/mnt/disk" "$T/src.raw" || fail "daemonized mount over an NBD $bfmt backing: reads differ or hang"
+	sfs_umount "$T/mnt"
+	srv_kill
+done
+info "daemonized mounts over raw and qcow2 NBD backings read right"
 
 # A server gone for good mid-stream: the job pauses (on-error=stop) with an
 # error, the daemon names the server, a guest read of missing data is EIO;

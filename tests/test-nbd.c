@@ -462,6 +462,45 @@ static void test_nbd_tcp(void **state)
 	fetch_close(s);
 }
 
+/* In a child: read the whole source and compare; exit 0 if right. */
+static void test_child_reads(struct fetch_source *s)
+{
+	uint8_t *buf = malloc(TEST_SIZE);
+
+	_exit(buf && fetch_pread(s, buf, TEST_SIZE, 0) == 0 &&
+		      memcmp(buf, test_data, TEST_SIZE) == 0
+		  ? 0
+		  : 1);
+}
+
+/* The daemon forks after opening the chain, with or without reads before
+ * (a qcow2 backing's header): the child reads right either way, and the
+ * parent still does after a child used the source. */
+static void test_nbd_fork(void **state)
+{
+	struct fetch_source *s;
+	int status;
+	pid_t pid;
+
+	test_need(have_nbdkit, "nbdkit");
+	test_start_nbdkit();
+	for (int before = 0; before < 2; before++) {
+		s = test_open_ok(test_uri);
+		if (before)
+			test_check_range(s, 0, 65536); /* the I/O threads run here */
+		pid = fork();
+		assert_true(pid >= 0);
+		if (pid == 0)
+			test_child_reads(s);
+		assert_int_equal(waitpid(pid, &status, 0), pid);
+		assert_true(WIFEXITED(status));
+		assert_int_equal(WEXITSTATUS(status), 0);
+		if (before)
+			test_check_range(s, TEST_HOLE_END, TEST_MIB);
+		fetch_close(s);
+	}
+}
+
 /* ---- holes ---- */
 
 static void test_nbd_extent(void **state)
@@ -692,6 +731,7 @@ int main(void)
 					    test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_qemu_nbd, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_tcp, test_before, test_after),
+	    cmocka_unit_test_setup_teardown(test_nbd_fork, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_extent, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_extent_unsupported, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_restart_idle, test_before, test_after),
