@@ -501,6 +501,43 @@ static void test_nbd_fork(void **state)
 	}
 }
 
+static void test_open_plain(void *arg)
+{
+	struct fetch_source *s = NULL;
+
+	assert_true(fetch_open(test_uri, FETCH_RDONLY, &s) < 0);
+	assert_null(s);
+}
+
+/* nbds+unix:// with a TLS pre-shared key (user "alice" in the URI, the
+ * key file in tls-psk-file=); a plain connection to a server that
+ * requires TLS is refused, saying so. */
+static void test_nbd_tls(void **state)
+{
+	char psk[600], pskarg[620], uri[1400], log[4096];
+	const char *pre[] = {"--tls=require", pskarg, NULL};
+	struct fetch_source *s;
+	FILE *f;
+
+	test_need(have_nbdkit, "nbdkit");
+	snprintf(psk, sizeof(psk), "%s/keys.psk", test_dir);
+	f = fopen(psk, "w");
+	assert_non_null(f);
+	fprintf(f, "alice:");
+	for (int i = 0; i < 4; i++)
+		fprintf(f, "%016llx", (unsigned long long)test_rand());
+	fprintf(f, "\n");
+	fclose(f);
+	snprintf(pskarg, sizeof(pskarg), "--tls-psk=%s", psk);
+	test_start_nbdkit_args(test_file, pre, NULL);
+	snprintf(uri, sizeof(uri), "nbds+unix://alice@/?socket=%s&tls-psk-file=%s", test_sock, psk);
+	s = test_open_ok(uri);
+	test_check_range(s, TEST_HOLE_END - 4096, 2 * TEST_MIB);
+	fetch_close(s);
+	test_capture(test_open_plain, NULL, log, sizeof(log));
+	test_assert_in_log(log, "TLS");
+}
+
 /* ---- holes ---- */
 
 static void test_nbd_extent(void **state)
@@ -732,6 +769,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_nbd_qemu_nbd, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_tcp, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_fork, test_before, test_after),
+	    cmocka_unit_test_setup_teardown(test_nbd_tls, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_extent, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_extent_unsupported, test_before, test_after),
 	    cmocka_unit_test_setup_teardown(test_nbd_restart_idle, test_before, test_after),
