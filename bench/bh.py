@@ -357,6 +357,8 @@ def fmt(x):
         return "-"
     if isinstance(x, str):
         return x
+    if x >= 10 and x == int(x):  # counts, sizes
+        return "%d" % x
     if x >= 1000:
         return "%.0f" % x
     if x >= 100:
