@@ -41,11 +41,12 @@
 #define STREAM_RATE_NS	      250000000ull
 /* Lanes: chunks in flight at once (see "Depth" below). */
 #define STREAM_MAX_LANES	8
-#define STREAM_LANE_CHUNK	(4u << 20)    /* bytes per chunk with more than one lane */
-#define STREAM_PROBE_NS		1000000000ull /* measure each depth this long */
-#define STREAM_PROBE_GAIN	1.15	      /* a deeper pipeline must be this much faster */
-#define STREAM_PROBE_HOLD	10	      /* periods to wait before probing again */
-#define STREAM_PREFETCH_POLL_NS 50000000ull   /* how often a job waiting for a replay looks */
+#define STREAM_LANE_CHUNK	(4u << 20)   /* bytes per chunk with more than one lane */
+#define STREAM_PROBE_NS		500000000ull /* measure each depth this long */
+#define STREAM_PROBE_GAIN	1.15	     /* a deeper pipeline must be this much faster */
+#define STREAM_PROBE_STEP	4	     /* each probe multiplies the depth by this */
+#define STREAM_PROBE_HOLD	10	     /* periods to wait before probing again */
+#define STREAM_PREFETCH_POLL_NS 50000000ull  /* how often a job waiting for a replay looks */
 
 struct stream_job {
 	struct disk *d;
@@ -404,10 +405,13 @@ static void stream_grow_lanes(struct stream_job *j)
  * request at a time used a fifth of an 80 ms / 500 Mbit/s link. The number
  * is measured, not configured for one network: every STREAM_PROBE_NS the
  * copy rate of the period is compared with the rate at the depth that
- * worked; the depth doubles while that raises the rate by at least
- * STREAM_PROBE_GAIN, and when it does not, the job goes back and probes
- * again after STREAM_PROBE_HOLD periods (links change). While the guest
- * does I/O the depth is 1 (see Yielding). Called with lock held, by lane 0. */
+ * worked; the depth grows STREAM_PROBE_STEP-fold (1, 4, 8) while that
+ * raises the rate by at least STREAM_PROBE_GAIN, and when it does not, the
+ * job goes back and probes again after STREAM_PROBE_HOLD periods (links
+ * change). Big steps and short periods because the ramp is paid on every
+ * job: doubling once a second took 3 s of a 6 s stream over 80 ms. While
+ * the guest does I/O the depth is 1 (see Yielding). Called with lock held,
+ * by lane 0. */
 static void stream_adapt_depth(struct stream_job *j, uint64_t now)
 {
 	unsigned before = j->depth;
@@ -439,7 +443,8 @@ static void stream_adapt_depth(struct stream_job *j, uint64_t now)
 			j->good_depth = j->depth;
 			j->probe_rate = rate;
 			if (j->depth < STREAM_MAX_LANES)
-				j->depth = SFS_MIN(j->depth * 2, (unsigned)STREAM_MAX_LANES);
+				j->depth = SFS_MIN(j->depth * STREAM_PROBE_STEP,
+						   (unsigned)STREAM_MAX_LANES);
 		} else {
 			j->depth = j->good_depth;
 			j->probe_hold = STREAM_PROBE_HOLD;
@@ -449,7 +454,8 @@ static void stream_adapt_depth(struct stream_job *j, uint64_t now)
 		if (j->probe_hold)
 			j->probe_hold--;
 		else if (rate > 0 && j->depth < STREAM_MAX_LANES)
-			j->depth = SFS_MIN(j->depth * 2, (unsigned)STREAM_MAX_LANES);
+			j->depth =
+			    SFS_MIN(j->depth * STREAM_PROBE_STEP, (unsigned)STREAM_MAX_LANES);
 	}
 	j->probe_t0 = now;
 	j->probe_b0 = j->copied;
