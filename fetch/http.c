@@ -43,6 +43,29 @@
  * -ETIMEDOUT, a refused connection -ECONNREFUSED, everything else (TLS
  * verification failures included) -EIO.
  *
+ * Mirrors (fetch_add_mirror). A source may have up to FETCH_MAX_MIRRORS
+ * more URLs serving the same bytes; with its own URL they are its servers
+ * (http_endpoint, ep[0] is s->uri). Each mirror is probed like the URL at
+ * open (redirects pinned, credentials only to the URL's origin) and must
+ * report the same size and validator, else it is refused; a URL without a
+ * validator takes no mirror, since nothing would tell versions apart. Every
+ * request goes to the usable server with the fewest requests in flight,
+ * ties in turn. A transient failure or a stall takes its server out for
+ * HTTP_DOWN_MIN_MS, doubling up to HTTP_DOWN_MAX_MS each time the one
+ * request let through when the period ends (its trial) fails too; the
+ * failed request is retried at once on another usable server, and only
+ * waits out the backoff when there is none. The checks of every response
+ * apply to every server: one that serves another version (validator, size,
+ * 412) is refused for good before any byte of it is taken, the request
+ * goes elsewhere, and only when no server is left is the source "changed".
+ * A guest read does not wait out a stall when another server is usable:
+ * no byte for HTTP_FAILOVER_MIN_MS (or HTTP_FAILOVER_RTTS times the best
+ * first-byte time seen, on a far link) and it moves on; the job keeps
+ * io_timeout. A handle keeps one connection (CURLOPT_MAXCONNECTS 1) and
+ * remembers its server; the pool hands out a handle connected to the
+ * chosen server when it has one, so connections stay per server. Without
+ * mirrors none of this changes anything: the one server is always used.
+ *
  * Throughput, measured on loopback against nginx (tests/test-http.c with
  * STREAMFS_HTTP_BENCH=1G): sequential 4 MiB preads run at about the speed of
  * `curl -o /dev/null` and use less CPU. Splitting gains nothing on loopback
@@ -116,7 +139,10 @@
  * DNS cache and TLS sessions are shared between the handles of one source
  * through a CURLSH with its own locks. Everything else in http_priv is
  * written only by open() and is read-only afterwards, except `changed`
- * (atomic, sticky). curl_global_init() runs once under pthread_once.
+ * (atomic, sticky). Servers: ep[i] is filled before it is published by
+ * raising nep under lock (mirror_lock keeps adders one at a time) and is
+ * read-only afterwards except its health fields (under lock) and its
+ * counters (atomics). curl_global_init() runs once under pthread_once.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -232,9 +258,10 @@ struct http_req {
 	struct http_priv *p;
 	struct http_endpoint *ep; /* the server of this attempt (reads; NULL for a probe) */
 	const char *url;
-	bool creds; /* send the auth header / user:password */
-	bool probe; /* open-time probe: learn the total size and validator */
-	bool trial; /* this attempt is the trial of a server that was down */
+	const char *shown; /* a probe: its URL as shown in messages */
+	bool creds;	   /* send the auth header / user:password */
+	bool probe;	   /* open-time probe: learn the total size and validator */
+	bool trial;	   /* this attempt is the trial of a server that was down */
 	enum fetch_class cls;
 	uint8_t *buf; /* destination of exactly len bytes */
 	size_t len;
@@ -729,7 +756,7 @@ static void http_refuse(struct http_req *rq, const char *what, const char *old, 
 		sfs_error("%s: server %s now serves another version of the file (%s %s -> %s); "
 			  "not using it any more%s",
 			  p->display, e->display, what, old, new[0] ? new : "(none)",
-			  left ? "" : ": no server left");
+			  left ? "" : "; no server left, every further read fails");
 	if (!left && !atomic_exchange(&p->changed, true) && n <= 1)
 		sfs_error("%s: URL changed on the server (%s %s -> %s); refusing to mix old and "
 			  "new data, every further read fails",
@@ -1564,7 +1591,7 @@ static int http_request(struct http_priv *p, struct http_conn *c, struct http_re
 	if (r < 0)
 		HTTP_NET_ADD(p, errors, 1);
 	if (r < 0 && rq->probe)
-		sfs_error("%s: %s%s", p->display, rq->why,
+		sfs_error("%s: %s%s", rq->shown ? rq->shown : p->display, rq->why,
 			  transient ? " (giving up after retries)" : "");
 	else if (r < 0 && !atomic_load(&p->changed))
 		sfs_error("%s: reading bytes %llu-%llu: %s%s", shown, (unsigned long long)rq->off,
@@ -1594,7 +1621,8 @@ static int http_probe(struct http_priv *p, struct http_conn *c, const char *url_
 	const char *why = NULL;
 	char *url = NULL;
 	uint8_t byte;
-	struct http_req rq = {.p = p, .probe = true, .buf = &byte, .len = 1, .off = 0};
+	struct http_req rq = {
+	    .p = p, .probe = true, .buf = &byte, .len = 1, .off = 0, .shown = display};
 	unsigned hops;
 	int r;
 
@@ -1920,12 +1948,12 @@ static const char *http_mirror_differs(struct http_priv *p, const struct http_pr
 		snprintf(why, len, "size %llu, the backing URL has %llu",
 			 (unsigned long long)res->size, (unsigned long long)p->size);
 	else if (res->validator_is_etag != p->validator_is_etag)
-		snprintf(why, len, "%s \"%s\", the backing URL has %s \"%s\"",
+		snprintf(why, len, "%s %s, the backing URL has %s %s",
 			 res->validator_is_etag ? "ETag" : "Last-Modified",
 			 res->validator[0] ? res->validator : "(none)",
 			 p->validator_is_etag ? "ETag" : "Last-Modified", p->validator);
 	else if (strcmp(res->validator, p->validator) != 0)
-		snprintf(why, len, "%s \"%s\", the backing URL has \"%s\"",
+		snprintf(why, len, "%s %s, the backing URL has %s",
 			 p->validator_is_etag ? "ETag" : "Last-Modified",
 			 res->validator[0] ? res->validator : "(none)", p->validator);
 	else
