@@ -1083,14 +1083,14 @@ static void http_wake(struct http_priv *p)
 }
 
 /* Take an idle handle for a request to e (NULL: any): one already
- * connected to e, else a new one while there is room for it, else any
- * (it reconnects). NULL if none is idle and there is room. Called with
+ * connected to e (or to nothing yet), else a new one while there is room
+ * for it, else any (it reconnects). NULL if none is idle and there is room. Called with
  * p->lock held. */
 static struct http_conn *http_take_idle(struct http_priv *p, const struct http_endpoint *e)
 {
 	struct http_conn **pc = &p->free_conns, *c;
 
-	while (*pc && e && (*pc)->ep != e)
+	while (*pc && e && (*pc)->ep != e && (*pc)->ep)
 		pc = &(*pc)->next;
 	if (!*pc) {
 		if (p->nconns < p->pool_size + HTTP_GUEST_RESERVE)
@@ -1529,8 +1529,11 @@ static int http_request(struct http_priv *p, struct http_conn *c, struct http_re
 			break;
 		}
 		r = http_attempt(p, c, rq, &transient, &wait_ms);
-		if (rq->refused && !atomic_load(&p->changed))
-			transient = true; /* another server may still serve it */
+		/* With mirrors, any failure of one server (a refusal, a 404 or
+		 * 403 there, a broken answer) may be its own: another server
+		 * may still serve the read. */
+		if (r < 0 && rq->ep && atomic_load(&p->nep) > 1 && !atomic_load(&p->changed))
+			transient = true;
 		if (r == 0 && !rq->probe) {
 			struct http_sample smp = {.start_ns = rq->start_ns,
 						  .end_ns = rq->end_ns,
@@ -1903,6 +1906,7 @@ static int http_open(struct fetch_source *s, int flags)
 		goto fail;
 	}
 	r = http_probe(p, c, s->uri, p->display, &res);
+	c->ep = &p->ep[0]; /* connected to the pinned URL (or to nothing) */
 	http_put_conn(p, c, FETCH_CLASS_GUEST);
 	if (r < 0)
 		goto fail;
@@ -1996,6 +2000,7 @@ static int http_add_mirror(struct fetch_source *s, const char *url)
 		goto out;
 	}
 	r = http_probe(p, c, url, display, &res);
+	c->ep = &p->ep[n]; /* a refused mirror's slot is reused by the next */
 	http_put_conn(p, c, FETCH_CLASS_GUEST);
 	if (r < 0) {
 		sfs_error("%s: mirror %s refused: it does not answer as it should (see above)",

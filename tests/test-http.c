@@ -381,6 +381,7 @@ struct tsrv {
 	unsigned nconns;		   /* protected by lock */
 	const char *etag;		   /* ETag sent (default "\"t1\"") */
 	size_t size;			   /* total size announced (default test_len) */
+	bool gone;			   /* /data answers 404 */
 };
 
 /* Two servers: tsrv for most tests, tsrv2 as a mirror of it. */
@@ -473,8 +474,12 @@ static bool tsrv_answer(struct tsrv *t, int fd, const char *hdr)
 	bool fail, stall, slow;
 	size_t len, sent, size;
 	char etag[64];
+	bool gone;
 
-	if (strncmp(hdr, "GET /data ", 10) != 0) {
+	pthread_mutex_lock(&t->lock);
+	gone = t->gone;
+	pthread_mutex_unlock(&t->lock);
+	if (strncmp(hdr, "GET /data ", 10) != 0 || gone) {
 		snprintf(head, sizeof(head), "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
 		return tsrv_send(fd, head, strlen(head));
 	}
@@ -618,6 +623,7 @@ static void tsrv_start_port(struct tsrv *t, int port)
 	memset(t->gate, 0, sizeof(t->gate));
 	t->etag = "\"t1\"";
 	t->size = test_len;
+	t->gone = false;
 	assert_int_equal(pthread_create(&t->accept_thread, NULL, tsrv_accept_run, t), 0);
 	t->running = true;
 }
@@ -1863,6 +1869,26 @@ static void test_http_mirror_changes_midway(void **state)
 	tsrv_stop(&tsrv);
 }
 
+/* A mirror whose file is gone (404) mid-way: the reads it had are served
+ * by the other server; it is down, not the read. */
+static void test_http_mirror_404_midway(void **state)
+{
+	struct fetch_source *s;
+
+	tpool_options(4, 2, 30, 3);
+	s = tmirror_open();
+	pthread_mutex_lock(&tsrv2.lock);
+	tsrv2.gone = true;
+	pthread_mutex_unlock(&tsrv2.lock);
+	for (unsigned i = 0; i < 6; i++)
+		test_check_range(s, (uint64_t)i * 1000003, TEST_MIB);
+	assert_int_equal(tmirror_get(s, 1).state, FETCH_MIRROR_DOWN);
+	assert_true(tmirror_get(s, 1).errors >= 1);
+	fetch_close(s);
+	tsrv_stop(&tsrv2);
+	tsrv_stop(&tsrv);
+}
+
 /* Readers in flight while the mirror dies (its held requests cut): every
  * read returns the right bytes, no error. The mirror is down, then tried
  * again once its period is over: it is back after it is restarted. */
@@ -2086,6 +2112,7 @@ int main(void)
 	    cmocka_unit_test(test_http_mirror_spread),
 	    cmocka_unit_test(test_http_mirror_refused_at_open),
 	    cmocka_unit_test(test_http_mirror_changes_midway),
+	    cmocka_unit_test(test_http_mirror_404_midway),
 	    cmocka_unit_test(test_http_mirror_dies_and_returns),
 	    cmocka_unit_test(test_http_mirror_guest_stall),
 	    cmocka_unit_test(test_http_bench_nginx),
