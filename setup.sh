@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install what streamfs needs to build, test and benchmark on Debian/Ubuntu.
-# Build: libfuse3, zlib, libcurl, cmocka. Test oracles and peers: qemu-img,
-# fio, nginx, qemu-storage-daemon, nbdkit, nbdfuse, python3 (fault server).
+# Build: libfuse3, zlib, libcurl, libnbd (nbd:// backings), cmocka. Test
+# oracles and peers: qemu-img and qemu-nbd, fio, nginx, qemu-storage-daemon,
+# nbdkit, nbdinfo, nbdfuse, python3 (fault server).
 # For tests/test-libvirt.sh and its guest (tests/guest/), always: libvirtd,
 # virtlogd, virsh and qemu-system-x86 (without recommends: ~40 packages,
 # 21 MiB), busybox-static, e2fsprogs, cpio; the sysv flavour of
@@ -10,13 +11,13 @@ set -e
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 PKGS="build-essential pkg-config libfuse3-dev fuse3 zlib1g-dev libcurl4-openssl-dev \
-libcmocka-dev qemu-utils fio nginx-light python3 curl clang-format procps psmisc bc tmux openssl \
-util-linux valgrind"
+libnbd-dev libnbd-bin nbdkit libcmocka-dev qemu-utils fio nginx-light python3 curl clang-format \
+procps psmisc bc tmux openssl util-linux valgrind"
 NOREC="libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients \
 qemu-system-x86 busybox-static e2fsprogs cpio"
 for a in "$@"; do
 	case $a in
-	--bench) PKGS="$PKGS qemu-system-common qemu-block-extra nbdkit libnbd-bin" ;;
+	--bench) PKGS="$PKGS qemu-system-common qemu-block-extra" ;;
 	--libvirt) ;; # always installed now; kept for old command lines
 	*) echo "setup: unknown option $a (--bench)" >&2; exit 2 ;;
 	esac

@@ -2,12 +2,16 @@
 """Bench helpers for bench/run.sh (stdlib only).
 
   bh.py freeport
-  bh.py qmp-stream SOCK DEVICE SPEED TIMEOUT   block-stream, wait for completion
+  bh.py qmp-stream SOCK DEVICE SPEED TIMEOUT [MARK]  block-stream, wait for completion;
+                                               mark_t: when its offset first reached MARK
   bh.py qmp-cmd SOCK JSON                      one QMP command, print the reply
-  bh.py sfs-stream MNT SPEED TIMEOUT           start the streamfs job, wait for completion
+  bh.py sfs-stream MNT SPEED TIMEOUT [MARK]    start the streamfs job, wait for completion
   bh.py sfs-rate MNT SPEED SECS                start the job, print its rate over SECS, cancel
   bh.py fio JSONFILE                           print "iops p50_us p99_us"
   bh.py latwin CLATLOG T_START T_END T_KILL    idle/busy p50 p99 from a fio clat log
+  bh.py latsamples CLATLOG [T_START T_END]     latencies (ms) of a fio clat log written with
+                                               log_unix_epoch, completed within the window
+  bh.py pcts FILE                              "p50 p99 n" of the numbers in FILE
   bh.py report RESULTS SIZE_MIB                print the table
 """
 import json
@@ -30,23 +34,27 @@ class QMP:
         self.s = socket.socket(socket.AF_UNIX)
         self.s.settimeout(timeout)
         self.s.connect(path)
-        self.f = self.s.makefile("rwb")
+        # lines are split here, not by a makefile() reader: that one refuses
+        # to read again once a read timed out, and timeouts poll the job
+        self.buf = b""
         self.events = []
         self.recv()  # greeting
         self.cmd("qmp_capabilities")
 
     def recv(self):
-        line = self.f.readline()
-        if not line:
-            raise EOFError("QMP socket closed")
+        while b"\n" not in self.buf:
+            b = self.s.recv(65536)
+            if not b:
+                raise EOFError("QMP socket closed")
+            self.buf += b
+        line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
     def cmd(self, name, args=None):
         msg = {"execute": name}
         if args is not None:
             msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
+        self.s.sendall(json.dumps(msg).encode() + b"\n")
         while True:
             r = self.recv()
             if "event" in r:
@@ -55,8 +63,21 @@ class QMP:
             return r
 
 
-def qmp_stream(sock, device, speed, timeout):
+def qmp_job_offset(q):
+    """Progress of job s0 in bytes, or None."""
+    r = q.cmd("query-block-jobs")
+    for j in r.get("return", []):
+        if j.get("device") == "s0":
+            return j.get("offset")
+    return None
+
+
+def qmp_stream(sock, device, speed, timeout, mark=None):
+    """With mark (bytes), also prints mark_t: the wall clock time at which the
+    job's offset was first seen at or past mark (query-block-jobs, every 20 ms)."""
     timeout = float(timeout)
+    mark = int(mark) if mark else None
+    mark_t = None
     deadline = time.monotonic() + timeout
     try:
         q = QMP(sock, timeout)
@@ -69,16 +90,34 @@ def qmp_stream(sock, device, speed, timeout):
             print("result=fail error=%s" % r["error"].get("desc", "?").replace(" ", "_"))
             return
         while True:
-            q.s.settimeout(max(0.01, deadline - time.monotonic()))
-            ev = q.events.pop(0) if q.events else q.recv()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if mark is not None and mark_t is None:
+                q.s.settimeout(min(left, 0.02))
+            else:
+                q.s.settimeout(max(0.01, left))
+            try:
+                ev = q.events.pop(0) if q.events else q.recv()
+            except (socket.timeout, TimeoutError):
+                if mark is None or mark_t is not None:
+                    raise
+                q.s.settimeout(max(0.01, left))
+                off = qmp_job_offset(q)
+                if off is not None and off >= mark:
+                    mark_t = time.time()
+                continue
             if ev.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"):
                 t1 = time.monotonic()
+                if mark is not None and mark_t is None:
+                    mark_t = time.time()
                 d = ev.get("data", {})
                 err = d.get("error", "-")
                 ok = ev["event"] == "BLOCK_JOB_COMPLETED" and err == "-"
-                print("result=%s elapsed_s=%.4f len=%s offset=%s error=%s" %
+                print("result=%s elapsed_s=%.4f len=%s offset=%s error=%s%s" %
                       ("ok" if ok else "fail", t1 - t0, d.get("len"), d.get("offset"),
-                       str(err).replace(" ", "_")))
+                       str(err).replace(" ", "_"),
+                       " mark_t=%.4f" % mark_t if mark_t is not None else ""))
                 return
     except (socket.timeout, TimeoutError):
         print("result=hang")
@@ -108,8 +147,21 @@ def read_status(mnt):
     return st
 
 
-def sfs_stream(mnt, speed, timeout):
+def sfs_progress(mnt):
+    try:
+        with open(os.path.join(mnt, "control/progress")) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sfs_stream(mnt, speed, timeout, mark=None):
+    """With mark (bytes), also prints mark_t: the wall clock time at which
+    control/progress (the first offset not yet copied) was first seen at or
+    past mark."""
     timeout = float(timeout)
+    mark = int(mark) if mark else None
+    mark_t = None
     ctl = os.path.join(mnt, "control/stream")
     cmd = "start" + (" speed=%s" % speed if speed not in ("0", "") else "")
     t0 = time.monotonic()
@@ -128,17 +180,26 @@ def sfs_stream(mnt, speed, timeout):
             state = "err:" + str(e)
         if state.split()[:1] and state.split()[0] in ("completed", "failed", "cancelled"):
             break
+        if mark is not None and mark_t is None:
+            off = sfs_progress(mnt)
+            if off is not None and off >= mark:
+                mark_t = time.time()
         time.sleep(0.005)
     else:
         print("result=hang state=%s" % state.replace(" ", "_"))
         return
     t1 = time.monotonic()
+    if mark is not None and mark_t is None:
+        mark_t = time.time()
     st = read_status(mnt)
     ok = state.startswith("completed")
-    print("result=%s elapsed_s=%.4f avg_rate=%s copied=%s cor=%s status_elapsed=%s error=%s" %
+    print("result=%s elapsed_s=%.4f avg_rate=%s copied=%s cor=%s network_bytes=%s "
+          "status_elapsed=%s error=%s" %
           ("ok" if ok else "fail", t1 - t0, st.get("avg_rate_bytes_per_s", "-"),
            st.get("bytes_copied_by_job", "-"), st.get("bytes_copied_on_read", "-"),
-           st.get("elapsed_s", "-"), st.get("error", "-").replace(" ", "_")))
+           st.get("network_bytes", "-"), st.get("elapsed_s", "-"),
+           st.get("error", "-").replace(" ", "_")) +
+          (" mark_t=%.4f" % mark_t if mark_t is not None else ""))
 
 
 def sfs_rate(mnt, speed, secs):
@@ -230,6 +291,38 @@ def latwin(log, t_start, t_end, t_kill):
           len(idle), len(busy))
 
 
+def latsamples(log, t_start=None, t_end=None):
+    """fio clat log with log_unix_epoch=1: 'ms since the epoch, ns, ...', one
+    row per I/O at its completion. Prints the latencies in ms, one a line, of
+    the I/Os completed within [t_start, t_end] (wall clock seconds) if given."""
+    try:
+        f = open(log)
+    except OSError:
+        return
+    with f:
+        for line in f:
+            p = line.split(",")
+            if len(p) < 2:
+                continue
+            ms, ns = int(p[0]), int(p[1])
+            if t_start is not None and not float(t_start) * 1000.0 <= ms <= float(t_end) * 1000.0:
+                continue
+            print("%.3f" % (ns / 1e6))
+
+
+def pcts(path):
+    xs = []
+    try:
+        with open(path) as f:
+            xs = [float(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    if not xs:
+        print("fail fail 0")
+        return
+    print("%.3f %.3f %d" % (pct(xs, 50), pct(xs, 99), len(xs)))
+
+
 # ---------------------------------------------------------------- report
 
 def load(path):
@@ -264,6 +357,8 @@ def fmt(x):
         return "-"
     if isinstance(x, str):
         return x
+    if x >= 10 and x == int(x):  # counts, sizes
+        return "%d" % x
     if x >= 1000:
         return "%.0f" % x
     if x >= 100:
@@ -306,6 +401,8 @@ def report(path, size_mib):
         ("full stream, local backing, job (s)", "stream_local", "limit.cp_sync", "cp+sync"),
         ("full stream, local backing, job+sync (s)", "stream_local_sync", "limit.cp_sync", "cp+sync"),
         ("full stream, HTTP backing (MiB/s)", "stream_http", "limit.curl", "curl"),
+        ("full stream, HTTP backing, job+sync (s)", "stream_http_sync", "limit.curl_file_sync",
+         "curl -o+sync"),
         ("throttled stream speed=100M, achieved (MiB/s)", "throttle", "limit.throttle_req", "req"),
         ("  streamfs avg_rate_bytes_per_s (MiB/s)", "throttle_avg", "limit.throttle_req", "req"),
         ("throttled speed=%sM, CPU load, achieved (MiB/s)" % mib(med(v, "limit.throttle_req")),
@@ -323,6 +420,24 @@ def report(path, size_mib):
         ("daemon peak RSS VmHWM, local stream (MiB)", "rss_local", None, None),
         ("daemon peak RSS VmHWM, HTTP stream (MiB)", "rss_http", None, None),
     ]
+    links = wan_links(v)
+    for rtt, rate, tag in links:
+        w = "WAN %s ms/%s Mbit" % (rtt, rate)
+        rows += [
+            ("%s: full stream + sync (s)" % w, tag + ".stream", "limit.%s.capacity" % tag,
+             "4 curls+sync"),
+            ("  %s: stream job without the sync (s)" % w, tag + ".stream_job",
+             "limit.%s.capacity_xfer" % tag, "4 curls"),
+            ("  %s: network bytes of the stream (MiB)" % w, tag + ".net_mib", None, None),
+            ("  %s: guest cold 4K read p50 idle (ms)" % w, tag + ".lat_idle_p50", None, None),
+            ("  %s: guest cold 4K read p99 idle (ms)" % w, tag + ".lat_idle_p99", None, None),
+            ("  %s: guest 4K read p50 during stream (ms)" % w, tag + ".lat_busy_p50", None, None),
+            ("  %s: guest 4K read p99 during stream (ms)" % w, tag + ".lat_busy_p99", None, None),
+            ("  %s: p99 busy/idle (x)" % w, tag + ".lat_p99_ratio", None, None),
+            ("  %s: reads sampled idle" % w, tag + ".lat_idle_n", None, None),
+            ("  %s: reads sampled during stream" % w, tag + ".lat_busy_n", None, None),
+            ("  %s: stream job with the guest reading (s)" % w, tag + ".stream_busy", None, None),
+        ]
     systems = ["streamfs", "qsd", "nbdkit"]
     hdr = ["workload", "streamfs", "qsd", "nbdkit", "limit", "sfs/qsd", "sfs/nbdkit", "sfs/limit"]
     table = []
@@ -375,6 +490,33 @@ def report(path, size_mib):
         hq_ok = (h > hq) if isinstance(hq, float) else (True if hq in ("hang", "fail") else None)
     target("full stream HTTP faster than qsd http", hq_ok,
            "%s MiB/s vs %s MiB/s" % (fmt(h), fmt(hq)))
+    h, c = S("stream_http_sync"), L("limit.curl_file_sync")
+    target("full stream HTTP (job+sync) no slower than curl -o FILE && sync",
+           (h <= c) if num(h, c) else None,
+           "%s s vs %s s (%s x)" % (fmt(h), fmt(c), fmt(ratio(h, c))))
+    h, b = S("stream_http"), L("baseline.streamfs.stream_http")
+    target("full stream HTTP no slower than the baseline (BENCH_BASELINE, 5% noise allowed)",
+           (h >= 0.95 * b) if num(h, b) else None,
+           "%s MiB/s vs %s MiB/s (%s x)" % (fmt(h), fmt(b), fmt(ratio(h, b))))
+    for rtt, rate, tag in links:
+        w = "WAN %s ms/%s Mbit" % (rtt, rate)
+        lim = WAN_TARGETS.get((rtt, rate), 1.15)
+        t, c = S(tag + ".stream"), L("limit.%s.capacity" % tag)
+        target("%s: full stream <= %.2fx the link's capacity (4 curls + sync)" % (w, lim),
+               (t <= lim * c) if num(t, c) else None,
+               "%s s vs %s s (%s x)" % (fmt(t), fmt(c), fmt(ratio(t, c))))
+        peers = [(p, med(v, "%s.%s.stream" % (p, tag))) for p in ("qsd", "nbdkit")]
+        oks = [faster(t, x) for _, x in peers]
+        target("%s: full stream faster than qsd and nbdkit" % w,
+               None if None in oks else all(oks),
+               "%s s vs %s" % (fmt(t), ", ".join("%s %s s" % (p, fmt(x)) for p, x in peers)))
+        a = S(tag + ".lat_p99_ratio")
+        target("%s: guest cold 4K p99 during unthrottled stream <= 1.3x idle" % w,
+               (a <= 1.3) if num(a) else None,
+               "%s ms vs %s ms idle (%s x, %s/%s reads); qsd %s x" %
+               (fmt(S(tag + ".lat_busy_p99")), fmt(S(tag + ".lat_idle_p99")), fmt(a),
+                fmt(S(tag + ".lat_busy_n")), fmt(S(tag + ".lat_idle_n")),
+                fmt(Q(tag + ".lat_p99_ratio"))))
     a, b = S("cold_seq"), Q("cold_seq")
     target("cold seq read >= 1.5x qsd COR (buffered)", (a >= 1.5 * b) if num(a, b) else None,
            "%s vs %s MiB/s (%s x)" % (fmt(a), fmt(b), fmt(ratio(a, b))))
@@ -410,17 +552,49 @@ def report(path, size_mib):
     print("  limit column: 'floor' = qsd exporting the raw file over FUSE (no COR), 'raw' = the file without")
     print("  FUSE, cp+sync / curl / req as named. streamfs opens disk with keep_cache, so its warm buffered")
     print("  dd is served from the kernel page cache; the iflag=direct rows measure the daemon.")
+    if links:
+        print("  WAN rows: links emulated by bench/linkem (bench/wan.sh), %s MiB image, medians of %s"
+              % (v.get("wan_size_mib", ["?"])[0], v.get("wan_runs", ["?"])[0]))
+        print("  interleaved runs; every time includes a final sync. qsd: http driver + qcow2 overlay +")
+        print("  copy-on-read + block-stream; nbdkit: curl plugin + cow filter (cow-on-read) pulled by")
+        print("  nbdcopy to null: (each block is written once, to the cow overlay). Guest latency: psync")
+        print("  qd1 O_DIRECT 4K random reads in the image's second half of a fresh overlay, samples")
+        print("  pooled over the runs; 'during stream' counts the reads completed from the stream's start")
+        print("  until its progress got within 32 MiB of that half, so every read counted is cold.")
     checks = []
     for k in sorted(v):
-        if ".verify_" in k:
+        if ".verify" in k:
             checks.append("%s=%s" % (k, ",".join(v[k])))
     if checks:
         print()
-        print("data checks (cmp against the backing): " + " ".join(checks))
+        print("data checks (cmp, qemu-img compare for WAN, against the backing): " + " ".join(checks))
     print()
     print("targets:")
     for o in out:
         print("  " + o)
+
+
+# the issue's ceilings for the WAN stream / link capacity ratio; other links get 1.15
+WAN_TARGETS = {("80", "500"): 1.15, ("40", "200"): 1.1}
+
+
+def wan_links(v):
+    """[(rtt, rate, key tag)] from the 'wan_links 80:500,40:200' line."""
+    out = []
+    for l in (v.get("wan_links") or [""])[0].split(","):
+        if ":" in l:
+            rtt, rate = l.split(":", 1)
+            out.append((rtt, rate, "wan_%s_%s" % (rtt.replace(".", "p"), rate.replace(".", "p"))))
+    return out
+
+
+def faster(t, peer):
+    """streamfs time t beats the peer's: True/False, None if unknown."""
+    if not isinstance(t, float):
+        return False if t is not None else None
+    if isinstance(peer, float):
+        return t < peer
+    return True if peer in ("hang", "fail") else None
 
 
 def maxall(v):
@@ -445,17 +619,21 @@ def main():
     if c == "freeport":
         freeport()
     elif c == "qmp-stream":
-        qmp_stream(*a[1:5])
+        qmp_stream(*a[1:6])
     elif c == "qmp-cmd":
         qmp_cmd(a[1], a[2])
     elif c == "sfs-stream":
-        sfs_stream(*a[1:4])
+        sfs_stream(*a[1:5])
     elif c == "sfs-rate":
         sfs_rate(*a[1:4])
     elif c == "fio":
         fio_parse(a[1])
     elif c == "latwin":
         latwin(*a[1:5])
+    elif c == "latsamples":
+        latsamples(*a[1:4])
+    elif c == "pcts":
+        pcts(a[1])
     elif c == "report":
         report(a[1], a[2])
     else:

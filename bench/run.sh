@@ -8,7 +8,20 @@
 #   BENCH_DIR=/tmp/streamfs-bench       work dir (results in BENCH_DIR/results.txt)
 #   BENCH_FIO_SECS=5                    seconds per fio random-read run
 #   BENCH_SPEED_MIB=100                 requested rate of the throttled stream
-#   BENCH_ONLY="reads stream http throttle latency rss"   subset of sections
+#   BENCH_ONLY="reads stream http throttle latency rss wan"   subset of sections
+#   BENCH_BASELINE=FILE                 an earlier results.txt: the loopback HTTP
+#                                       stream must be no slower than its figure
+#
+# WAN section (links emulated by bench/linkem through bench/wan.sh; the
+# kernel has no netem):
+#   WAN_LINKS="80:500 40:200"           RTT_MS:RATE_MBIT of each link
+#   WAN_SIZE_MIB=256                    image size for the WAN runs
+#   BENCH_WAN_RUNS=3                    interleaved runs per link (medians)
+#   BENCH_WAN_LAT_RUNS=2                guest latency runs per link (samples pooled)
+#   BENCH_WAN_LAT_IOS=150               cold 4K reads per idle latency run
+#   With the defaults the section takes about 20 minutes on 2 shared cores:
+#   the peers are slow at a distance (qsd block-stream ~50 s, nbdkit's curl
+#   plugin ~90 s per 256 MiB over 80 ms).
 #
 # Peers and settings as in ../shared/PEERS.md (beside the repository). Every
 # peer step runs under `timeout`; a step that times out is reported as "hang",
@@ -25,11 +38,22 @@ RUNS=${BENCH_RUNS:-3}
 W=${BENCH_DIR:-/tmp/streamfs-bench}
 FIO_SECS=${BENCH_FIO_SECS:-5}
 SPEED_MIB=${BENCH_SPEED_MIB:-100}
-ONLY=${BENCH_ONLY:-reads stream http throttle latency rss}
+ONLY=${BENCH_ONLY:-reads stream http throttle latency rss wan}
 SIZE=$((SIZE_MIB * 1024 * 1024))
 # per-step timeout: generous for a whole-disk pass at >= ~10 MiB/s
 TMO=$((SIZE_MIB / 10 + 60))
 RES=$W/results.txt
+WAN_LINKS=${WAN_LINKS:-80:500 40:200}
+WSIZE_MIB=${WAN_SIZE_MIB:-256}
+WRUNS=${BENCH_WAN_RUNS:-3}
+WLAT_RUNS=${BENCH_WAN_LAT_RUNS:-2}
+WLAT_IOS=${BENCH_WAN_LAT_IOS:-150}
+WSIZE=$((WSIZE_MIB * 1024 * 1024))
+# per-step timeout at a distance: a whole-image pass at >= 1 MiB/s (nbdkit's
+# curl plugin serializes its requests: ~3 MiB/s over 80 ms)
+WTMO=$((WSIZE_MIB + 60))
+# one capacity run per call: the runs are interleaved with the systems
+WAN=(env "WAN_DIR=$W/wan" WAN_RUNS=1 "$ROOT/bench/wan.sh")
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -89,6 +113,7 @@ cleanup() {
 	local i
 	for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount_path "${MOUNTS[$i]}"; done
 	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[$i]}"; done
+	[ -s "$W/wan/linkem.pid" ] && "${WAN[@]}" down >/dev/null 2>&1
 	# anything still mounted under the work dir
 	for m in $(awk -v w="$W/" 'index($2, w) == 1 {print $2}' /proc/mounts); do umount_path "$m"; done
 	rm -f "$W"/*.raw "$W"/*.qcow2 "$W"/www/* "$W"/copy.* 2>/dev/null
@@ -299,20 +324,30 @@ down() {
 for m in $(awk -v w="$W/" 'index($2, w) == 1 {print $2}' /proc/mounts 2>/dev/null); do umount_path "$m"; done
 mkdir -p "$W"
 chmod 755 "$W"
-rm -rf "${W:?}"/{*.qcow2,*.raw,*.log,*.pid,*.sock,fio.*,lat_*,www,smnt,nmnt,qsd.export,results.txt}
+rm -rf "${W:?}"/{*.qcow2,*.raw,*.log,*.pid,*.sock,fio.*,lat_*,wlat*,www,smnt,nmnt,qsd.export,results.txt}
 : >"$RES"
 rec size_mib "$SIZE_MIB"
 rec runs "$RUNS"
 rec aio_engine "$AIO"
 rec limit.throttle_req "$SPEED_MIB"
-log "work dir $W; backing $SIZE_MIB MiB; runs $RUNS; $(nproc) CPUs; streamfs $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)"
-log "generating random backing image"
-# AES-CTR keystream: incompressible like /dev/urandom, several times faster
-if have openssl; then
-	openssl enc -aes-128-ctr -pass "pass:streamfs-bench-$RANDOM" -nosalt -pbkdf2 </dev/zero 2>/dev/null |
-		head -c "$SIZE" >"$W/base.raw"
+if [ -n "${BENCH_BASELINE:-}" ]; then # figures of an earlier run, for "no slower than before"
+	grep -E '^streamfs\.stream_http(_sync)? ' "$BENCH_BASELINE" | sed 's/^/baseline./' >>"$RES" ||
+		log "warning: no loopback HTTP stream figures in $BENCH_BASELINE"
 fi
-[ "$(stat -c %s "$W/base.raw" 2>/dev/null)" = "$SIZE" ] || head -c "$SIZE" /dev/urandom >"$W/base.raw" || exit 1
+log "work dir $W; backing $SIZE_MIB MiB; runs $RUNS; $(nproc) CPUs; streamfs $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)"
+# gen_random FILE BYTES: incompressible data
+gen_random() {
+	# AES-CTR keystream: incompressible like /dev/urandom, several times faster
+	if have openssl; then
+		openssl enc -aes-128-ctr -pass "pass:streamfs-bench-$RANDOM" -nosalt -pbkdf2 </dev/zero 2>/dev/null |
+			head -c "$2" >"$1"
+	fi
+	[ "$(stat -c %s "$1" 2>/dev/null)" = "$2" ] || head -c "$2" /dev/urandom >"$1"
+}
+if [ "${ONLY// /}" != wan ]; then
+	log "generating random backing image"
+	gen_random "$W/base.raw" "$SIZE" || exit 1
+fi
 BENCH_T0=$SECONDS
 
 # ------------------------------------------------------------ 1-3: reads
@@ -462,6 +497,7 @@ sl_nbdkit() { # sl_nbdkit KEY PLUGIN ARGS...
 			rec nbdkit.stream_local_sync "$(addf "$t" "$ts")"
 		elif isnum "$t"; then
 			rec "nbdkit.$key" "$(div "$SIZE_MIB" "$t")"
+			rec "nbdkit.${key}_sync" "$(addf "$t" "$ts")"
 		else
 			rec "nbdkit.$key" "$t"
 		fi
@@ -483,11 +519,12 @@ fi
 
 # ------------------------------------------------------------ 5: full stream, HTTP
 NGINX_PID=
-if want http; then
+PORT=
+# nginx_up: serve $W/www on 127.0.0.1:$PORT; 0 once it answers
+nginx_up() {
+	local i
 	PORT=$("${BH[@]}" freeport)
-	URL=http://127.0.0.1:$PORT/base.raw
 	mkdir -p "$W/www"
-	ln -f "$W/base.raw" "$W/www/base.raw" 2>/dev/null || cp "$W/base.raw" "$W/www/base.raw"
 	cat >"$W/nginx.conf" <<EOF
 daemon off;
 worker_processes 2;
@@ -510,10 +547,22 @@ EOF
 	NGINX_PID=$!
 	PIDS+=("$NGINX_PID")
 	for ((i = 0; i < 200; i++)); do
-		curl -s -o /dev/null -r 0-0 "$URL" && break
+		curl -s -o /dev/null "http://127.0.0.1:$PORT/" && return 0
 		alive "$NGINX_PID" || break
 		sleep 0.05
 	done
+	return 1
+}
+nginx_down() {
+	stop_pid "$NGINX_PID"
+	wait "$NGINX_PID" 2>/dev/null
+	NGINX_PID=
+}
+if want http; then
+	mkdir -p "$W/www"
+	ln -f "$W/base.raw" "$W/www/base.raw" 2>/dev/null || cp "$W/base.raw" "$W/www/base.raw"
+	nginx_up
+	URL=http://127.0.0.1:$PORT/base.raw
 	if ! curl -s -o /dev/null -r 0-0 "$URL"; then
 		log "nginx did not start (see $W/nginx-error.log): HTTP workloads n/a"
 		for s in streamfs qsd nbdkit; do rec "$s.stream_http" n/a; done
@@ -529,12 +578,22 @@ EOF
 			else
 				rec limit.curl fail
 			fi
+			# the same download to disk: what a stream must do at least
+			drop
+			t0=$EPOCHREALTIME
+			if timeout -k 5 "$TMO" curl -sf -o "$W/copy.http" "$URL" && sync; then
+				rec limit.curl_file_sync "$(el "$t0")"
+			else
+				rec limit.curl_file_sync fail
+			fi
+			rm -f "$W/copy.http"
 			if sfs_fresh "$W/sfs-http.qcow2" "$URL" && sfs_up "$W/sfs-http.qcow2"; then
 				drop
 				line=$(sfs_stream 0)
 				echo "# streamfs http stream: $line" >>"$RES"
 				t=$(res_time "$line")
 				if isnum "$t"; then rec streamfs.stream_http "$(div "$SIZE_MIB" "$t")"; else rec streamfs.stream_http "$t"; fi
+				rec streamfs.stream_http_sync "$(addf "$t" "$(timed_sync)")"
 				rec streamfs.rss_http "$(hwm_mib "$SFS_PID")"
 				if [ "$r" = 1 ] && isnum "$t"; then
 					if cmp -s "$W/smnt/disk" "$W/base.raw"; then rec streamfs.verify_http ok; else rec streamfs.verify_http MISMATCH; fi
@@ -549,6 +608,7 @@ EOF
 				echo "# qsd http stream: $line" >>"$RES"
 				t=$(res_time "$line")
 				if isnum "$t"; then rec qsd.stream_http "$(div "$SIZE_MIB" "$t")"; else rec qsd.stream_http "$t"; fi
+				rec qsd.stream_http_sync "$(addf "$t" "$(timed_sync)")"
 			else
 				rec qsd.stream_http fail
 			fi
@@ -556,9 +616,7 @@ EOF
 			have nbdcopy && sl_nbdkit stream_http curl "url=$URL"
 		done
 	fi
-	stop_pid "$NGINX_PID"
-	wait "$NGINX_PID" 2>/dev/null
-	NGINX_PID=
+	nginx_down
 	rm -f "$W/www/base.raw"
 fi
 
@@ -695,6 +753,198 @@ if want rss; then
 	fi
 	qsd_down
 	rm -f "$W/sparse.raw" "$W"/*-sparse.qcow2
+fi
+
+# ------------------------------------------------------------ 9: WAN
+# Per link (bench/wan.sh up: linkem in front of one nginx serving the
+# backing), WAN_RUNS interleaved runs of: the link's capacity (4 ranged curls
+# into one file + sync), streamfs, qsd and nbdkit pulling the whole image
+# through the link; each time includes a final sync, since each system writes
+# what it pulls (streamfs and qsd their qcow2 overlay, nbdkit its cow overlay).
+# Then cold 4K reads by the guest over the link, idle and during a stream.
+col() { sed -n "s/^$1: //p" <<<"$2"; } # col KEY TEXT: value of a "key: value" line
+
+# ws_streamfs TAG URL RUN: full stream of a fresh overlay through the link
+ws_streamfs() {
+	local k=streamfs.$1 line t=fail v
+	if sfs_fresh "$W/sfs-wan.qcow2" "$2" && sfs_up "$W/sfs-wan.qcow2"; then
+		drop
+		line=$("${BH[@]}" sfs-stream "$W/smnt" 0 "$WTMO")
+		t=$(res_time "$line")
+		echo "# streamfs $1 stream: $line" >>"$RES"
+		rec "$k.stream" "$(addf "$t" "$(timed_sync)")"
+		rec "$k.stream_job" "$t"
+		v=$(kv network_bytes "$line")
+		isnum "$v" && rec "$k.net_mib" "$(div "$v" 1048576)"
+	else
+		rec "$k.stream" fail
+	fi
+	sfs_down
+	[ "$3" = 1 ] && isnum "$t" && rec "$k.verify" "$(verify_ovl "$W/sfs-wan.qcow2")"
+}
+# ws_qsd TAG URL RUN: http driver + qcow2 overlay + copy-on-read, block-stream
+ws_qsd() {
+	local k=qsd.$1 line t=fail
+	if qsd_overlay "$W/qsd-wan.qcow2" "$2" "$WSIZE" && qsd_up cor "$W/qsd-wan.qcow2" "$2"; then
+		drop
+		line=$(timeout -k 5 $((WTMO + 10)) "${BH[@]}" qmp-stream "$QSD_SOCK" ovl 0 "$WTMO" ||
+			echo result=hang)
+		t=$(res_time "$line")
+		echo "# qsd $1 stream: $line" >>"$RES"
+		rec "$k.stream" "$(addf "$t" "$(timed_sync)")"
+		rec "$k.stream_job" "$t"
+	else
+		rec "$k.stream" fail
+	fi
+	qsd_down
+	[ "$3" = 1 ] && isnum "$t" && rec "$k.verify" "$(verify_ovl "$W/qsd-wan.qcow2")"
+}
+# ws_nbdkit TAG URL: curl plugin + cow filter (cow-on-read), pulled by nbdcopy
+# to null:, so every block is written once, to the cow overlay on disk (in
+# $W), as a stream writes its overlay; a copy to a file would write it twice.
+ws_nbdkit() {
+	local k=nbdkit.$1 t0 t
+	if nbdkit_only curl "url=$2"; then
+		drop
+		t0=$EPOCHREALTIME
+		timeout -k 5 "$WTMO" nbdcopy "nbd+unix:///?socket=$NBD_SOCK" null: 2>>"$W/nbdkit.log"
+		case $? in
+		0) t=$(el "$t0") ;;
+		124 | 137) t=hang ;;
+		*) t=fail ;;
+		esac
+		rec "$k.stream" "$(addf "$t" "$(timed_sync)")"
+		rec "$k.stream_job" "$t"
+	else
+		rec "$k.stream" fail
+	fi
+	nbd_down
+}
+# verify_ovl QCOW2: ok if the streamed overlay reads as the backing and no
+# longer refers to it (else the data may still come through the backing)
+verify_ovl() {
+	if qemu-img info -U --output=json "$1" 2>/dev/null | grep -q '"backing-filename"'; then
+		echo BACKING_LEFT
+	elif qemu-img compare -q -U -f qcow2 -F raw "$1" "$W/wan.raw" 2>>"$W/wan.log"; then
+		echo ok
+	else
+		echo MISMATCH
+	fi
+}
+# wl_run SYS TAG URL: cold 4K random reads (psync qd1, O_DIRECT) on a fresh
+# overlay, in its second half: WLAT_IOS of them idle, then as many as fit in
+# an unthrottled stream until the stream gets near that half (32 MiB before
+# it: streamfs's lanes run up to 8 chunks of 4 MiB ahead of its progress), so
+# that every read counted is still cold: the stream copies in offset order.
+# Samples (ms) are appended to $W/wlat-TAG-SYS-{idle,busy}.txt.
+wl_run() {
+	local s=$1 tag=$2 url=$3 fp t_s t_e line t fio_args half=$((WSIZE / 2)) mark
+	mark=$((half - (32 << 20)))
+	[ $mark -lt $((half / 2)) ] && mark=$((half / 2))
+	case $s in
+	streamfs) sfs_fresh "$W/sfs-wan.qcow2" "$url" && sfs_up "$W/sfs-wan.qcow2" && DISK=$W/smnt/disk ;;
+	qsd)
+		qsd_overlay "$W/qsd-wan.qcow2" "$url" "$WSIZE" && qsd_up cor "$W/qsd-wan.qcow2" "$url" &&
+			DISK=$QSD_FILE ;;
+	esac || { rec "$s.$tag.lat" fail; down "$s"; return; }
+	drop
+	# the first read opens the HTTP connection(s): not a read's latency
+	dd if="$DISK" of=/dev/null bs=4k count=1 iflag=direct status=none
+	rm -f "$W"/wlat_*
+	fio_args=(--name=r "--filename=$DISK" --direct=1 --rw=randread --bs=4k --ioengine=psync
+		--iodepth=1 "--offset=$half" "--size=$half" --norandommap --randrepeat=0 --invalidate=0
+		--log_avg_msec=0 --log_unix_epoch=1 --output-format=json "--output=$W/fio-wlat.json")
+	timeout -k 5 "$WTMO" fio "${fio_args[@]}" "--number_ios=$WLAT_IOS" \
+		"--write_lat_log=$W/wlat_idle" >/dev/null 2>>"$W/fio.err"
+	"${BH[@]}" latsamples "$W/wlat_idle_clat.1.log" >>"$W/wlat-$tag-$s-idle.txt"
+	# reads complete during the stream only: fio runs until it is stopped
+	fio "${fio_args[@]}" --time_based "--runtime=$((WTMO + 30))" \
+		"--write_lat_log=$W/wlat_busy" >/dev/null 2>>"$W/fio.err" &
+	fp=$!
+	t_s=$EPOCHREALTIME
+	if [ "$s" = streamfs ]; then
+		line=$("${BH[@]}" sfs-stream "$W/smnt" 0 "$WTMO" "$mark")
+	else
+		line=$(timeout -k 5 $((WTMO + 10)) "${BH[@]}" qmp-stream "$QSD_SOCK" ovl 0 "$WTMO" "$mark" ||
+			echo result=hang)
+	fi
+	kill -INT "$fp" 2>/dev/null
+	wait_gone "$fp" 30 || kill -KILL "$fp"
+	wait "$fp" 2>/dev/null
+	t=$(res_time "$line")
+	t_e=$(kv mark_t "$line")
+	echo "# $s $tag latency stream: $line" >>"$RES"
+	rec "$s.$tag.stream_busy" "$t"
+	isnum "$t" && isnum "$t_e" &&
+		"${BH[@]}" latsamples "$W/wlat_busy_clat.1.log" "$t_s" "$t_e" >>"$W/wlat-$tag-$s-busy.txt"
+	down "$s"
+}
+
+if want wan; then
+	WAN_T0=$SECONDS
+	log "WAN: generating a $WSIZE_MIB MiB backing image; links: $WAN_LINKS"
+	gen_random "$W/wan.raw" "$WSIZE" || exit 1
+	mkdir -p "$W/www"
+	ln -f "$W/wan.raw" "$W/www/wan.raw" 2>/dev/null || cp "$W/wan.raw" "$W/www/wan.raw"
+	rec wan_size_mib "$WSIZE_MIB"
+	rec wan_runs "$WRUNS"
+	rec wan_links "$(tr ' ' ',' <<<"$WAN_LINKS")"
+	if ! nginx_up; then
+		log "nginx did not start (see $W/nginx-error.log): WAN rows n/a"
+		WAN_LINKS=
+	fi
+	for link in $WAN_LINKS; do
+		rtt=${link%:*}
+		rate=${link#*:}
+		tag=wan_${rtt//./p}_${rate//./p}
+		if ! lport=$("${WAN[@]}" up "$rtt" "$rate" "$PORT" 2>>"$W/wan.log"); then
+			log "WAN $link: the link did not come up (see $W/wan.log)"
+			rec "limit.$tag.capacity" fail
+			continue
+		fi
+		PIDS+=("$(cat "$W/wan/linkem.pid")")
+		WURL=http://127.0.0.1:$lport/wan.raw
+		for ((r = 1; r <= WRUNS; r++)); do
+			log "WAN $rtt ms / $rate Mbit/s, run $r/$WRUNS: capacity (4 curls + sync), streamfs, qsd, nbdkit"
+			drop
+			out=$("${WAN[@]}" capacity "$WURL" "$WSIZE" 2>>"$W/wan.log")
+			v=$(col capacity_time_s "$out")
+			if isnum "$v"; then
+				rec "limit.$tag.capacity" "$v"
+				rec "limit.$tag.capacity_xfer" "$(col capacity_xfer_s "$out")"
+			else
+				rec "limit.$tag.capacity" fail
+			fi
+			ws_streamfs "$tag" "$WURL" "$r"
+			ws_qsd "$tag" "$WURL" "$r"
+			if have nbdcopy; then ws_nbdkit "$tag" "$WURL"; else rec "nbdkit.$tag.stream" n/a; fi
+		done
+		rm -f "$W/wlat-$tag"-*.txt
+		for ((r = 1; r <= WLAT_RUNS; r++)); do
+			for s in streamfs qsd; do
+				log "WAN $rtt ms / $rate Mbit/s, guest latency run $r/$WLAT_RUNS: $s"
+				wl_run "$s" "$tag" "$WURL"
+			done
+		done
+		for s in streamfs qsd; do
+			read -r i50 i99 ni <<<"$("${BH[@]}" pcts "$W/wlat-$tag-$s-idle.txt")"
+			read -r b50 b99 nb <<<"$("${BH[@]}" pcts "$W/wlat-$tag-$s-busy.txt")"
+			echo "# $s $tag latency samples idle=$ni busy=$nb" >>"$RES"
+			rec "$s.$tag.lat_idle_p50" "$i50"
+			rec "$s.$tag.lat_idle_p99" "$i99"
+			rec "$s.$tag.lat_busy_p50" "$b50"
+			rec "$s.$tag.lat_busy_p99" "$b99"
+			rec "$s.$tag.lat_idle_n" "$ni"
+			rec "$s.$tag.lat_busy_n" "$nb"
+			isnum "$b99" && isnum "$i99" && rec "$s.$tag.lat_p99_ratio" "$(div "$b99" "$i99")"
+		done
+		rec "limit.$tag.linkem_cpu_s" "$(col linkem_cpu_s "$("${WAN[@]}" cpu 2>/dev/null)")"
+		"${WAN[@]}" down 2>>"$W/wan.log" | sed "s/^/# $tag /" >>"$RES"
+	done
+	nginx_down
+	rm -f "$W/www/wan.raw" "$W/wan.raw" "$W"/*-wan.qcow2
+	rec wan_s $((SECONDS - WAN_T0))
+	log "WAN section: $((SECONDS - WAN_T0)) s"
 fi
 
 rec total_s $((SECONDS - BENCH_T0))

@@ -29,6 +29,7 @@
 extern const struct fetch_ops fetch_file_ops;
 extern const struct fetch_ops fetch_http_ops;
 extern const struct fetch_ops fetch_mem_ops;
+extern const struct fetch_ops fetch_nbd_ops;
 
 /* Every URI scheme streamfs reads, and its source: adding a kind of source
  * is its file plus its line here (and its extern above). A URI without a
@@ -41,7 +42,12 @@ static const struct fetch_scheme {
     {"file", &fetch_file_ops, true},
     {"http", &fetch_http_ops, true},
     {"https", &fetch_http_ops, true},
-    {"mem", &fetch_mem_ops, false}, /* unit tests and fuzzers */
+    {"nbd", &fetch_nbd_ops, true},
+    {"nbds", &fetch_nbd_ops, true},
+    {"nbd+unix", &fetch_nbd_ops, true},
+    {"nbds+unix", &fetch_nbd_ops, true},
+    {"nbd+tcp", &fetch_nbd_ops, false}, /* QEMU's alias of nbd */
+    {"mem", &fetch_mem_ops, false},	/* unit tests and fuzzers */
 };
 #define FETCH_NSCHEMES (sizeof(fetch_schemes) / sizeof(fetch_schemes[0]))
 

@@ -1,7 +1,8 @@
 /* streamfs: byte sources ("fetch" layer).
  *
  * A fetch_source is a flat array of bytes named by a URI: a local file
- * ("/path" or "file:///path") or an HTTP(S) URL. It knows bytes and URLs,
+ * ("/path" or "file:///path"), an HTTP(S) URL or an NBD export
+ * ("nbd://host:port/export", "nbd+unix:///export?socket=path", "nbds://"). It knows bytes and URLs,
  * never clusters: image formats (formats/) sit on top of it.
  *
  * Each kind of source is one file in fetch/ ending in a designated
@@ -160,8 +161,8 @@ const struct fetch_options *fetch_get_options(void);
 char *fetch_display_uri(const char *uri) __attribute__((nonnull));
 
 /* Is uri a local path ("/abs", "rel/x", even "a:b") rather than a URI with
- * a scheme fetch_open() acts on ("file:///x", "http://h/x", "mem:x", or an
- * unsupported "nbd://h/x", refused there)? A "scheme:" prefix whose scheme
+ * a scheme fetch_open() acts on ("file:///x", "http://h/x", "nbd://h/x",
+ * "mem:x", or an unsupported "ftp://h/x", refused there)? A "scheme:" prefix whose scheme
  * is unknown and not followed by "//" is part of a file name. */
 bool fetch_uri_is_path(const char *uri) __attribute__((nonnull));
 
@@ -180,8 +181,8 @@ bool fetch_uri_is_path(const char *uri) __attribute__((nonnull));
 int fetch_resolve_uri(const char *parent, const char *name, char **out) __attribute__((nonnull));
 
 /* Open the source named by uri ("/path", "rel/path", "file:///path",
- * "http://...", "https://..."). Returns 0 and *out, or -errno after logging
- * a message that names the uri; -EPROTONOSUPPORT for a scheme no source
+ * "http://...", "https://...", "nbd://...", "nbds://...", "nbd+unix://..."). Returns 0 and *out, or
+ * -errno after logging a message that names the uri; -EPROTONOSUPPORT for a scheme no source
  * serves. */
 int fetch_open(const char *uri, int flags, struct fetch_source **out);
 void fetch_close(struct fetch_source *s);

@@ -531,6 +531,88 @@ static void *stream_lane(void *opaque)
 	return NULL;
 }
 
+/* The job's state transitions, made by lane 0 with no chunk in flight:
+ * cancel, a lane's error (on_error policy), pause, completion (flush and
+ * rebase). Returns true if one was made. Called with lock held; drops it
+ * around the flush and the rebase. */
+static bool stream_transition(struct stream_job *j)
+{
+	struct disk *d = j->d;
+	struct image *base;
+	char msg[600];
+	uint64_t pos;
+	int r;
+
+	if (j->want_cancel) {
+		j->next = j->offset;
+		j->lane_err = 0;
+		pthread_mutex_unlock(&j->lock);
+		disk_flush(d);
+		pthread_mutex_lock(&j->lock);
+		snprintf(msg, sizeof(msg), "offset=%llu length=%llu", (unsigned long long)j->offset,
+			 (unsigned long long)j->length);
+		stream_finish(j, STREAM_CANCELLED, "cancelled", msg);
+		return true;
+	}
+	if (j->lane_err) {
+		r = j->lane_err;
+		pos = j->lane_err_pos;
+		j->lane_err = 0;
+		j->next = j->offset = pos;
+		snprintf(j->error, sizeof(j->error), "offset %llu: %s", (unsigned long long)pos,
+			 strerror(-r));
+		if (j->on_error == STREAM_ON_ERROR_STOP) {
+			j->run_ns += sfs_now_ns() - j->resume_ns;
+			j->state = STREAM_PAUSED;
+			j->want_pause = false;
+			pthread_cond_broadcast(&j->cond);
+			events_post(j->ev, "error", "%s", j->error);
+			events_post(j->ev, "paused", "offset=%llu on-error=stop",
+				    (unsigned long long)pos);
+		} else {
+			stream_finish(j, STREAM_FAILED, "failed", j->error);
+		}
+		return true;
+	}
+	if (j->want_pause) {
+		j->next = j->offset;
+		j->want_pause = false;
+		j->run_ns += sfs_now_ns() - j->resume_ns;
+		j->state = STREAM_PAUSED;
+		pthread_cond_broadcast(&j->cond);
+		events_post(j->ev, "paused", "offset=%llu", (unsigned long long)j->offset);
+		return true;
+	}
+	if (j->offset >= j->length) {
+		base = j->base;
+		/* Only this thread rebases, so top->backing is stable
+		 * here. A job whose base is already the backing (a
+		 * start after a completed job) changes nothing. */
+		bool rebase = d->top->backing != base;
+
+		pthread_mutex_unlock(&j->lock);
+		r = disk_flush(d);
+		if (r == 0 && rebase)
+			r = disk_rebase(d, base);
+		pthread_mutex_lock(&j->lock);
+		if (r < 0) {
+			snprintf(j->error, sizeof(j->error),
+				 "cannot update the overlay's backing reference: %s", strerror(-r));
+			stream_finish(j, STREAM_FAILED, "failed", j->error);
+			return true;
+		}
+		if (rebase)
+			events_post(j->ev, "backing-changed", "backing=%s",
+				    base ? j->base_name : "none");
+		stream_rate_sample(j, sfs_now_ns(), true);
+		snprintf(msg, sizeof(msg), "length=%llu copied=%llu", (unsigned long long)j->length,
+			 (unsigned long long)j->copied);
+		stream_finish(j, STREAM_COMPLETED, "completed", msg);
+		return true;
+	}
+	return false;
+}
+
 /* Lane 0, the job thread: owns the state transitions (which wait until no
  * chunk is in flight), paces itself (throttle, guest yielding), adapts the
  * depth, and copies chunks like any lane. */
@@ -546,7 +628,6 @@ static void *stream_thread(void *opaque)
 	for (;;) {
 		uint64_t pos, len, chunk, copied = 0, t0, ops;
 		struct image *base;
-		char msg[600];
 		int r;
 
 		while (!j->quit && j->state != STREAM_RUNNING)
@@ -559,74 +640,8 @@ static void *stream_thread(void *opaque)
 			pthread_cond_wait(&j->cond, &j->lock);
 			continue;
 		}
-		if (j->want_cancel) {
-			j->next = j->offset;
-			j->lane_err = 0;
-			pthread_mutex_unlock(&j->lock);
-			disk_flush(d);
-			pthread_mutex_lock(&j->lock);
-			snprintf(msg, sizeof(msg), "offset=%llu length=%llu",
-				 (unsigned long long)j->offset, (unsigned long long)j->length);
-			stream_finish(j, STREAM_CANCELLED, "cancelled", msg);
+		if (stream_transition(j))
 			continue;
-		}
-		if (j->lane_err) {
-			r = j->lane_err;
-			pos = j->lane_err_pos;
-			j->lane_err = 0;
-			j->next = j->offset = pos;
-			snprintf(j->error, sizeof(j->error), "offset %llu: %s",
-				 (unsigned long long)pos, strerror(-r));
-			if (j->on_error == STREAM_ON_ERROR_STOP) {
-				j->run_ns += sfs_now_ns() - j->resume_ns;
-				j->state = STREAM_PAUSED;
-				j->want_pause = false;
-				pthread_cond_broadcast(&j->cond);
-				events_post(j->ev, "error", "%s", j->error);
-				events_post(j->ev, "paused", "offset=%llu on-error=stop",
-					    (unsigned long long)pos);
-			} else {
-				stream_finish(j, STREAM_FAILED, "failed", j->error);
-			}
-			continue;
-		}
-		if (j->want_pause) {
-			j->next = j->offset;
-			j->want_pause = false;
-			j->run_ns += sfs_now_ns() - j->resume_ns;
-			j->state = STREAM_PAUSED;
-			pthread_cond_broadcast(&j->cond);
-			events_post(j->ev, "paused", "offset=%llu", (unsigned long long)j->offset);
-			continue;
-		}
-		if (j->offset >= j->length) {
-			base = j->base;
-			/* Only this thread rebases, so top->backing is stable
-			 * here. A job whose base is already the backing (a
-			 * start after a completed job) changes nothing. */
-			bool rebase = d->top->backing != base;
-
-			pthread_mutex_unlock(&j->lock);
-			r = disk_flush(d);
-			if (r == 0 && rebase)
-				r = disk_rebase(d, base);
-			pthread_mutex_lock(&j->lock);
-			if (r < 0) {
-				snprintf(j->error, sizeof(j->error),
-					 "cannot update the overlay's backing reference: %s",
-					 strerror(-r));
-				stream_finish(j, STREAM_FAILED, "failed", j->error);
-				continue;
-			}
-			if (rebase)
-				events_post(j->ev, "backing-changed", "backing=%s",
-					    base ? j->base_name : "none");
-			stream_rate_sample(j, sfs_now_ns(), true);
-			snprintf(msg, sizeof(msg), "length=%llu copied=%llu",
-				 (unsigned long long)j->length, (unsigned long long)j->copied);
-			stream_finish(j, STREAM_COMPLETED, "completed", msg);
-			continue;
-		}
 		if (j->next >= j->length) {
 			/* Everything is handed out and done: offset caught up. */
 			j->offset = stream_done_upto(j);

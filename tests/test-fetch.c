@@ -212,11 +212,11 @@ static void test_uri_is_path(void **state)
 			fail_msg("'%s' should be a URI", uris[i]);
 }
 
-static void test_open_nbd(void *arg)
+static void test_open_unknown(void *arg)
 {
 	struct fetch_source *s = NULL;
 
-	assert_int_equal(fetch_open("nbd://h:10809/export", FETCH_RDONLY, &s), -EPROTONOSUPPORT);
+	assert_int_equal(fetch_open("gopher://h:70/export", FETCH_RDONLY, &s), -EPROTONOSUPPORT);
 	assert_int_equal(fetch_open("ftp://user:SECRET@h/x?t=SECRET", FETCH_RDONLY, &s),
 			 -EPROTONOSUPPORT);
 	assert_int_equal(fetch_open("json:{\"password\":\"SECRET\"}", FETCH_RDONLY, &s),
@@ -230,9 +230,10 @@ static void test_open_unsupported_scheme(void **state)
 {
 	char log[4096];
 
-	test_capture(test_open_nbd, NULL, log, sizeof(log));
-	assert_non_null(strstr(log, "streamfs: nbd://h:10809/export: unsupported scheme 'nbd' "
-				    "(streamfs reads file, http and https backings)\n"));
+	test_capture(test_open_unknown, NULL, log, sizeof(log));
+	assert_non_null(strstr(log, "streamfs: gopher://h:70/export: unsupported scheme 'gopher' "
+				    "(streamfs reads file, http, https, nbd, nbds, nbd+unix and "
+				    "nbds+unix backings)\n"));
 	assert_non_null(strstr(log, "unsupported scheme 'ftp'"));
 	assert_non_null(strstr(log, "json: pseudo-URLs are not supported"));
 	assert_null(strstr(log, "SECRET"));
