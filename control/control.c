@@ -187,7 +187,7 @@ static void control_render_mirrors(struct control_buf *b, struct disk *d)
 	struct image *img = d->top;
 	unsigned n = 0;
 
-	while (img && !fetch_is_network(img->file))
+	while (img && fetch_get_mirrors(img->file, NULL, 0) == 0)
 		img = img->backing;
 	if (img)
 		n = SFS_MIN(fetch_get_mirrors(img->file, m, FETCH_MAX_MIRRORS + 1),

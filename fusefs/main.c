@@ -436,7 +436,7 @@ static int sfs_mount_main(int argc, char **argv)
 		 * local images. */
 		struct image *l = top;
 
-		while (l && !fetch_is_network(l->file))
+		while (l && fetch_get_mirrors(l->file, NULL, 0) == 0)
 			l = l->backing;
 		if (!l) {
 			fprintf(stderr,
