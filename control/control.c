@@ -177,6 +177,28 @@ static void control_render_prefetch(struct control_buf *b, struct control_ctx *c
 	cb_printf(b, "prefetch_error: %s\n", ps.error[0] ? ps.error : "-");
 }
 
+/* The servers of the first http(s) image of the chain, the one -o mirror
+ * serves: "mirrors: N" (0 without), then for N > 0 one line per server,
+ * its own URL as mirror_0, "mirror_I: STATE REQUESTS ERRORS URL". Called
+ * with chain_lock held (the names stay valid). */
+static void control_render_mirrors(struct control_buf *b, struct disk *d)
+{
+	struct fetch_mirror m[FETCH_MAX_MIRRORS + 1];
+	struct image *img = d->top;
+	unsigned n = 0;
+
+	while (img && fetch_get_mirrors(img->file, NULL, 0) == 0)
+		img = img->backing;
+	if (img)
+		n = SFS_MIN(fetch_get_mirrors(img->file, m, FETCH_MAX_MIRRORS + 1),
+			    (unsigned)FETCH_MAX_MIRRORS + 1);
+	cb_printf(b, "mirrors: %u\n", n > 1 ? n - 1 : 0);
+	for (unsigned i = 0; n > 1 && i < n; i++)
+		cb_printf(b, "mirror_%u: %s %llu %llu %s\n", i, fetch_mirror_state_name(m[i].state),
+			  (unsigned long long)m[i].requests, (unsigned long long)m[i].errors,
+			  m[i].display);
+}
+
 static void control_render_status(struct control_buf *b, struct control_ctx *c)
 {
 	struct stream_status st;
@@ -212,6 +234,7 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_printf(b, "format: %s\n", c->disk->top->drv->name);
 	cb_printf(b, "backing: %s\n", names[1] ? names[1] : "-");
 	control_render_chain(b, c->disk, names);
+	control_render_mirrors(b, c->disk);
 	cb_printf(b, "disk_size: %llu\n", (unsigned long long)c->disk->top->size);
 	cb_printf(b, "copy_on_read: %s\n", c->disk->copy_on_read ? "on" : "off");
 	cb_printf(b, "bytes_copied_by_job: %llu\n",

@@ -511,6 +511,37 @@ unsigned fetch_guest_inflight(void)
 	return atomic_load_explicit(&fetch_guest_net_reads, memory_order_relaxed);
 }
 
+int fetch_add_mirror(struct fetch_source *s, const char *url)
+{
+	char *shown;
+
+	if (s->ops->add_mirror)
+		return s->ops->add_mirror(s, url);
+	shown = fetch_display_uri(s->uri);
+	sfs_error("%s: mirrors are for http(s) sources, not %s ones", shown ? shown : "source",
+		  s->ops->scheme);
+	free(shown);
+	return -EOPNOTSUPP;
+}
+
+unsigned fetch_get_mirrors(struct fetch_source *s, struct fetch_mirror *out, unsigned max)
+{
+	return s->ops->mirrors ? s->ops->mirrors(s, out, max) : 0;
+}
+
+const char *fetch_mirror_state_name(enum fetch_mirror_state st)
+{
+	switch (st) {
+	case FETCH_MIRROR_UP:
+		return "up";
+	case FETCH_MIRROR_DOWN:
+		return "down";
+	case FETCH_MIRROR_REFUSED:
+		return "refused";
+	}
+	return "?";
+}
+
 static void fetch_net_clear(struct fetch_net_stats *out)
 {
 	memset(out, 0, sizeof(*out));

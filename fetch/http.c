@@ -43,6 +43,29 @@
  * -ETIMEDOUT, a refused connection -ECONNREFUSED, everything else (TLS
  * verification failures included) -EIO.
  *
+ * Mirrors (fetch_add_mirror). A source may have up to FETCH_MAX_MIRRORS
+ * more URLs serving the same bytes; with its own URL they are its servers
+ * (http_endpoint, ep[0] is s->uri). Each mirror is probed like the URL at
+ * open (redirects pinned, credentials only to the URL's origin) and must
+ * report the same size and validator, else it is refused; a URL without a
+ * validator takes no mirror, since nothing would tell versions apart. Every
+ * request goes to the usable server with the fewest requests in flight,
+ * ties in turn. A transient failure or a stall takes its server out for
+ * HTTP_DOWN_MIN_MS, doubling up to HTTP_DOWN_MAX_MS each time the one
+ * request let through when the period ends (its trial) fails too; the
+ * failed request is retried at once on another usable server, and only
+ * waits out the backoff when there is none. The checks of every response
+ * apply to every server: one that serves another version (validator, size,
+ * 412) is refused for good before any byte of it is taken, the request
+ * goes elsewhere, and only when no server is left is the source "changed".
+ * A guest read does not wait out a stall when another server is usable:
+ * no byte for HTTP_FAILOVER_MIN_MS (or HTTP_FAILOVER_RTTS times the best
+ * first-byte time seen, on a far link) and it moves on; the job keeps
+ * io_timeout. A handle keeps one connection (CURLOPT_MAXCONNECTS 1) and
+ * remembers its server; the pool hands out a handle connected to the
+ * chosen server when it has one, so connections stay per server. Without
+ * mirrors none of this changes anything: the one server is always used.
+ *
  * Throughput, measured on loopback against nginx (tests/test-http.c with
  * STREAMFS_HTTP_BENCH=1G): sequential 4 MiB preads run at about the speed of
  * `curl -o /dev/null` and use less CPU. Splitting gains nothing on loopback
@@ -116,7 +139,10 @@
  * DNS cache and TLS sessions are shared between the handles of one source
  * through a CURLSH with its own locks. Everything else in http_priv is
  * written only by open() and is read-only afterwards, except `changed`
- * (atomic, sticky). curl_global_init() runs once under pthread_once.
+ * (atomic, sticky). Servers: ep[i] is filled before it is published by
+ * raising nep under lock (mirror_lock keeps adders one at a time) and is
+ * read-only afterwards except its health fields (under lock) and its
+ * counters (atomics). curl_global_init() runs once under pthread_once.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -156,7 +182,12 @@
 #define HTTP_VALIDATOR_MAX	     256	  /* in bytes, ETag / Last-Modified */
 #define HTTP_AUTH_FILE_MAX	     8192	  /* in bytes */
 #define HTTP_NET_SAMPLES	     256	  /* recent requests kept for latency/RTT/rate */
-#define HTTP_RATE_WINDOW_NS	     (5ULL * 1000000000) /* in ns: the link rate's window */
+#define HTTP_RATE_WINDOW_NS	     (5ULL * 1000000000)     /* in ns: the link rate's window */
+#define HTTP_MAX_ENDPOINTS	     (1 + FETCH_MAX_MIRRORS) /* the source's URL and its mirrors */
+#define HTTP_DOWN_MIN_MS	     5000  /* a failed server is left alone this long first */
+#define HTTP_DOWN_MAX_MS	     60000 /* doubling after each failed trial, up to this */
+#define HTTP_FAILOVER_MIN_MS	     2000  /* guest: no byte for this long -> another server */
+#define HTTP_FAILOVER_RTTS	     10	   /* ... or for this many round trips, if longer */
 
 /* Facts from the headers of the last response (reset by each status line,
  * so 100-continue and the like leave nothing behind). */
@@ -170,6 +201,23 @@ struct http_resp {
 };
 
 struct http_priv;
+
+/* One server of the source: its own URL (ep[0]) or a mirror. */
+struct http_endpoint {
+	/* Set before it is published (http_priv.nep), read-only afterwards. */
+	char *url;     /* pinned for every read (after redirects) */
+	char *display; /* fetch_display_uri() of the URL given */
+	bool creds;    /* credentials go to url (same origin as the source's URL) */
+	struct curl_slist *read_headers; /* auth header (if creds) + If-Match */
+	/* Health: protected by http_priv.lock. */
+	enum fetch_mirror_state state;
+	uint64_t down_until_ns; /* DOWN: left alone until then */
+	unsigned down_ms;	/* the next down period */
+	bool trial;		/* DOWN and over: one request is trying it */
+	unsigned inflight;	/* requests on it now */
+	/* Statistics. */
+	_Atomic uint64_t requests, errors, bytes;
+};
 
 /* One successful request, for the figures over a window. */
 struct http_sample {
@@ -208,9 +256,13 @@ static struct http_net http_all = {.lock = PTHREAD_MUTEX_INITIALIZER};
 /* One request: owned by the thread holding the handle. */
 struct http_req {
 	struct http_priv *p;
+	struct http_endpoint *ep; /* the server of this attempt (reads; NULL for a probe) */
 	const char *url;
-	bool creds;   /* send the auth header / user:password */
-	bool probe;   /* open-time probe: learn the total size and validator */
+	const char *shown; /* a probe: its URL as shown in messages */
+	bool creds;	   /* send the auth header / user:password */
+	bool probe;	   /* open-time probe: learn the total size and validator */
+	bool trial;	   /* this attempt is the trial of a server that was down */
+	enum fetch_class cls;
 	uint8_t *buf; /* destination of exactly len bytes */
 	size_t len;
 	uint64_t off;
@@ -220,6 +272,9 @@ struct http_req {
 	bool checked;		    /* the headers of a 206 were verified */
 	int err;		    /* -errno decided in a callback (fatal) */
 	bool stalled;		    /* aborted: no byte for io_timeout */
+	bool refused;		    /* its server served another version: refused */
+	uint64_t first_limit_ns;    /* stall: no first byte after this long */
+	uint64_t gap_limit_ns;	    /* stall: no further byte for this long */
 	uint64_t start_ns, last_ns; /* attempt start, last byte received */
 	uint64_t end_ns, ttfb_ns;   /* attempt end; request sent -> first byte */
 	struct http_resp resp;
@@ -229,21 +284,20 @@ struct http_req {
 
 struct http_conn {
 	CURL *curl;
-	struct http_conn *next; /* protected by http_priv.lock (free list) */
+	struct http_conn *next;	  /* protected by http_priv.lock (free list) */
+	struct http_endpoint *ep; /* its connection is to this server (or NULL) */
 	char errbuf[CURL_ERROR_SIZE];
 };
 
 struct http_priv {
 	/* Set by open, read-only afterwards. */
-	char *url;     /* pinned URL for every read (after redirects) */
 	char *display; /* fetch_display_uri(uri), for messages */
 	char *auth_header;
 	char *userpwd;
-	bool creds; /* credentials go to p->url (same origin as s->uri) */
+	char origin[512]; /* scheme://host:port of s->uri: credentials go only there */
 	char validator[HTTP_VALIDATOR_MAX];
 	bool validator_is_etag;
 	struct curl_slist *probe_headers; /* auth header only */
-	struct curl_slist *read_headers;  /* auth header (if creds) + If-Match */
 	uint64_t size;
 	unsigned pool_size, attempts;
 	long connect_timeout, io_timeout; /* in seconds */
@@ -260,6 +314,15 @@ struct http_priv {
 	unsigned nconns;	       /* handles in existence; protected by lock */
 	unsigned busy[FETCH_NCLASSES]; /* handles held, by class; protected by lock */
 	unsigned guest_waiting;	       /* guest reads waiting; protected by lock */
+
+	/* The servers: ep[0] is s->uri. Mirrors are appended (under
+	 * mirror_lock, one adder at a time) and published by raising nep
+	 * under lock; never removed before close. */
+	struct http_endpoint ep[HTTP_MAX_ENDPOINTS];
+	_Atomic unsigned nep;
+	unsigned rr; /* round-robin start of the next pick; protected by lock */
+	pthread_mutex_t mirror_lock;
+	_Atomic uint64_t rtt_min_ns; /* fastest first byte seen: sizes the failover deadline */
 
 	atomic_bool changed; /* sticky: the remote file changed */
 	struct http_net net;
@@ -667,11 +730,34 @@ static size_t http_header_cb(char *data, size_t size, size_t nmemb, void *opaque
 	return n;
 }
 
-/* Mark the source changed (sticky) and say so once. */
-static void http_set_changed(struct http_priv *p, const char *what, const char *old,
-			     const char *new)
+/* The server of rq serves another version of the file than the one
+ * recorded at open (this runs before any byte of the response is taken):
+ * refuse it for good, saying so once. Once no server is left the source
+ * is "changed" (sticky): every read fails. Old and new data are never
+ * mixed. */
+static void http_refuse(struct http_req *rq, const char *what, const char *old, const char *new)
 {
-	if (!atomic_exchange(&p->changed, true))
+	struct http_priv *p = rq->p;
+	struct http_endpoint *e = rq->ep;
+	unsigned n, left = 0;
+	bool first;
+
+	rq->refused = true;
+	if (!e)
+		return; /* a probe: its caller decides */
+	pthread_mutex_lock(&p->lock);
+	first = e->state != FETCH_MIRROR_REFUSED;
+	e->state = FETCH_MIRROR_REFUSED;
+	n = atomic_load(&p->nep);
+	for (unsigned i = 0; i < n; i++)
+		left += p->ep[i].state != FETCH_MIRROR_REFUSED;
+	pthread_mutex_unlock(&p->lock);
+	if (first && n > 1)
+		sfs_error("%s: server %s now serves another version of the file (%s %s -> %s); "
+			  "not using it any more%s",
+			  p->display, e->display, what, old, new[0] ? new : "(none)",
+			  left ? "" : "; no server left, every further read fails");
+	if (!left && !atomic_exchange(&p->changed, true) && n <= 1)
 		sfs_error("%s: URL changed on the server (%s %s -> %s); refusing to mix old and "
 			  "new data, every further read fails",
 			  p->display, what, old, new[0] ? new : "(none)");
@@ -705,13 +791,13 @@ static int http_check_206(struct http_req *rq)
 		return 0;
 	}
 	if (p->validator_is_etag && strcmp(h->etag, p->validator) != 0) {
-		http_set_changed(p, "ETag", p->validator, h->etag);
+		http_refuse(rq, "ETag", p->validator, h->etag);
 		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
 		return -EIO;
 	}
 	if (!p->validator_is_etag && p->validator[0] &&
 	    strcmp(h->last_modified, p->validator) != 0) {
-		http_set_changed(p, "Last-Modified", p->validator, h->last_modified);
+		http_refuse(rq, "Last-Modified", p->validator, h->last_modified);
 		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
 		return -EIO;
 	}
@@ -720,7 +806,7 @@ static int http_check_206(struct http_req *rq)
 
 		snprintf(a, sizeof(a), "%llu", (unsigned long long)p->size);
 		snprintf(b, sizeof(b), "%llu", (unsigned long long)total);
-		http_set_changed(p, "size", a, total == UINT64_MAX ? "*" : b);
+		http_refuse(rq, "size", a, total == UINT64_MAX ? "*" : b);
 		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
 		return -EIO;
 	}
@@ -764,22 +850,144 @@ static size_t http_write_cb(char *data, size_t size, size_t nmemb, void *opaque)
 }
 
 /* Stall detector: abort when no byte came for io_timeout seconds (plus
- * connect_timeout before the first one). CURLOPT_LOW_SPEED_TIME alone
+ * connect_timeout before the first one), or for the shorter failover
+ * deadline of a guest read that another server could serve (see
+ * http_attempt). CURLOPT_LOW_SPEED_TIME alone
  * averages over a window of several seconds, so a burst followed by
  * silence would be noticed late. */
 static int http_xferinfo_cb(void *opaque, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
 			    curl_off_t ulnow)
 {
 	struct http_req *rq = opaque;
-	uint64_t limit = (uint64_t)rq->p->io_timeout * 1000000000ULL;
+	uint64_t limit = rq->last_ns == rq->start_ns ? rq->first_limit_ns : rq->gap_limit_ns;
 
-	if (rq->last_ns == rq->start_ns)
-		limit += (uint64_t)rq->p->connect_timeout * 1000000000ULL;
 	if (sfs_now_ns() - rq->last_ns > limit) {
 		rq->stalled = true;
 		return 1;
 	}
 	return 0;
+}
+
+/* ---- Servers (the source's URL and its mirrors) ---- */
+
+/* May a new request go to e now? A server that is down is left alone
+ * until its period ends; then one request (its trial) tries it while the
+ * others keep away. Called with p->lock held. */
+static bool http_ep_usable(const struct http_endpoint *e, uint64_t now)
+{
+	return e->state == FETCH_MIRROR_UP ||
+	       (e->state == FETCH_MIRROR_DOWN && now >= e->down_until_ns && !e->trial);
+}
+
+/* The server for a new request: among the usable ones other than avoid,
+ * the one with the fewest requests in flight, ties taken in turn (from
+ * p->rr) so that even one reader at a time spreads over all of them. NULL
+ * if none. Called with p->lock held. */
+static struct http_endpoint *http_ep_best(struct http_priv *p, const struct http_endpoint *avoid)
+{
+	unsigned n = atomic_load(&p->nep);
+	struct http_endpoint *best = NULL;
+	uint64_t now = sfs_now_ns();
+
+	for (unsigned k = 0; k < n; k++) {
+		struct http_endpoint *e = &p->ep[(p->rr + k) % n];
+
+		if (e != avoid && http_ep_usable(e, now) && (!best || e->inflight < best->inflight))
+			best = e;
+	}
+	return best;
+}
+
+/* http_ep_best(), and the next tie goes to the server after it. */
+static struct http_endpoint *http_ep_pick(struct http_priv *p, const struct http_endpoint *avoid)
+{
+	struct http_endpoint *best = http_ep_best(p, avoid);
+
+	if (best)
+		p->rr = (unsigned)(best - p->ep + 1) % atomic_load(&p->nep);
+	return best;
+}
+
+/* The server when none is usable: the one that comes back first, whatever
+ * its period says (the caller has backed off already); NULL if every one
+ * was refused. Called with p->lock held. */
+static struct http_endpoint *http_ep_pick_any(struct http_priv *p)
+{
+	unsigned n = atomic_load(&p->nep);
+	struct http_endpoint *best = NULL;
+
+	for (unsigned i = 0; i < n; i++) {
+		struct http_endpoint *e = &p->ep[i];
+
+		if (e->state != FETCH_MIRROR_REFUSED &&
+		    (!best || (e->state == FETCH_MIRROR_UP ? 0 : e->down_until_ns) <
+				  (best->state == FETCH_MIRROR_UP ? 0 : best->down_until_ns)))
+			best = e;
+	}
+	return best;
+}
+
+/* rq's next attempt goes to e. Called with p->lock held. */
+static void http_ep_take(struct http_priv *p, struct http_endpoint *e, struct http_req *rq)
+{
+	rq->ep = e;
+	rq->trial = e->state == FETCH_MIRROR_DOWN && !e->trial;
+	if (rq->trial)
+		e->trial = true;
+	e->inflight++;
+}
+
+/* Undo http_ep_take(): rq goes nowhere after all. Called with p->lock
+ * held. */
+static void http_ep_untake(struct http_priv *p, struct http_req *rq)
+{
+	rq->ep->inflight--;
+	if (rq->trial)
+		rq->ep->trial = false;
+	rq->ep = NULL;
+	rq->trial = false;
+}
+
+/* rq's attempt on its server ended: r == 0 for success, else whether it
+ * was transient. A transient failure (or a stall) takes the server out for
+ * its down period, which doubles when the trial after it fails too; a
+ * successful trial brings it back. Only with mirrors: alone, a server is
+ * always tried. */
+static void http_ep_done(struct http_priv *p, struct http_req *rq, int r, bool transient)
+{
+	struct http_endpoint *e = rq->ep;
+	unsigned down_s = 0;
+	bool back = false;
+
+	if (!e)
+		return;
+	atomic_fetch_add(&e->requests, 1);
+	if (r < 0)
+		atomic_fetch_add(&e->errors, 1);
+	pthread_mutex_lock(&p->lock);
+	e->inflight--;
+	if (rq->trial)
+		e->trial = false;
+	if (atomic_load(&p->nep) > 1 && e->state != FETCH_MIRROR_REFUSED) {
+		if (r == 0 && rq->trial) {
+			e->state = FETCH_MIRROR_UP;
+			e->down_ms = HTTP_DOWN_MIN_MS;
+			back = true;
+		} else if (r < 0 && transient && (e->state == FETCH_MIRROR_UP || rq->trial)) {
+			if (rq->trial)
+				e->down_ms = SFS_MIN(e->down_ms * 2, (unsigned)HTTP_DOWN_MAX_MS);
+			e->state = FETCH_MIRROR_DOWN;
+			e->down_until_ns = sfs_now_ns() + (uint64_t)e->down_ms * 1000000;
+			down_s = e->down_ms / 1000;
+		}
+	}
+	pthread_mutex_unlock(&p->lock);
+	rq->trial = false;
+	if (back)
+		sfs_info("%s: server %s is back", p->display, e->display);
+	if (down_s)
+		sfs_warn("%s: server %s: %s; using the others for %u s", p->display, e->display,
+			 rq->why, down_s);
 }
 
 /* ---- Pool ---- */
@@ -827,6 +1035,9 @@ static struct http_conn *http_conn_new(struct http_priv *p)
 	HTTP_SET(CURLOPT_LOW_SPEED_LIMIT, (long)HTTP_LOW_SPEED_LIMIT);
 	HTTP_SET(CURLOPT_LOW_SPEED_TIME, p->io_timeout);
 	HTTP_SET(CURLOPT_TCP_KEEPALIVE, 1L);
+	/* One connection per handle: a handle moved to another server drops
+	 * the old one instead of keeping it idle (see http_get_conn). */
+	HTTP_SET(CURLOPT_MAXCONNECTS, 1L);
 	HTTP_SET(CURLOPT_BUFFERSIZE, HTTP_BUFFER_SIZE);
 	HTTP_SET(CURLOPT_USERAGENT, "streamfs/" STREAMFS_VERSION);
 	HTTP_SET(CURLOPT_HEADERFUNCTION, http_header_cb);
@@ -871,25 +1082,55 @@ static void http_wake(struct http_priv *p)
 		pthread_cond_signal(&p->cond_job);
 }
 
+/* Take an idle handle for a request to e (NULL: any): one already
+ * connected to e (or to nothing yet), else a new one while there is room
+ * for it, else any (it reconnects). NULL if none is idle and there is room. Called with
+ * p->lock held. */
+static struct http_conn *http_take_idle(struct http_priv *p, const struct http_endpoint *e)
+{
+	struct http_conn **pc = &p->free_conns, *c;
+
+	while (*pc && e && (*pc)->ep != e && (*pc)->ep)
+		pc = &(*pc)->next;
+	if (!*pc) {
+		if (p->nconns < p->pool_size + HTTP_GUEST_RESERVE)
+			return NULL;
+		pc = &p->free_conns;
+	}
+	c = *pc;
+	*pc = c->next;
+	return c;
+}
+
 /* Take a handle for a read of class cls: an idle one, or a new one, when
  * http_may_take() allows it; else (if wait) block until it does. first as
- * for http_may_take(). NULL if none (or out of memory). */
+ * for http_may_take(). With rq, also choose the server of its first
+ * attempt (http_ep_take), preferring a handle connected to it. NULL if none
+ * (or out of memory). */
 static struct http_conn *http_get_conn(struct http_priv *p, enum fetch_class cls, bool first,
-				       bool wait)
+				       bool wait, struct http_req *rq)
 {
 	struct http_conn *c = NULL;
 
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
 		if (http_may_take(p, cls, first)) {
+			struct http_endpoint *e = NULL;
+
+			if (rq) {
+				e = http_ep_pick(p, NULL);
+				if (!e)
+					e = http_ep_pick_any(p);
+				if (!e) /* all refused: the read fails as "changed" */
+					e = &p->ep[0];
+				http_ep_take(p, e, rq);
+			}
 			p->busy[cls]++;
 			/* busy < the most handles there may be: an idle one
 			 * exists, or room for a new one. */
-			if (p->free_conns) {
-				c = p->free_conns;
-				p->free_conns = c->next;
+			c = http_take_idle(p, e);
+			if (c)
 				break;
-			}
 			p->nconns++;
 			pthread_mutex_unlock(&p->lock);
 			c = http_conn_new(p);
@@ -899,6 +1140,8 @@ static struct http_conn *http_get_conn(struct http_priv *p, enum fetch_class cls
 			} else {
 				p->nconns--;
 				p->busy[cls]--;
+				if (rq)
+					http_ep_untake(p, rq);
 				http_wake(p);
 			}
 			break;
@@ -1084,6 +1327,33 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 	rq->discarded = 0;
 	rq->checked = false;
 	rq->stalled = false;
+	rq->refused = false;
+	rq->gap_limit_ns = (uint64_t)p->io_timeout * 1000000000ULL;
+	rq->first_limit_ns = rq->gap_limit_ns + (uint64_t)p->connect_timeout * 1000000000ULL;
+	if (rq->ep) {
+		rq->url = rq->ep->url;
+		rq->creds = rq->ep->creds;
+		c->ep = rq->ep;
+		if (rq->cls == FETCH_CLASS_GUEST && atomic_load(&p->nep) > 1) {
+			/* A guest read does not wait out a stall when another
+			 * server could serve it: after HTTP_FAILOVER_MIN_MS
+			 * (or HTTP_FAILOVER_RTTS round trips on a far link)
+			 * without a byte it goes there. The job keeps the
+			 * full io_timeout: nobody waits on one of its reads. */
+			uint64_t rtt = atomic_load(&p->rtt_min_ns), lim;
+			bool other;
+
+			lim = SFS_MAX((uint64_t)HTTP_FAILOVER_MIN_MS * 1000000,
+				      rtt == UINT64_MAX ? 0 : rtt * HTTP_FAILOVER_RTTS);
+			pthread_mutex_lock(&p->lock);
+			other = http_ep_best(p, rq->ep) != NULL;
+			pthread_mutex_unlock(&p->lock);
+			if (other) {
+				rq->gap_limit_ns = SFS_MIN(rq->gap_limit_ns, lim);
+				rq->first_limit_ns = SFS_MIN(rq->first_limit_ns, lim);
+			}
+		}
+	}
 	rq->start_ns = rq->last_ns = sfs_now_ns();
 	rq->err = 0;
 	memset(&rq->resp, 0, sizeof(rq->resp));
@@ -1102,7 +1372,7 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 	if (rq->probe)
 		HTTP_SET(CURLOPT_HTTPHEADER, rq->creds ? p->probe_headers : NULL);
 	else
-		HTTP_SET(CURLOPT_HTTPHEADER, p->read_headers);
+		HTTP_SET(CURLOPT_HTTPHEADER, rq->ep->read_headers);
 	HTTP_SET(CURLOPT_USERPWD, rq->creds ? p->userpwd : NULL);
 	HTTP_SET(CURLOPT_HEADERDATA, rq);
 	HTTP_SET(CURLOPT_WRITEDATA, rq);
@@ -1128,13 +1398,17 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 		status = 0;
 	if (p->verbose_level >= 0)
 		sfs_log(p->verbose_level, "%s: GET bytes=%s -> %ld, %zu bytes in %.1f ms%s%s",
-			p->display, range, status, rq->got, (double)(sfs_now_ns() - t0) / 1e6,
-			rc != CURLE_OK ? ", " : "", rc != CURLE_OK ? curl_easy_strerror(rc) : "");
+			rq->ep ? rq->ep->display : p->display, range, status, rq->got,
+			(double)(sfs_now_ns() - t0) / 1e6, rc != CURLE_OK ? ", " : "",
+			rc != CURLE_OK ? curl_easy_strerror(rc) : "");
 
 	if (rq->err) /* decided by a callback: never worth retrying */
 		return rq->err;
 	if (rc == CURLE_ABORTED_BY_CALLBACK && rq->stalled) {
-		snprintf(rq->why, sizeof(rq->why), "no data for %ld s (stalled)", p->io_timeout);
+		snprintf(
+		    rq->why, sizeof(rq->why), "no data for %.1f s (stalled)",
+		    (double)(rq->last_ns == rq->start_ns ? rq->first_limit_ns : rq->gap_limit_ns) /
+			1e9);
 		*transient = true;
 		return -ETIMEDOUT;
 	}
@@ -1168,11 +1442,11 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 		return 0;
 	case 200:
 		if (p->validator_is_etag && strcmp(rq->resp.etag, p->validator) != 0) {
-			http_set_changed(p, "ETag", p->validator, rq->resp.etag);
+			http_refuse(rq, "ETag", p->validator, rq->resp.etag);
 			snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
 		} else if (!p->validator_is_etag && p->validator[0] &&
 			   strcmp(rq->resp.last_modified, p->validator) != 0) {
-			http_set_changed(p, "Last-Modified", p->validator, rq->resp.last_modified);
+			http_refuse(rq, "Last-Modified", p->validator, rq->resp.last_modified);
 			snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
 		} else {
 			snprintf(rq->why, sizeof(rq->why),
@@ -1180,8 +1454,8 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 		}
 		return -EIO;
 	case 412:
-		http_set_changed(p, p->validator_is_etag ? "ETag" : "Last-Modified", p->validator,
-				 "(precondition failed)");
+		http_refuse(rq, p->validator_is_etag ? "ETag" : "Last-Modified", p->validator,
+			    "(precondition failed)");
 		snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
 		return -EIO;
 	case 416: {
@@ -1193,7 +1467,7 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 
 			snprintf(a, sizeof(a), "%llu", (unsigned long long)p->size);
 			snprintf(b, sizeof(b), "%llu", (unsigned long long)total);
-			http_set_changed(p, "size", a, b);
+			http_refuse(rq, "size", a, b);
 		}
 		snprintf(rq->why, sizeof(rq->why), "HTTP 416 (range not satisfiable)");
 		return -EIO;
@@ -1227,9 +1501,15 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 	return status == 408 || status == 504 ? -ETIMEDOUT : -EIO;
 }
 
-/* Run rq on c with retries. Logs the final failure once. */
+/* Run rq on c with retries: a probe on its one URL; a read first on the
+ * server http_get_conn() chose for it (rq->ep), then, after a transient
+ * failure or a refusal, at once on another usable server if there is one,
+ * else after the backoff on the one that comes back first. Logs the final
+ * failure once. */
 static int http_request(struct http_priv *p, struct http_conn *c, struct http_req *rq)
 {
+	struct http_endpoint *failed;
+	const char *shown = p->display;
 	unsigned attempt;
 	bool transient = false;
 	long wait_ms;
@@ -1240,67 +1520,122 @@ static int http_request(struct http_priv *p, struct http_conn *c, struct http_re
 
 		if (atomic_load(&p->changed)) {
 			snprintf(rq->why, sizeof(rq->why), "URL changed on the server");
-			return -EIO; /* said once, when detected */
+			if (rq->ep) {
+				pthread_mutex_lock(&p->lock);
+				http_ep_untake(p, rq);
+				pthread_mutex_unlock(&p->lock);
+			}
+			r = -EIO; /* said once, when detected */
+			break;
 		}
 		r = http_attempt(p, c, rq, &transient, &wait_ms);
+		/* With mirrors, any failure of one server (a refusal, a 404 or
+		 * 403 there, a broken answer) may be its own: another server
+		 * may still serve the read. */
+		if (r < 0 && rq->ep && atomic_load(&p->nep) > 1 && !atomic_load(&p->changed))
+			transient = true;
 		if (r == 0 && !rq->probe) {
 			struct http_sample smp = {.start_ns = rq->start_ns,
 						  .end_ns = rq->end_ns,
 						  .bytes = rq->len,
 						  .ttfb_ns = rq->ttfb_ns};
+			uint64_t m = atomic_load(&p->rtt_min_ns);
 
 			http_net_sample(&p->net, &smp);
 			http_net_sample(&http_all, &smp);
+			atomic_fetch_add(&rq->ep->bytes, rq->len);
+			while (rq->ttfb_ns < m &&
+			       !atomic_compare_exchange_weak(&p->rtt_min_ns, &m, rq->ttfb_ns))
+				;
 		}
+		failed = rq->ep;
+		if (failed && atomic_load(&p->nep) > 1 && failed != p->ep)
+			shown = failed->display; /* say which mirror failed */
+		http_ep_done(p, rq, r, transient);
+		rq->ep = NULL;
 		if (r == 0 || !transient || attempt >= p->attempts)
 			break;
+		HTTP_NET_ADD(p, retries, 1);
+		if (failed) {
+			/* Another server now: no reason to wait. */
+			struct http_endpoint *next;
+
+			pthread_mutex_lock(&p->lock);
+			next = http_ep_pick(p, failed);
+			if (next)
+				http_ep_take(p, next, rq);
+			pthread_mutex_unlock(&p->lock);
+			if (rq->ep) {
+				sfs_info("%s: bytes %llu-%llu: %s; retrying at once on %s "
+					 "(attempt %u of %u)",
+					 shown, (unsigned long long)rq->off,
+					 (unsigned long long)(rq->off + rq->len - 1), rq->why,
+					 rq->ep->display, attempt + 1, p->attempts);
+				continue;
+			}
+		}
 		delay = HTTP_BACKOFF_BASE_MS << SFS_MIN(attempt - 1, 16u);
 		if (delay > HTTP_BACKOFF_MAX_MS)
 			delay = HTTP_BACKOFF_MAX_MS;
 		delay += (long)(sfs_now_ns() % (uint64_t)(delay / 4 + 1)); /* jitter */
 		if (wait_ms > delay)
 			delay = SFS_MIN(wait_ms, (long)HTTP_RETRY_AFTER_MAX_MS);
-		HTTP_NET_ADD(p, retries, 1);
-		sfs_info("%s: bytes %llu-%llu: %s; retrying in %ld ms (attempt %u of %u)",
-			 p->display, (unsigned long long)rq->off,
-			 (unsigned long long)(rq->off + rq->len - 1), rq->why, delay, attempt + 1,
-			 p->attempts);
+		sfs_info("%s: bytes %llu-%llu: %s; retrying in %ld ms (attempt %u of %u)", shown,
+			 (unsigned long long)rq->off, (unsigned long long)(rq->off + rq->len - 1),
+			 rq->why, delay, attempt + 1, p->attempts);
 		http_sleep_ms(delay);
+		if (failed) {
+			pthread_mutex_lock(&p->lock);
+			struct http_endpoint *e = http_ep_pick(p, NULL) ?: http_ep_pick_any(p);
+			http_ep_take(p, e ? e : failed, rq);
+			pthread_mutex_unlock(&p->lock);
+		}
 	}
 	if (r < 0)
 		HTTP_NET_ADD(p, errors, 1);
 	if (r < 0 && rq->probe)
-		sfs_error("%s: %s%s", p->display, rq->why,
+		sfs_error("%s: %s%s", rq->shown ? rq->shown : p->display, rq->why,
 			  transient ? " (giving up after retries)" : "");
 	else if (r < 0 && !atomic_load(&p->changed))
-		sfs_error("%s: reading bytes %llu-%llu: %s%s", p->display,
-			  (unsigned long long)rq->off, (unsigned long long)(rq->off + rq->len - 1),
-			  rq->why, transient ? " (giving up after retries)" : "");
+		sfs_error("%s: reading bytes %llu-%llu: %s%s", shown, (unsigned long long)rq->off,
+			  (unsigned long long)(rq->off + rq->len - 1), rq->why,
+			  transient ? " (giving up after retries)" : "");
 	return r;
 }
 
 /* ---- Open ---- */
 
-/* Probe rq->url (following redirects by hand, see the top of the file) and
- * fill the size, validator and pinned URL. Uses the handle c. */
-static int http_probe(struct fetch_source *s, struct http_conn *c)
+/* What a probe learnt about one URL. */
+struct http_probe_result {
+	char *url; /* pinned (malloc'd) */
+	bool creds;
+	uint64_t size;
+	char validator[HTTP_VALIDATOR_MAX];
+	bool validator_is_etag;
+};
+
+/* Probe url (following redirects by hand, see the top of the file; shown
+ * as display in messages): its pinned URL, size and validator. Credentials
+ * go only to p->origin. Uses the handle c. */
+static int http_probe(struct http_priv *p, struct http_conn *c, const char *url_in,
+		      const char *display, struct http_probe_result *res)
 {
-	struct http_priv *p = s->priv;
-	char origin[512], hop_origin[512];
+	char hop_origin[512];
 	const char *why = NULL;
 	char *url = NULL;
 	uint8_t byte;
 	struct http_req rq = {
-	    .p = p, .probe = true, .buf = &byte, .len = 1, .off = 0, .creds = true};
+	    .p = p, .probe = true, .buf = &byte, .len = 1, .off = 0, .shown = display};
 	unsigned hops;
 	int r;
 
-	r = http_url_origin(s->uri, origin, sizeof(origin), &why);
+	r = http_url_origin(url_in, hop_origin, sizeof(hop_origin), &why);
 	if (r < 0) {
-		sfs_error("%s: %s", p->display, why);
+		sfs_error("%s: %s", display, why);
 		return r;
 	}
-	url = strdup(s->uri);
+	rq.creds = strcmp(hop_origin, p->origin) == 0;
+	url = strdup(url_in);
 	if (!url)
 		return -ENOMEM;
 	for (hops = 0;; hops++) {
@@ -1313,13 +1648,13 @@ static int http_probe(struct fetch_source *s, struct http_conn *c)
 		if (rq.resp.status < 300 || rq.resp.status > 399 || rq.resp.status == 304)
 			break;
 		if (curl_easy_getinfo(c->curl, CURLINFO_REDIRECT_URL, &loc) != CURLE_OK || !loc) {
-			sfs_error("%s: HTTP %ld without a usable Location", p->display,
+			sfs_error("%s: HTTP %ld without a usable Location", display,
 				  rq.resp.status);
 			r = -EIO;
 			goto out;
 		}
 		if (hops >= HTTP_MAX_REDIRECTS) {
-			sfs_error("%s: more than %d redirects", p->display, HTTP_MAX_REDIRECTS);
+			sfs_error("%s: more than %d redirects", display, HTTP_MAX_REDIRECTS);
 			r = -ELOOP;
 			goto out;
 		}
@@ -1327,13 +1662,14 @@ static int http_probe(struct fetch_source *s, struct http_conn *c)
 		if (r < 0) {
 			char *d = fetch_display_uri(loc);
 
-			sfs_error("%s: redirect to %s refused: %s", p->display, d ? d : "?", why);
+			sfs_error("%s: redirect to %s refused: %s", display, d ? d : "?", why);
 			free(d);
 			goto out;
 		}
-		if (rq.creds && (p->auth_header || p->userpwd) && strcmp(origin, hop_origin) != 0) {
+		if (rq.creds && (p->auth_header || p->userpwd) &&
+		    strcmp(p->origin, hop_origin) != 0) {
 			sfs_info("%s: redirected to another origin; not sending credentials there",
-				 p->display);
+				 display);
 			rq.creds = false;
 		}
 		free(url);
@@ -1347,46 +1683,43 @@ static int http_probe(struct fetch_source *s, struct http_conn *c)
 		if (rq.total == UINT64_MAX) {
 			sfs_error(
 			    "%s: server does not give the file size in Content-Range (\"%s\")",
-			    p->display, rq.resp.content_range);
+			    display, rq.resp.content_range);
 			r = -EOPNOTSUPP;
 			goto out;
 		}
-		p->size = rq.total;
+		res->size = rq.total;
 		break;
 	case 200:
 		sfs_error("%s: server ignores Range requests (200 instead of 206); streamfs needs "
 			  "byte ranges",
-			  p->display);
+			  display);
 		r = -EOPNOTSUPP;
 		goto out;
 	case 416:
 		/* An empty file: "bytes * /0". */
-		if (http_parse_content_range(rq.resp.content_range, NULL, NULL, &p->size) &&
-		    p->size == 0)
+		if (http_parse_content_range(rq.resp.content_range, NULL, NULL, &res->size) &&
+		    res->size == 0)
 			break;
-		sfs_error("%s: HTTP 416 for bytes=0-0 (Content-Range \"%s\")", p->display,
+		sfs_error("%s: HTTP 416 for bytes=0-0 (Content-Range \"%s\")", display,
 			  rq.resp.content_range);
 		r = -EIO;
 		goto out;
 	default:
-		sfs_error("%s: unexpected HTTP status %ld when probing", p->display,
-			  rq.resp.status);
+		sfs_error("%s: unexpected HTTP status %ld when probing", display, rq.resp.status);
 		r = -EIO;
 		goto out;
 	}
 
+	res->validator[0] = '\0';
+	res->validator_is_etag = false;
 	if (rq.resp.etag[0]) {
-		snprintf(p->validator, sizeof(p->validator), "%s", rq.resp.etag);
-		p->validator_is_etag = true;
+		snprintf(res->validator, sizeof(res->validator), "%s", rq.resp.etag);
+		res->validator_is_etag = true;
 	} else if (rq.resp.last_modified[0]) {
-		snprintf(p->validator, sizeof(p->validator), "%s", rq.resp.last_modified);
-	} else {
-		sfs_warn("%s: server sends neither ETag nor Last-Modified: a change of the file on "
-			 "the server is only detected if its size changes",
-			 p->display);
+		snprintf(res->validator, sizeof(res->validator), "%s", rq.resp.last_modified);
 	}
-	p->creds = rq.creds;
-	p->url = url;
+	res->creds = rq.creds;
+	res->url = url;
 	url = NULL;
 	r = 0;
 out:
@@ -1394,15 +1727,21 @@ out:
 	return r;
 }
 
-/* The headers of every read, once the probe is done. */
-static int http_build_headers(struct http_priv *p)
+/* Fill e from the probe of its URL (taking res->url) with the headers of
+ * its reads. Not published yet. */
+static int http_ep_init(struct http_priv *p, struct http_endpoint *e, struct http_probe_result *res)
 {
-	struct curl_slist *l;
 	char buf[HTTP_VALIDATOR_MAX + 32];
+	struct curl_slist *l;
 
-	if (p->auth_header && p->creds) {
-		p->read_headers = curl_slist_append(NULL, p->auth_header);
-		if (!p->read_headers)
+	e->url = res->url;
+	res->url = NULL;
+	e->creds = res->creds;
+	e->state = FETCH_MIRROR_UP;
+	e->down_ms = HTTP_DOWN_MIN_MS;
+	if (p->auth_header && e->creds) {
+		e->read_headers = curl_slist_append(NULL, p->auth_header);
+		if (!e->read_headers)
 			return -ENOMEM;
 	}
 	/* If-Match compares strongly: a weak ETag would always fail it. */
@@ -1412,12 +1751,20 @@ static int http_build_headers(struct http_priv *p)
 	else if (!p->validator_is_etag && p->validator[0])
 		snprintf(buf, sizeof(buf), "If-Unmodified-Since: %s", p->validator);
 	if (buf[0]) {
-		l = curl_slist_append(p->read_headers, buf);
+		l = curl_slist_append(e->read_headers, buf);
 		if (!l)
 			return -ENOMEM;
-		p->read_headers = l;
+		e->read_headers = l;
 	}
 	return 0;
+}
+
+static void http_ep_free(struct http_endpoint *e)
+{
+	free(e->url);
+	free(e->display);
+	curl_slist_free_all(e->read_headers);
+	memset(e, 0, sizeof(*e));
 }
 
 static void http_close(struct fetch_source *s)
@@ -1427,7 +1774,7 @@ static void http_close(struct fetch_source *s)
 
 	if (!p)
 		return;
-	if (p->url && p->verbose_level >= 0)
+	if (atomic_load(&p->nep) && p->verbose_level >= 0)
 		sfs_log(p->verbose_level, "%s: %llu HTTP requests, %llu retries", p->display,
 			(unsigned long long)atomic_load(&p->net.requests),
 			(unsigned long long)atomic_load(&p->net.retries));
@@ -1446,16 +1793,17 @@ static void http_close(struct fetch_source *s)
 		pthread_cond_destroy(&p->cond_guest);
 		pthread_cond_destroy(&p->cond_job);
 		pthread_mutex_destroy(&p->net.lock);
+		pthread_mutex_destroy(&p->mirror_lock);
 	}
+	for (unsigned i = 0; i < HTTP_MAX_ENDPOINTS; i++)
+		http_ep_free(&p->ep[i]);
 	curl_slist_free_all(p->probe_headers);
-	curl_slist_free_all(p->read_headers);
 	if (p->auth_header)
 		explicit_bzero(p->auth_header, strlen(p->auth_header));
 	if (p->userpwd)
 		explicit_bzero(p->userpwd, strlen(p->userpwd));
 	free(p->auth_header);
 	free(p->userpwd);
-	free(p->url);
 	free(p->display);
 	free(p->cacert);
 	memset(p, 0, sizeof(*p));
@@ -1466,6 +1814,8 @@ static int http_open(struct fetch_source *s, int flags)
 	struct http_priv *p = s->priv;
 	const struct fetch_options *o = fetch_get_options();
 	const char *env = getenv("STREAMFS_HTTP_DEBUG");
+	struct http_probe_result res = {0};
+	const char *why = NULL;
 	struct http_conn *c;
 	int r;
 
@@ -1501,6 +1851,13 @@ static int http_open(struct fetch_source *s, int flags)
 			   : o->verbose			? SFS_LOG_INFO
 							: -1;
 	atomic_init(&p->changed, false);
+	atomic_init(&p->nep, 0);
+	atomic_init(&p->rtt_min_ns, UINT64_MAX);
+	r = http_url_origin(s->uri, p->origin, sizeof(p->origin), &why);
+	if (r < 0) {
+		sfs_error("%s: %s", p->display, why);
+		goto fail;
+	}
 
 	if (o->http_auth_file) {
 		r = http_read_auth_file(p, o->http_auth_file);
@@ -1517,6 +1874,7 @@ static int http_open(struct fetch_source *s, int flags)
 	pthread_cond_init(&p->cond_guest, NULL);
 	pthread_cond_init(&p->cond_job, NULL);
 	pthread_mutex_init(&p->net.lock, NULL);
+	pthread_mutex_init(&p->mirror_lock, NULL);
 	p->lock_init = true;
 	p->share = curl_share_init();
 	if (!p->share) {
@@ -1542,20 +1900,32 @@ static int http_open(struct fetch_source *s, int flags)
 		}
 	}
 
-	c = http_get_conn(p, FETCH_CLASS_GUEST, true, true);
+	c = http_get_conn(p, FETCH_CLASS_GUEST, true, true, NULL);
 	if (!c) {
 		r = -ENOMEM;
 		goto fail;
 	}
-	r = http_probe(s, c);
+	r = http_probe(p, c, s->uri, p->display, &res);
+	c->ep = &p->ep[0]; /* connected to the pinned URL (or to nothing) */
 	http_put_conn(p, c, FETCH_CLASS_GUEST);
 	if (r < 0)
 		goto fail;
-	curl_slist_free_all(p->probe_headers);
-	p->probe_headers = NULL;
-	r = http_build_headers(p);
+	p->size = res.size;
+	memcpy(p->validator, res.validator, sizeof(p->validator));
+	p->validator_is_etag = res.validator_is_etag;
+	if (!p->validator[0])
+		sfs_warn("%s: server sends neither ETag nor Last-Modified: a change of the file on "
+			 "the server is only detected if its size changes",
+			 p->display);
+	p->ep[0].display = strdup(p->display);
+	if (!p->ep[0].display) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	r = http_ep_init(p, &p->ep[0], &res);
 	if (r < 0)
 		goto fail;
+	atomic_store(&p->nep, 1);
 	s->size = p->size;
 	if (p->verbose_level >= 0)
 		sfs_log(p->verbose_level,
@@ -1567,8 +1937,121 @@ static int http_open(struct fetch_source *s, int flags)
 			p->attempts);
 	return 0;
 fail:
+	free(res.url);
 	http_close(s);
 	return r;
+}
+
+/* Compare the probe of a mirror with the source: another size or validator
+ * is another version of the file (or another file). Returns why not, or
+ * NULL when it is the same. */
+static const char *http_mirror_differs(struct http_priv *p, const struct http_probe_result *res,
+				       char *why, size_t len)
+{
+	if (res->size != p->size)
+		snprintf(why, len, "size %llu, the backing URL has %llu",
+			 (unsigned long long)res->size, (unsigned long long)p->size);
+	else if (res->validator_is_etag != p->validator_is_etag)
+		snprintf(why, len, "%s %s, the backing URL has %s %s",
+			 res->validator_is_etag ? "ETag" : "Last-Modified",
+			 res->validator[0] ? res->validator : "(none)",
+			 p->validator_is_etag ? "ETag" : "Last-Modified", p->validator);
+	else if (strcmp(res->validator, p->validator) != 0)
+		snprintf(why, len, "%s %s, the backing URL has %s",
+			 p->validator_is_etag ? "ETag" : "Last-Modified",
+			 res->validator[0] ? res->validator : "(none)", p->validator);
+	else
+		return NULL;
+	return why;
+}
+
+static int http_add_mirror(struct fetch_source *s, const char *url)
+{
+	struct http_priv *p = s->priv;
+	struct http_probe_result res = {0};
+	struct http_endpoint *e = NULL;
+	char *display = fetch_display_uri(url);
+	struct http_conn *c;
+	char why[2 * HTTP_VALIDATOR_MAX + 96];
+	unsigned n;
+	int r;
+
+	if (!display)
+		return -ENOMEM;
+	pthread_mutex_lock(&p->mirror_lock);
+	n = atomic_load(&p->nep);
+	if (n >= HTTP_MAX_ENDPOINTS) {
+		sfs_error("%s: mirror %s: at most %d mirrors", p->display, display,
+			  FETCH_MAX_MIRRORS);
+		r = -E2BIG;
+		goto out;
+	}
+	if (!p->validator[0]) {
+		/* Nothing would tell another version from the same one. */
+		sfs_error("%s: mirror %s refused: the backing URL has neither ETag nor "
+			  "Last-Modified, so a mirror cannot be checked to serve the same file",
+			  p->display, display);
+		r = -EINVAL;
+		goto out;
+	}
+	c = http_get_conn(p, FETCH_CLASS_GUEST, true, true, NULL);
+	if (!c) {
+		r = -ENOMEM;
+		goto out;
+	}
+	r = http_probe(p, c, url, display, &res);
+	c->ep = &p->ep[n]; /* a refused mirror's slot is reused by the next */
+	http_put_conn(p, c, FETCH_CLASS_GUEST);
+	if (r < 0) {
+		sfs_error("%s: mirror %s refused: it does not answer as it should (see above)",
+			  p->display, display);
+		goto out;
+	}
+	if (http_mirror_differs(p, &res, why, sizeof(why))) {
+		sfs_error("%s: mirror %s refused: it serves another version of the file (%s)",
+			  p->display, display, why);
+		r = -EINVAL;
+		goto out;
+	}
+	e = &p->ep[n];
+	e->display = display;
+	display = NULL;
+	r = http_ep_init(p, e, &res);
+	if (r < 0) {
+		http_ep_free(e);
+		goto out;
+	}
+	pthread_mutex_lock(&p->lock);
+	atomic_store(&p->nep, n + 1); /* published: reads may use it now */
+	pthread_mutex_unlock(&p->lock);
+	sfs_info("%s: mirror %s: same size and %s; reads spread over %u servers", p->display,
+		 e->display, p->validator_is_etag ? "ETag" : "Last-Modified", n + 1);
+	r = 0;
+out:
+	pthread_mutex_unlock(&p->mirror_lock);
+	free(res.url);
+	free(display);
+	return r;
+}
+
+static unsigned http_mirrors(struct fetch_source *s, struct fetch_mirror *out, unsigned max)
+{
+	struct http_priv *p = s->priv;
+	unsigned n;
+
+	pthread_mutex_lock(&p->lock);
+	n = atomic_load(&p->nep);
+	for (unsigned i = 0; i < n && i < max; i++) {
+		struct http_endpoint *e = &p->ep[i];
+
+		out[i] = (struct fetch_mirror){.display = e->display,
+					       .state = e->state,
+					       .requests = atomic_load(&e->requests),
+					       .errors = atomic_load(&e->errors),
+					       .bytes = atomic_load(&e->bytes)};
+	}
+	pthread_mutex_unlock(&p->lock);
+	return n;
 }
 
 /* ---- Read ---- */
@@ -1606,7 +2089,9 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 
 	if (atomic_load(&p->changed))
 		return -EIO; /* logged when detected */
-	c = http_get_conn(p, cls, true, true);
+	/* Each piece goes to the server its handle was taken for. */
+	memset(&pieces[0].rq, 0, sizeof(pieces[0].rq));
+	c = http_get_conn(p, cls, true, true, &pieces[0].rq);
 	if (!c)
 		return -ENOMEM;
 	pieces[0].c = c;
@@ -1615,8 +2100,13 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 		unsigned want = (unsigned)SFS_MIN(len / HTTP_SPLIT_PIECE, (size_t)p->pool_size);
 
 		want = SFS_MIN(want, (unsigned)HTTP_MAX_SPLIT);
-		while (n < want && (pieces[n].c = http_get_conn(p, cls, false, false)))
+		while (n < want) {
+			memset(&pieces[n].rq, 0, sizeof(pieces[n].rq));
+			pieces[n].c = http_get_conn(p, cls, false, false, &pieces[n].rq);
+			if (!pieces[n].c)
+				break;
 			n++;
+		}
 	}
 	piece_len = SFS_ALIGN_UP(SFS_DIV_ROUND_UP(len, n), 65536);
 	for (i = 0; i < n; i++) {
@@ -1627,17 +2117,19 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 		pc->cls = cls;
 		pc->threaded = false;
 		pc->r = 0;
-		memset(&pc->rq, 0, sizeof(pc->rq));
 		pc->rq.p = p;
-		pc->rq.url = p->url;
-		pc->rq.creds = p->creds;
+		pc->rq.cls = cls;
 		pc->rq.buf = (uint8_t *)buf + start;
 		pc->rq.len = SFS_MIN(piece_len, len - start);
 		pc->rq.off = off + start;
 	}
 	for (i = 1; i < n; i++) {
-		if (pieces[i].rq.len == 0)
+		if (pieces[i].rq.len == 0) {
+			pthread_mutex_lock(&p->lock);
+			http_ep_untake(p, &pieces[i].rq);
+			pthread_mutex_unlock(&p->lock);
 			continue;
+		}
 		pieces[i].threaded =
 		    pthread_create(&pieces[i].thread, NULL, http_piece_run, &pieces[i]) == 0;
 	}
@@ -1680,4 +2172,6 @@ const struct fetch_ops fetch_http_ops = {
     .truncate = NULL,
     .net_stats = http_net_stats,
     .net_totals = http_net_totals,
+    .add_mirror = http_add_mirror,
+    .mirrors = http_mirrors,
 };

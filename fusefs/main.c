@@ -50,7 +50,9 @@ struct sfs_opts {
 	unsigned readahead_kb;
 	unsigned max_threads;
 	unsigned stream_depth;
-	char *prefetch; /* a boot trace to replay: file or URL */
+	char *prefetch;			  /* a boot trace to replay: file or URL */
+	char *mirrors[FETCH_MAX_MIRRORS]; /* -o mirror=URL, in order */
+	unsigned nmirrors;
 	char *pidfile;
 	char *uid, *gid, *mode; /* owner and permissions of disk */
 	int show_help;
@@ -65,7 +67,7 @@ struct sfs_opts {
 		t, offsetof(struct sfs_opts, p), v                                                 \
 	}
 
-enum { KEY_RO, KEY_FOREGROUND, KEY_DEBUG };
+enum { KEY_RO, KEY_FOREGROUND, KEY_DEBUG, KEY_MIRROR };
 
 static const struct fuse_opt sfs_opt_spec[] = {
     SFS_OPT("copy_on_read=%s", copy_on_read, 0),
@@ -96,6 +98,7 @@ static const struct fuse_opt sfs_opt_spec[] = {
     SFS_OPT("--help", show_help, 1),
     SFS_OPT("-V", show_version, 1),
     SFS_OPT("--version", show_version, 1),
+    FUSE_OPT_KEY("mirror=", KEY_MIRROR), /* repeatable */
     FUSE_OPT_KEY("ro", KEY_RO),
     FUSE_OPT_KEY("-f", KEY_FOREGROUND),
     FUSE_OPT_KEY("-d", KEY_DEBUG),
@@ -140,6 +143,7 @@ static void sfs_usage(FILE *f)
 	    "may open 2 more\n"
 	    "    -o http_timeout=S      seconds before a stalled HTTP request is retried (30)\n"
 	    "    -o http_retries=N      attempts per HTTP request (5)\n"
+	    "    -o mirror=URL          another server of the http(s) backing (repeatable)\n"
 	    "    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"
 	    "    -o threads=N           FUSE worker threads (16)\n"
 	    "    -o verbose             log more (requests, job steps)\n"
@@ -167,6 +171,17 @@ static int sfs_opt_proc(void *data, const char *arg, int key, struct fuse_args *
 	case KEY_DEBUG:
 		o->foreground = 1;
 		return 1;
+	case KEY_MIRROR:
+		if (o->nmirrors == FETCH_MAX_MIRRORS) {
+			fprintf(stderr, "streamfs: at most %d -o mirror options\n",
+				FETCH_MAX_MIRRORS);
+			return -1;
+		}
+		o->mirrors[o->nmirrors] = strdup(arg + strlen("mirror="));
+		if (!o->mirrors[o->nmirrors])
+			return -1;
+		o->nmirrors++;
+		return 0;
 	case FUSE_OPT_KEY_NONOPT:
 		if (!o->overlay) {
 			o->overlay = strdup(arg);
@@ -415,6 +430,36 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_IMAGE;
 		goto out;
 	}
+	if (o.nmirrors) {
+		/* Mirrors serve the first http(s) image of the chain: the
+		 * overlay's backing when it is a URL, else the URL below the
+		 * local images. */
+		struct image *l = top;
+
+		while (l && fetch_get_mirrors(l->file, NULL, 0) == 0)
+			l = l->backing;
+		if (!l) {
+			fprintf(stderr,
+				"streamfs: -o mirror: no http(s) image in the chain of %s\n",
+				overlay);
+			image_close_chain(top);
+			ret = EXIT_USAGE;
+			goto out;
+		}
+		for (unsigned i = 0; i < o.nmirrors; i++) {
+			r = fetch_add_mirror(l->file, o.mirrors[i]);
+			if (r < 0) {
+				char *shown = fetch_display_uri(o.mirrors[i]);
+
+				fprintf(stderr, "streamfs: -o mirror=%s refused (see above)\n",
+					shown ? shown : "URL");
+				free(shown);
+				image_close_chain(top);
+				ret = EXIT_IMAGE;
+				goto out;
+			}
+		}
+	}
 	for (struct image *l = top; l; l = l->backing) {
 		char real[PATH_MAX];
 		if (!realpath(l->filename, real)) /* not a local file */
@@ -561,6 +606,8 @@ out:
 	free(o.gid);
 	free(o.mode);
 	free(base);
+	for (unsigned i = 0; i < o.nmirrors; i++)
+		free(o.mirrors[i]);
 	fuse_opt_free_args(&args);
 	return ret;
 }

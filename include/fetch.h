@@ -64,6 +64,22 @@ struct fetch_net_stats {
 	double rate_bytes_per_s;	    /* bytes/s received over the recent seconds */
 };
 
+/* The state of one server of a source (fetch_get_mirrors). */
+enum fetch_mirror_state {
+	FETCH_MIRROR_UP,      /* in use */
+	FETCH_MIRROR_DOWN,    /* failed or stalled: left alone for a while, then tried again */
+	FETCH_MIRROR_REFUSED, /* served another version of the file: never used again */
+};
+
+/* One server of a source: its own URL or one of its mirrors. */
+struct fetch_mirror {
+	const char *display; /* the URL as shown (fetch_display_uri); valid until close */
+	enum fetch_mirror_state state;
+	uint64_t requests; /* attempts sent to it */
+	uint64_t errors;   /* attempts that failed on it (then retried elsewhere or not) */
+	uint64_t bytes;	   /* bytes it delivered */
+};
+
 struct fetch_ops {
 	const char *scheme; /* the kind, in messages: "file", "http" (also serves "https") */
 	bool network;	    /* bytes come over the network (counted in status) */
@@ -96,6 +112,12 @@ struct fetch_ops {
 	/* The same summed over every source of this kind the process opened,
 	 * closed ones included. Optional (network kinds only). */
 	void (*net_totals)(struct fetch_net_stats *out);
+	/* Add a mirror: another URL serving the same bytes. Optional
+	 * (network kinds only); see fetch_add_mirror. */
+	int (*add_mirror)(struct fetch_source *s, const char *url);
+	/* Fill up to max servers of s (its URL first) and return how many
+	 * there are. Optional. */
+	unsigned (*mirrors)(struct fetch_source *s, struct fetch_mirror *out, unsigned max);
 };
 
 /* Statistics kept by the generic wrappers; read with atomic loads. */
@@ -195,6 +217,26 @@ enum fetch_class fetch_get_thread_class(void);
  * including those waiting for a connection: one atomic load, cheap enough
  * to poll per chunk. The stream job shrinks its depth while it is > 0. */
 unsigned fetch_guest_inflight(void);
+
+/* Mirrors: other URLs serving the same bytes as the HTTP(S) source s (a CDN
+ * and the origin, two regions). Each is probed like s was at open and must
+ * report the same size and validator (ETag, else Last-Modified; s must have
+ * one), else it is refused with a message naming it: -EINVAL (another
+ * version), or the probe's -errno. Reads then spread over the healthy
+ * servers; one that fails or stalls is left alone for a while (5 s, doubling
+ * up to 60 s, then one read tries it) and the read goes on at once on
+ * another; one that later serves another version is refused for good. The
+ * auth file's credentials go only to the origin of s's own URL.
+ * -EOPNOTSUPP for a local source; -E2BIG past FETCH_MAX_MIRRORS. */
+#define FETCH_MAX_MIRRORS 8
+int fetch_add_mirror(struct fetch_source *s, const char *url) __attribute__((nonnull));
+/* The servers of s, its own URL first, then its mirrors in the order added:
+ * fills up to max entries and returns how many there are (1 without
+ * mirrors, 0 for a local source). */
+unsigned fetch_get_mirrors(struct fetch_source *s, struct fetch_mirror *out, unsigned max)
+    __attribute__((nonnull(1)));
+/* "up", "down", "refused". */
+const char *fetch_mirror_state_name(enum fetch_mirror_state st);
 
 /* Network statistics of s: 0, or -ENOTSUP for a local source. */
 int fetch_net_stats(struct fetch_source *s, struct fetch_net_stats *out) __attribute__((nonnull));

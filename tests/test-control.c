@@ -677,6 +677,7 @@ static const char *ct_status_keys[] = {
     "format",
     "backing",
     "chain",
+    "mirrors", /* mirror_<i> lines only with -o mirror: test-mirror.sh */
     "disk_size",
     "copy_on_read",
     "bytes_copied_by_job",

@@ -365,7 +365,7 @@ struct tsrv_gate {
  * n; stalled (headers and half the body, then silence until the client
  * hangs up) if stall_every divides n and fewer than stall_max stalled yet;
  * sent slowly (64 KiB, pause, ...) if slow_every divides n. */
-static struct tsrv {
+struct tsrv {
 	int lfd, port;
 	bool running;
 	pthread_t accept_thread;
@@ -379,7 +379,22 @@ static struct tsrv {
 	int fds[TSRV_MAX_CONNS];	   /* protected by lock; -1 once closed */
 	pthread_t threads[TSRV_MAX_CONNS]; /* protected by lock */
 	unsigned nconns;		   /* protected by lock */
-} tsrv = {.lfd = -1, .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+	const char *etag;		   /* ETag sent (default "\"t1\"") */
+	size_t size;			   /* total size announced (default test_len) */
+	bool gone;			   /* /data answers 404 */
+};
+
+/* Two servers: tsrv for most tests, tsrv2 as a mirror of it. */
+static struct tsrv tsrv = {
+    .lfd = -1, .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+static struct tsrv tsrv2 = {
+    .lfd = -1, .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+
+/* A connection and its server. */
+struct tsrv_conn {
+	struct tsrv *t;
+	int fd;
+};
 
 static bool tsrv_send(int fd, const void *buf, size_t len)
 {
@@ -399,7 +414,7 @@ static bool tsrv_send(int fd, const void *buf, size_t len)
 }
 
 /* Has the client hung up (or is the server stopping)? Waits up to ms. */
-static bool tsrv_gone(int fd, int ms)
+static bool tsrv_gone(struct tsrv *t, int fd, int ms)
 {
 	struct pollfd pfd = {.fd = fd, .events = POLLIN};
 	bool stop;
@@ -407,91 +422,98 @@ static bool tsrv_gone(int fd, int ms)
 
 	if (poll(&pfd, 1, ms) > 0 && recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) <= 0)
 		return true;
-	pthread_mutex_lock(&tsrv.lock);
-	stop = tsrv.stop;
-	pthread_mutex_unlock(&tsrv.lock);
+	pthread_mutex_lock(&t->lock);
+	stop = t->stop;
+	pthread_mutex_unlock(&t->lock);
 	return stop;
 }
 
 /* Hold a request starting at off while its gate is closed. false if the
  * client hung up meanwhile. */
-static bool tsrv_gate_pass(int fd, uint64_t off)
+static bool tsrv_gate_pass(struct tsrv *t, int fd, uint64_t off)
 {
 	struct tsrv_gate *g = NULL;
 	bool ok = true;
 
-	pthread_mutex_lock(&tsrv.lock);
+	pthread_mutex_lock(&t->lock);
 	for (int i = 0; i < 2; i++)
-		if (tsrv.gate[i].closed && off >= tsrv.gate[i].from && off < tsrv.gate[i].to)
-			g = &tsrv.gate[i];
+		if (t->gate[i].closed && off >= t->gate[i].from && off < t->gate[i].to)
+			g = &t->gate[i];
 	if (!g) {
-		pthread_mutex_unlock(&tsrv.lock);
+		pthread_mutex_unlock(&t->lock);
 		return true;
 	}
 	g->waiting++;
-	pthread_cond_broadcast(&tsrv.cond);
-	while (g->closed && !g->release && !tsrv.stop) {
-		pthread_mutex_unlock(&tsrv.lock);
-		ok = !tsrv_gone(fd, 20);
-		pthread_mutex_lock(&tsrv.lock);
+	pthread_cond_broadcast(&t->cond);
+	while (g->closed && !g->release && !t->stop) {
+		pthread_mutex_unlock(&t->lock);
+		ok = !tsrv_gone(t, fd, 20);
+		pthread_mutex_lock(&t->lock);
 		if (!ok)
 			break;
 	}
 	g->waiting--;
-	if (ok && g->closed && g->release && !tsrv.stop)
+	if (ok && g->closed && g->release && !t->stop)
 		g->release--;
-	if (ok && !tsrv.stop)
+	if (ok && !t->stop)
 		g->passed++;
 	else
 		g->abandoned++;
-	pthread_cond_broadcast(&tsrv.cond);
-	pthread_mutex_unlock(&tsrv.lock);
+	pthread_cond_broadcast(&t->cond);
+	pthread_mutex_unlock(&t->lock);
 	return ok;
 }
 
 /* Answer one request (hdr, NUL-terminated). false: close the connection. */
-static bool tsrv_answer(int fd, const char *hdr)
+static bool tsrv_answer(struct tsrv *t, int fd, const char *hdr)
 {
 	unsigned long long a, b;
 	const char *rg = strcasestr(hdr, "\r\nRange: bytes=");
 	char head[512];
 	unsigned n;
 	bool fail, stall, slow;
-	size_t len, sent;
+	size_t len, sent, size;
+	char etag[64];
+	bool gone;
 
-	if (strncmp(hdr, "GET /data ", 10) != 0) {
+	pthread_mutex_lock(&t->lock);
+	gone = t->gone;
+	pthread_mutex_unlock(&t->lock);
+	if (strncmp(hdr, "GET /data ", 10) != 0 || gone) {
 		snprintf(head, sizeof(head), "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
 		return tsrv_send(fd, head, strlen(head));
 	}
 	if (!rg || sscanf(rg + 15, "%llu-%llu", &a, &b) != 2 || a > b || b >= test_len)
 		return false;
-	if (!tsrv_gate_pass(fd, a))
+	pthread_mutex_lock(&t->lock);
+	snprintf(etag, sizeof(etag), "%s", t->etag);
+	size = t->size;
+	pthread_mutex_unlock(&t->lock);
+	if (!tsrv_gate_pass(t, fd, a))
 		return false;
-	pthread_mutex_lock(&tsrv.lock);
-	n = ++tsrv.seq;
-	fail = tsrv.fail_every && n % tsrv.fail_every == 0;
-	stall =
-	    !fail && tsrv.stall_every && n % tsrv.stall_every == 0 && tsrv.stalled < tsrv.stall_max;
-	slow = !fail && !stall && tsrv.slow_every && n % tsrv.slow_every == 0;
-	tsrv.failed += fail;
-	tsrv.stalled += stall;
-	pthread_mutex_unlock(&tsrv.lock);
+	pthread_mutex_lock(&t->lock);
+	n = ++t->seq;
+	fail = t->fail_every && n % t->fail_every == 0;
+	stall = !fail && t->stall_every && n % t->stall_every == 0 && t->stalled < t->stall_max;
+	slow = !fail && !stall && t->slow_every && n % t->slow_every == 0;
+	t->failed += fail;
+	t->stalled += stall;
+	pthread_mutex_unlock(&t->lock);
 	if (fail) {
 		snprintf(head, sizeof(head),
 			 "HTTP/1.1 503 Busy\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n");
 		return tsrv_send(fd, head, strlen(head));
 	}
 	len = (size_t)(b - a + 1);
-	snprintf(
-	    head, sizeof(head),
-	    "HTTP/1.1 206 Partial Content\r\nETag: \"t1\"\r\nContent-Range: bytes %llu-%llu/%zu"
-	    "\r\nContent-Length: %zu\r\n\r\n",
-	    a, b, test_len, len);
+	snprintf(head, sizeof(head),
+		 "HTTP/1.1 206 Partial Content\r\nETag: %s\r\nContent-Range: bytes %llu-%llu/%zu"
+		 "\r\nContent-Length: %zu\r\n\r\n",
+		 etag, a, b, size, len);
 	if (!tsrv_send(fd, head, strlen(head)))
 		return false;
 	if (stall) {
 		tsrv_send(fd, test_data + a, len / 2);
-		while (!tsrv_gone(fd, 50))
+		while (!tsrv_gone(t, fd, 50))
 			;
 		return false;
 	}
@@ -509,7 +531,9 @@ static bool tsrv_answer(int fd, const char *hdr)
 
 static void *tsrv_conn_run(void *opaque)
 {
-	int fd = (int)(intptr_t)opaque;
+	struct tsrv_conn *tc = opaque;
+	struct tsrv *t = tc->t;
+	int fd = tc->fd;
 	char buf[8192];
 	size_t have = 0;
 
@@ -521,7 +545,7 @@ static void *tsrv_conn_run(void *opaque)
 		end = strstr(buf, "\r\n\r\n");
 		if (end) {
 			end[2] = '\0';
-			if (!tsrv_answer(fd, buf))
+			if (!tsrv_answer(t, fd, buf))
 				break;
 			/* No pipelining: a GET has no body, nothing follows. */
 			have = 0;
@@ -535,116 +559,140 @@ static void *tsrv_conn_run(void *opaque)
 		have += (size_t)n;
 	}
 	/* Closed by the thread that owns it; shutdown() by tsrv_stop only. */
-	pthread_mutex_lock(&tsrv.lock);
-	for (unsigned i = 0; i < tsrv.nconns; i++)
-		if (tsrv.fds[i] == fd)
-			tsrv.fds[i] = -1;
+	pthread_mutex_lock(&t->lock);
+	for (unsigned i = 0; i < t->nconns; i++)
+		if (t->fds[i] == fd)
+			t->fds[i] = -1;
 	close(fd);
-	pthread_mutex_unlock(&tsrv.lock);
+	pthread_mutex_unlock(&t->lock);
+	free(tc);
 	return NULL;
 }
 
 static void *tsrv_accept_run(void *opaque)
 {
+	struct tsrv *t = opaque;
+
 	for (;;) {
-		int fd = accept4(tsrv.lfd, NULL, NULL, SOCK_CLOEXEC);
+		int fd = accept4(t->lfd, NULL, NULL, SOCK_CLOEXEC);
+		struct tsrv_conn *tc;
 
 		if (fd < 0) {
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;
 			return NULL; /* tsrv_stop shut the socket down */
 		}
-		pthread_mutex_lock(&tsrv.lock);
-		if (tsrv.stop || tsrv.nconns == TSRV_MAX_CONNS ||
-		    pthread_create(&tsrv.threads[tsrv.nconns], NULL, tsrv_conn_run,
-				   (void *)(intptr_t)fd) != 0) {
+		tc = malloc(sizeof(*tc));
+		assert_non_null(tc);
+		*tc = (struct tsrv_conn){.t = t, .fd = fd};
+		pthread_mutex_lock(&t->lock);
+		if (t->stop || t->nconns == TSRV_MAX_CONNS ||
+		    pthread_create(&t->threads[t->nconns], NULL, tsrv_conn_run, tc) != 0) {
 			close(fd);
+			free(tc);
 		} else {
-			tsrv.fds[tsrv.nconns++] = fd;
+			t->fds[t->nconns++] = fd;
 		}
-		pthread_mutex_unlock(&tsrv.lock);
+		pthread_mutex_unlock(&t->lock);
 	}
 }
 
-static void tsrv_start(void)
+/* Start t on port (0: any free one), as the server of a new test: every
+ * knob reset. */
+static void tsrv_start_port(struct tsrv *t, int port)
 {
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	struct sockaddr_in a = {.sin_family = AF_INET,
+				.sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+				.sin_port = htons((uint16_t)port)};
 	socklen_t al = sizeof(a);
+	int one = 1;
 
-	assert_false(tsrv.running);
-	tsrv.lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	assert_true(tsrv.lfd >= 0);
-	assert_int_equal(bind(tsrv.lfd, (struct sockaddr *)&a, sizeof(a)), 0);
-	assert_int_equal(listen(tsrv.lfd, 64), 0);
-	assert_int_equal(getsockname(tsrv.lfd, (struct sockaddr *)&a, &al), 0);
-	tsrv.port = ntohs(a.sin_port);
-	tsrv.stop = false;
-	tsrv.nconns = 0;
-	tsrv.seq = tsrv.failed = tsrv.stalled = 0;
-	tsrv.fail_every = tsrv.stall_every = tsrv.stall_max = tsrv.slow_every = 0;
-	memset(tsrv.gate, 0, sizeof(tsrv.gate));
-	assert_int_equal(pthread_create(&tsrv.accept_thread, NULL, tsrv_accept_run, NULL), 0);
-	tsrv.running = true;
+	assert_false(t->running);
+	t->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(t->lfd >= 0);
+	/* Coming back on the port it had: its old connections may linger. */
+	assert_int_equal(setsockopt(t->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)), 0);
+	assert_int_equal(bind(t->lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(t->lfd, 64), 0);
+	assert_int_equal(getsockname(t->lfd, (struct sockaddr *)&a, &al), 0);
+	t->port = ntohs(a.sin_port);
+	t->stop = false;
+	t->nconns = 0;
+	t->seq = t->failed = t->stalled = 0;
+	t->fail_every = t->stall_every = t->stall_max = t->slow_every = 0;
+	memset(t->gate, 0, sizeof(t->gate));
+	t->etag = "\"t1\"";
+	t->size = test_len;
+	t->gone = false;
+	assert_int_equal(pthread_create(&t->accept_thread, NULL, tsrv_accept_run, t), 0);
+	t->running = true;
 }
 
-static void tsrv_stop(void)
+static void tsrv_start(struct tsrv *t)
+{
+	tsrv_start_port(t, 0);
+}
+
+/* Stop t: it refuses connections and its open ones are cut, as when a
+ * server dies. */
+static void tsrv_stop(struct tsrv *t)
 {
 	unsigned n;
 
-	if (!tsrv.running)
+	if (!t->running)
 		return;
-	pthread_mutex_lock(&tsrv.lock);
-	tsrv.stop = true;
-	pthread_cond_broadcast(&tsrv.cond);
-	for (unsigned i = 0; i < tsrv.nconns; i++)
-		if (tsrv.fds[i] >= 0)
-			shutdown(tsrv.fds[i], SHUT_RDWR);
-	pthread_mutex_unlock(&tsrv.lock);
-	shutdown(tsrv.lfd, SHUT_RDWR);
-	pthread_join(tsrv.accept_thread, NULL);
-	close(tsrv.lfd);
-	tsrv.lfd = -1;
-	pthread_mutex_lock(&tsrv.lock);
-	n = tsrv.nconns; /* the accept thread is gone: no more */
-	pthread_mutex_unlock(&tsrv.lock);
+	pthread_mutex_lock(&t->lock);
+	t->stop = true;
+	pthread_cond_broadcast(&t->cond);
+	for (unsigned i = 0; i < t->nconns; i++)
+		if (t->fds[i] >= 0)
+			shutdown(t->fds[i], SHUT_RDWR);
+	pthread_mutex_unlock(&t->lock);
+	shutdown(t->lfd, SHUT_RDWR);
+	pthread_join(t->accept_thread, NULL);
+	close(t->lfd);
+	t->lfd = -1;
+	pthread_mutex_lock(&t->lock);
+	n = t->nconns; /* the accept thread is gone: no more */
+	pthread_mutex_unlock(&t->lock);
 	for (unsigned i = 0; i < n; i++)
-		pthread_join(tsrv.threads[i], NULL);
-	tsrv.running = false;
+		pthread_join(t->threads[i], NULL);
+	t->running = false;
 }
 
 /* Wait until gate g holds want requests (the deadline only turns a hang
  * into a failure). */
-static void tsrv_wait_held(int g, unsigned want)
+static void tsrv_wait_held(struct tsrv *t, int g, unsigned want)
 {
 	struct timespec dl;
 
 	clock_gettime(CLOCK_REALTIME, &dl);
 	dl.tv_sec += 60;
-	pthread_mutex_lock(&tsrv.lock);
-	while (tsrv.gate[g].waiting < want)
-		if (pthread_cond_timedwait(&tsrv.cond, &tsrv.lock, &dl) == ETIMEDOUT) {
-			unsigned n = tsrv.gate[g].waiting;
+	pthread_mutex_lock(&t->lock);
+	while (t->gate[g].waiting < want)
+		if (pthread_cond_timedwait(&t->cond, &t->lock, &dl) == ETIMEDOUT) {
+			unsigned n = t->gate[g].waiting;
 
-			pthread_mutex_unlock(&tsrv.lock);
+			pthread_mutex_unlock(&t->lock);
 			fail_msg("gate %d: %u requests held, expected %u", g, n, want);
 		}
-	pthread_mutex_unlock(&tsrv.lock);
+	pthread_mutex_unlock(&t->lock);
 }
 
-static void tsrv_gate_set(int g, uint64_t from, uint64_t to, bool closed)
+static void tsrv_gate_set(struct tsrv *t, int g, uint64_t from, uint64_t to, bool closed)
 {
-	pthread_mutex_lock(&tsrv.lock);
-	tsrv.gate[g].from = from;
-	tsrv.gate[g].to = to;
-	tsrv.gate[g].closed = closed;
-	tsrv.gate[g].release = 0;
-	pthread_cond_broadcast(&tsrv.cond);
-	pthread_mutex_unlock(&tsrv.lock);
+	pthread_mutex_lock(&t->lock);
+	t->gate[g].from = from;
+	t->gate[g].to = to;
+	t->gate[g].closed = closed;
+	t->gate[g].release = 0;
+	pthread_cond_broadcast(&t->cond);
+	pthread_mutex_unlock(&t->lock);
 }
 
-static void tsrv_url(char *url, size_t len)
+static void tsrv_url(struct tsrv *t, char *url, size_t len)
 {
-	snprintf(url, len, "http://127.0.0.1:%d/data", tsrv.port);
+	snprintf(url, len, "http://127.0.0.1:%d/data", t->port);
 }
 
 /* One reader thread of the pool tests: reads of the given class. */
@@ -866,7 +914,8 @@ static int test_teardown(void **state)
 {
 	char cmd[600];
 
-	tsrv_stop(); /* after a failed pool test */
+	tsrv_stop(&tsrv); /* after a failed pool test */
+	tsrv_stop(&tsrv2);
 	test_stop(&fault_pid);
 	test_stop(&nginx_pid);
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", test_dir);
@@ -1353,9 +1402,9 @@ static void test_http_pool_faults_exact(void **state)
 	unsigned seq, failed, stalled;
 	char url[128];
 
-	tsrv_start();
+	tsrv_start(&tsrv);
 	tpool_options(0, 2, 1, 5); /* the default pool */
-	tsrv_url(url, sizeof(url));
+	tsrv_url(&tsrv, url, sizeof(url));
 	s = test_open_ok(url);
 	pthread_mutex_lock(&tsrv.lock);
 	tsrv.fail_every = 7;
@@ -1400,7 +1449,7 @@ static void test_http_pool_faults_exact(void **state)
 	assert_true(ns.latency_p50_s <= ns.latency_p99_s);
 	assert_true(ns.latency_sum_s >= ns.latency_p50_s);
 	fetch_close(s);
-	tsrv_stop();
+	tsrv_stop(&tsrv);
 }
 
 /* Wait until reader t is done (the deadline only turns a hang into a
@@ -1437,19 +1486,19 @@ static void test_http_pool_guest_first(void **state)
 	uint64_t half = test_len / 2;
 	char url[128];
 
-	tsrv_start();
+	tsrv_start(&tsrv);
 	tpool_options(8, 5, 5, 1);
-	tsrv_url(url, sizeof(url));
+	tsrv_url(&tsrv, url, sizeof(url));
 	s = test_open_ok(url);
 	assert_int_equal(fetch_guest_inflight(), 0);
-	tsrv_gate_set(0, half, test_len, true); /* the job's reads */
-	tsrv_gate_set(1, 0, 1, true);		/* the first guest read */
+	tsrv_gate_set(&tsrv, 0, half, test_len, true); /* the job's reads */
+	tsrv_gate_set(&tsrv, 1, 0, 1, true);	       /* the first guest read */
 	for (unsigned i = 0; i < 9; i++) {
 		job[i] = (struct tpool_reader){
 		    .s = s, .cls = FETCH_CLASS_JOB, .off = half + i * jl, .len = jl, .reads = 1};
 		assert_int_equal(pthread_create(&th[i], NULL, tpool_reader_run, &job[i]), 0);
 	}
-	tsrv_wait_held(0, 8);
+	tsrv_wait_held(&tsrv, 0, 8);
 	assert_int_equal(fetch_net_stats(s, &ns), 0);
 	assert_int_equal(ns.in_flight[FETCH_CLASS_JOB], 8);
 	assert_int_equal(ns.in_flight[FETCH_CLASS_GUEST], 0);
@@ -1458,7 +1507,7 @@ static void test_http_pool_guest_first(void **state)
 	 * counts as a guest read on the network while it is there. */
 	guest = (struct tpool_reader){.s = s, .cls = FETCH_CLASS_GUEST, .len = 4096, .reads = 1};
 	assert_int_equal(pthread_create(&gth, NULL, tpool_reader_run, &guest), 0);
-	tsrv_wait_held(1, 1);
+	tsrv_wait_held(&tsrv, 1, 1);
 	pthread_mutex_lock(&tsrv.lock);
 	n = tsrv.gate[0].abandoned;
 	pthread_mutex_unlock(&tsrv.lock);
@@ -1469,7 +1518,7 @@ static void test_http_pool_guest_first(void **state)
 	assert_int_equal(fetch_net_stats(s, &ns), 0);
 	assert_int_equal(ns.in_flight[FETCH_CLASS_GUEST], 1);
 	assert_int_equal(ns.in_flight[FETCH_CLASS_JOB], 8);
-	tsrv_gate_set(1, 0, 1, false);
+	tsrv_gate_set(&tsrv, 1, 0, 1, false);
 	tpool_wait_done(&guest);
 	pthread_join(gth, NULL);
 	assert_int_equal(guest.r, 0);
@@ -1488,7 +1537,7 @@ static void test_http_pool_guest_first(void **state)
 	pthread_mutex_unlock(&tsrv.lock);
 	assert_int_equal(n, 8 * 1000); /* 8 held; none gave up, passed or is done */
 
-	tsrv_gate_set(0, half, test_len, false);
+	tsrv_gate_set(&tsrv, 0, half, test_len, false);
 	for (unsigned i = 0; i < 9; i++) {
 		pthread_join(th[i], NULL);
 		assert_int_equal(job[i].r, 0);
@@ -1501,7 +1550,7 @@ static void test_http_pool_guest_first(void **state)
 	assert_int_equal(ns.errors, 0);
 	assert_true(ns.connections <= 8 + 2);
 	fetch_close(s);
-	tsrv_stop();
+	tsrv_stop(&tsrv);
 }
 
 /* Wait until s has that many reads of each class waiting for a
@@ -1535,12 +1584,12 @@ static void test_http_pool_guest_before_job(void **state)
 	uint64_t half = test_len / 2;
 	char url[128];
 
-	tsrv_start();
+	tsrv_start(&tsrv);
 	tpool_options(1, 5, 5, 1);
-	tsrv_url(url, sizeof(url));
+	tsrv_url(&tsrv, url, sizeof(url));
 	s = test_open_ok(url);
-	tsrv_gate_set(0, half, test_len, true); /* the job's read */
-	tsrv_gate_set(1, 0, half, true);	/* the guests' reads */
+	tsrv_gate_set(&tsrv, 0, half, test_len, true); /* the job's read */
+	tsrv_gate_set(&tsrv, 1, 0, half, true);	       /* the guests' reads */
 	for (unsigned i = 0; i < 4; i++)
 		g[i] = (struct tpool_reader){
 		    .s = s, .cls = FETCH_CLASS_GUEST, .off = i * 4096, .len = 4096, .reads = 1};
@@ -1548,7 +1597,7 @@ static void test_http_pool_guest_before_job(void **state)
 	    .s = s, .cls = FETCH_CLASS_JOB, .off = half, .len = 4096, .reads = 1};
 	for (unsigned i = 0; i < 3; i++)
 		assert_int_equal(pthread_create(&gth[i], NULL, tpool_reader_run, &g[i]), 0);
-	tsrv_wait_held(1, 3);
+	tsrv_wait_held(&tsrv, 1, 3);
 	assert_int_equal(pthread_create(&jth, NULL, tpool_reader_run, &job), 0);
 	tpool_wait_waiting(s, 0, 1);
 	assert_int_equal(pthread_create(&gth[3], NULL, tpool_reader_run, &g[3]), 0);
@@ -1569,8 +1618,8 @@ static void test_http_pool_guest_before_job(void **state)
 		fail_msg("the job took the connection released while a guest read waited");
 	tpool_wait_waiting(s, 0, 1);
 
-	tsrv_gate_set(1, 0, half, false);
-	tsrv_gate_set(0, half, test_len, false);
+	tsrv_gate_set(&tsrv, 1, 0, half, false);
+	tsrv_gate_set(&tsrv, 0, half, test_len, false);
 	for (unsigned i = 0; i < 4; i++) {
 		pthread_join(gth[i], NULL);
 		assert_int_equal(g[i].r, 0);
@@ -1584,7 +1633,7 @@ static void test_http_pool_guest_before_job(void **state)
 	assert_int_equal(ns.waiting[FETCH_CLASS_GUEST] + ns.waiting[FETCH_CLASS_JOB], 0);
 	assert_true(ns.connections <= 1 + 2);
 	fetch_close(s);
-	tsrv_stop();
+	tsrv_stop(&tsrv);
 }
 
 /* ---- tests: control/status and control/metrics over HTTP ---- */
@@ -1625,9 +1674,9 @@ static void test_http_control_status_net(void **state)
 	uint64_t guest, job;
 
 	assert_non_null(buf);
-	tsrv_start();
+	tsrv_start(&tsrv);
 	tpool_options(0, 2, 1, 3);
-	tsrv_url(url, sizeof(url));
+	tsrv_url(&tsrv, url, sizeof(url));
 	fetch_mem_reset();
 	o.backing_name = url;
 	assert_int_equal(image_create("mem:ovl", "qcow2", &o), 0);
@@ -1683,7 +1732,275 @@ static void test_http_control_status_net(void **state)
 	events_free(c.events);
 	fetch_mem_reset();
 	free(buf);
-	tsrv_stop();
+	tsrv_stop(&tsrv);
+}
+
+/* ---- mirrors: tsrv is the backing URL, tsrv2 its mirror ---- */
+
+/* Set a knob of t under its lock. */
+static void tsrv_set(struct tsrv *t, const char *etag, size_t size)
+{
+	pthread_mutex_lock(&t->lock);
+	t->etag = etag;
+	t->size = size;
+	pthread_mutex_unlock(&t->lock);
+}
+
+static unsigned tsrv_seq(struct tsrv *t)
+{
+	unsigned n;
+
+	pthread_mutex_lock(&t->lock);
+	n = t->seq;
+	pthread_mutex_unlock(&t->lock);
+	return n;
+}
+
+/* Start both servers and open tsrv's URL with tsrv2 as its mirror. */
+static struct fetch_source *tmirror_open(void)
+{
+	struct fetch_source *s;
+	char url[128];
+
+	tsrv_start(&tsrv);
+	tsrv_start(&tsrv2);
+	tsrv_url(&tsrv, url, sizeof(url));
+	s = test_open_ok(url);
+	tsrv_url(&tsrv2, url, sizeof(url));
+	assert_int_equal(fetch_add_mirror(s, url), 0);
+	return s;
+}
+
+/* The state of server i of s (0: its URL, 1: the mirror). */
+static struct fetch_mirror tmirror_get(struct fetch_source *s, unsigned i)
+{
+	struct fetch_mirror m[4];
+
+	assert_int_equal(fetch_get_mirrors(s, m, 4), 2);
+	return m[i];
+}
+
+/* One reader at a time spreads its reads over both servers, in turn. */
+static void test_http_mirror_spread(void **state)
+{
+	struct fetch_source *s;
+	unsigned a0, b0;
+
+	tpool_options(4, 2, 30, 3);
+	s = tmirror_open();
+	a0 = tsrv_seq(&tsrv);
+	b0 = tsrv_seq(&tsrv2);
+	for (unsigned i = 0; i < 20; i++)
+		test_check_range(s, (uint64_t)i * 300000 + 7, 250000);
+	assert_int_equal(tsrv_seq(&tsrv) - a0, 10);
+	assert_int_equal(tsrv_seq(&tsrv2) - b0, 10);
+	assert_int_equal(tmirror_get(s, 1).requests, 10);
+	assert_int_equal(tmirror_get(s, 1).bytes, 10 * 250000);
+	assert_int_equal(tmirror_get(s, 0).state, FETCH_MIRROR_UP);
+	assert_int_equal(tmirror_get(s, 1).state, FETCH_MIRROR_UP);
+	fetch_close(s);
+	tsrv_stop(&tsrv2);
+	tsrv_stop(&tsrv);
+}
+
+/* A mirror with another size or validator, or none that answers, is
+ * refused when added, and the source goes on with its own URL; a URL
+ * without a validator takes no mirror (nothing would tell versions apart). */
+static void test_http_mirror_refused_at_open(void **state)
+{
+	struct fetch_source *s;
+	char url[128], url2[128];
+
+	tpool_options(4, 2, 30, 2);
+	tsrv_start(&tsrv);
+	tsrv_start(&tsrv2);
+	tsrv_url(&tsrv, url, sizeof(url));
+	tsrv_url(&tsrv2, url2, sizeof(url2));
+	s = test_open_ok(url);
+	tsrv_set(&tsrv2, "\"other\"", test_len);
+	assert_int_equal(fetch_add_mirror(s, url2), -EINVAL);
+	tsrv_set(&tsrv2, "\"t1\"", test_len + 1);
+	assert_int_equal(fetch_add_mirror(s, url2), -EINVAL);
+	snprintf(url2, sizeof(url2), "http://127.0.0.1:%d/nothing", tsrv2.port);
+	assert_int_equal(fetch_add_mirror(s, url2), -ENOENT);
+	assert_int_equal(fetch_get_mirrors(s, NULL, 0), 1);
+	tsrv_set(&tsrv2, "\"t1\"", test_len);
+	test_check_range(s, 99, TEST_MIB);
+	fetch_close(s);
+
+	tsrv_set(&tsrv, "", test_len);
+	s = test_open_ok(url);
+	tsrv_url(&tsrv2, url2, sizeof(url2));
+	assert_int_equal(fetch_add_mirror(s, url2), -EINVAL);
+	fetch_close(s);
+	tsrv_stop(&tsrv2);
+	tsrv_stop(&tsrv);
+}
+
+/* A mirror that starts serving another version mid-way is refused for
+ * good and its reads are served by the other server: never mixed data.
+ * When the last server changes too, reads fail. */
+static void test_http_mirror_changes_midway(void **state)
+{
+	struct fetch_source *s;
+	uint8_t *buf = malloc(TEST_MIB);
+	unsigned b0;
+
+	assert_non_null(buf);
+	tpool_options(4, 2, 30, 3);
+	s = tmirror_open();
+	test_check_range(s, 0, TEST_MIB);
+	test_check_range(s, TEST_MIB, TEST_MIB);
+	tsrv_set(&tsrv2, "\"t2\"", test_len);
+	for (unsigned i = 0; i < 6; i++)
+		test_check_range(s, (uint64_t)i * 1000003, TEST_MIB);
+	assert_int_equal(tmirror_get(s, 1).state, FETCH_MIRROR_REFUSED);
+	assert_int_equal(tmirror_get(s, 0).state, FETCH_MIRROR_UP);
+	b0 = tsrv_seq(&tsrv2);
+	for (unsigned i = 0; i < 4; i++)
+		test_check_range(s, (uint64_t)i * 777777, TEST_MIB);
+	assert_int_equal(tsrv_seq(&tsrv2), b0); /* never asked again */
+	tsrv_set(&tsrv, "\"t3\"", test_len);
+	assert_int_equal(fetch_pread(s, buf, TEST_MIB, 5), -EIO);
+	assert_int_equal(fetch_pread(s, buf, TEST_MIB, 5), -EIO);
+	fetch_close(s);
+	free(buf);
+	tsrv_stop(&tsrv2);
+	tsrv_stop(&tsrv);
+}
+
+/* A mirror whose file is gone (404) mid-way: the reads it had are served
+ * by the other server; it is down, not the read. */
+static void test_http_mirror_404_midway(void **state)
+{
+	struct fetch_source *s;
+
+	tpool_options(4, 2, 30, 3);
+	s = tmirror_open();
+	pthread_mutex_lock(&tsrv2.lock);
+	tsrv2.gone = true;
+	pthread_mutex_unlock(&tsrv2.lock);
+	for (unsigned i = 0; i < 6; i++)
+		test_check_range(s, (uint64_t)i * 1000003, TEST_MIB);
+	assert_int_equal(tmirror_get(s, 1).state, FETCH_MIRROR_DOWN);
+	assert_true(tmirror_get(s, 1).errors >= 1);
+	fetch_close(s);
+	tsrv_stop(&tsrv2);
+	tsrv_stop(&tsrv);
+}
+
+/* Readers in flight while the mirror dies (its held requests cut): every
+ * read returns the right bytes, no error. The mirror is down, then tried
+ * again once its period is over: it is back after it is restarted. */
+static void test_http_mirror_dies_and_returns(void **state)
+{
+	struct tpool_reader rd[4];
+	pthread_t th[4];
+	struct fetch_source *s;
+	struct timespec dl;
+	int port;
+
+	tpool_options(4, 2, 30, 3);
+	s = tmirror_open();
+	port = tsrv2.port;
+	tsrv_gate_set(&tsrv2, 0, 0, test_len, true); /* hold what goes to the mirror */
+	for (unsigned i = 0; i < 4; i++) {
+		rd[i] = (struct tpool_reader){
+		    .s = s, .cls = FETCH_CLASS_JOB, .seed = test_rand(), .reads = 12};
+		assert_int_equal(pthread_create(&th[i], NULL, tpool_reader_run, &rd[i]), 0);
+	}
+	tsrv_wait_held(&tsrv2, 0, 1);
+	tsrv_stop(&tsrv2); /* dies mid-request */
+	for (unsigned i = 0; i < 4; i++) {
+		pthread_join(th[i], NULL);
+		assert_int_equal(rd[i].r, 0);
+		assert_int_equal(rd[i].wrong, 0);
+	}
+	assert_int_equal(tmirror_get(s, 1).state, FETCH_MIRROR_DOWN);
+	assert_true(tmirror_get(s, 1).errors >= 1);
+	assert_int_equal(tmirror_get(s, 0).errors, 0);
+
+	tsrv_start_port(&tsrv2, port);
+	clock_gettime(CLOCK_MONOTONIC, &dl);
+	dl.tv_sec += 60; /* the deadline only turns a hang into a failure */
+	while (tmirror_get(s, 1).state != FETCH_MIRROR_UP) {
+		struct timespec now;
+
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (now.tv_sec > dl.tv_sec)
+			fail_msg("the mirror is not back after 60 s");
+		test_check_range(s, test_rand() % (test_len - 65536), 65536);
+		test_sleep_ms(50);
+	}
+	assert_true(tsrv_seq(&tsrv2) >= 1);
+	fetch_close(s);
+	tsrv_stop(&tsrv2);
+	tsrv_stop(&tsrv);
+}
+
+struct tmirror_guest {
+	struct fetch_source *s;
+	int r;
+	bool done; /* protected by tsrv.lock */
+};
+
+static void *tmirror_guest_run(void *opaque)
+{
+	struct tmirror_guest *g = opaque;
+
+	for (unsigned i = 0; i < 4 && g->r == 0; i++) {
+		uint8_t *buf = malloc(TEST_MIB);
+		uint64_t off = (uint64_t)i * 1234567;
+
+		g->r = fetch_pread(g->s, buf, TEST_MIB, off);
+		if (g->r == 0 && memcmp(buf, test_data + off, TEST_MIB) != 0)
+			g->r = -EBADMSG;
+		free(buf);
+	}
+	pthread_mutex_lock(&tsrv.lock);
+	g->done = true;
+	pthread_cond_broadcast(&tsrv.cond);
+	pthread_mutex_unlock(&tsrv.lock);
+	return NULL;
+}
+
+/* A guest read sent to a mirror that stalls (holds the request) goes to
+ * the other server long before io_timeout (10 minutes here) would end the
+ * stall: the reads complete, the mirror is down and was hung up on. */
+static void test_http_mirror_guest_stall(void **state)
+{
+	struct tmirror_guest g = {0};
+	struct timespec dl;
+	pthread_t th;
+	struct fetch_net_stats st;
+	unsigned abandoned;
+
+	tpool_options(4, 2, 600, 3);
+	g.s = tmirror_open();
+	tsrv_gate_set(&tsrv2, 0, 0, test_len, true);
+	assert_int_equal(pthread_create(&th, NULL, tmirror_guest_run, &g), 0);
+	clock_gettime(CLOCK_REALTIME, &dl);
+	dl.tv_sec += 60; /* the deadline only turns a hang into a failure */
+	pthread_mutex_lock(&tsrv.lock);
+	while (!g.done)
+		if (pthread_cond_timedwait(&tsrv.cond, &tsrv.lock, &dl) == ETIMEDOUT) {
+			pthread_mutex_unlock(&tsrv.lock);
+			fail_msg("guest reads still waiting on the stalled mirror after 60 s");
+		}
+	pthread_mutex_unlock(&tsrv.lock);
+	pthread_join(th, NULL);
+	assert_int_equal(g.r, 0);
+	assert_int_equal(tmirror_get(g.s, 1).state, FETCH_MIRROR_DOWN);
+	assert_int_equal(fetch_net_stats(g.s, &st), 0);
+	assert_true(st.stalls >= 1);
+	assert_int_equal(st.errors, 0);
+	fetch_close(g.s);
+	pthread_mutex_lock(&tsrv2.lock);
+	abandoned = tsrv2.gate[0].abandoned + tsrv2.gate[0].waiting;
+	pthread_mutex_unlock(&tsrv2.lock);
+	assert_true(abandoned >= 1);
+	tsrv_stop(&tsrv2);
+	tsrv_stop(&tsrv);
 }
 
 /* ---- throughput (only with STREAMFS_HTTP_BENCH=SIZE) ---- */
@@ -1792,8 +2109,17 @@ int main(void)
 	    cmocka_unit_test(test_http_pool_guest_first),
 	    cmocka_unit_test(test_http_pool_guest_before_job),
 	    cmocka_unit_test(test_http_control_status_net),
+	    cmocka_unit_test(test_http_mirror_spread),
+	    cmocka_unit_test(test_http_mirror_refused_at_open),
+	    cmocka_unit_test(test_http_mirror_changes_midway),
+	    cmocka_unit_test(test_http_mirror_404_midway),
+	    cmocka_unit_test(test_http_mirror_dies_and_returns),
+	    cmocka_unit_test(test_http_mirror_guest_stall),
 	    cmocka_unit_test(test_http_bench_nginx),
 	};
 
+	/* STREAMFS_TEST_FILTER=test_http_mirror_* runs only those. */
+	if (getenv("STREAMFS_TEST_FILTER"))
+		cmocka_set_test_filter(getenv("STREAMFS_TEST_FILTER"));
 	return cmocka_run_group_tests(tests, test_setup, test_teardown);
 }
