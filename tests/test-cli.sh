@@ -17,9 +17,15 @@ sfs_mount "$T/ovl" "$T/mnt"
 "$STREAMFS" stream "$T/mnt" 2>/dev/null && fail "second stream accepted"
 "$STREAMFS" pause "$T/mnt" || fail "pause"
 "$STREAMFS" resume "$T/mnt" || fail "resume"
-# wait exits 4 when the job is cancelled under it.
-( sleep 1; "$STREAMFS" abort "$T/mnt" ) &
-rc=0; "$STREAMFS" wait "$T/mnt" >"$T/wait.out" 2>&1 || rc=$?
+# wait exits 4 when the job is cancelled under it: abort only once wait has
+# seen the job running (its first line), so the abort lands during the wait.
+"$STREAMFS" wait "$T/mnt" >"$T/wait.out" 2>&1 &
+WP=$!
+for ((i = 0; i < 200; i++)); do grep -q "^running" "$T/wait.out" && break; sleep 0.05; done
+grep -q "^running" "$T/wait.out" || fail "wait never reported the running job: $(cat "$T/wait.out")"
+alive $WP || fail "wait returned before the abort: $(cat "$T/wait.out")"
+"$STREAMFS" abort "$T/mnt" || fail "abort"
+rc=0; wait $WP || rc=$?
 [ $rc -eq 4 ] || fail "wait after abort exited $rc: $(cat "$T/wait.out")"
 grep -q cancelled "$T/wait.out" || fail "wait output: $(cat "$T/wait.out")"
 # stream --wait exits 0 on completion; plain lines when not a terminal.
