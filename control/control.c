@@ -125,6 +125,12 @@ static void control_put_ms(struct control_buf *b, const char *key, double s)
 		cb_printf(b, "%s: %.3f\n", key, s * 1e3);
 }
 
+/* One "key: value" line of an unsigned counter. */
+static void cb_u64(struct control_buf *b, const char *key, uint64_t v)
+{
+	cb_printf(b, "%s: %llu\n", key, (unsigned long long)v);
+}
+
 static void control_render_net(struct control_buf *b)
 {
 	struct fetch_net_stats n;
@@ -133,21 +139,17 @@ static void control_render_net(struct control_buf *b)
 	cb_printf(
 	    b, "net_requests_in_flight: %llu\n",
 	    (unsigned long long)(n.in_flight[FETCH_CLASS_GUEST] + n.in_flight[FETCH_CLASS_JOB]));
-	cb_printf(b, "net_requests_in_flight_guest: %llu\n",
-		  (unsigned long long)n.in_flight[FETCH_CLASS_GUEST]);
-	cb_printf(b, "net_requests_in_flight_job: %llu\n",
-		  (unsigned long long)n.in_flight[FETCH_CLASS_JOB]);
-	cb_printf(b, "net_requests_waiting_guest: %llu\n",
-		  (unsigned long long)n.waiting[FETCH_CLASS_GUEST]);
-	cb_printf(b, "net_requests_waiting_job: %llu\n",
-		  (unsigned long long)n.waiting[FETCH_CLASS_JOB]);
-	cb_printf(b, "net_connections: %llu\n", (unsigned long long)n.connections);
-	cb_printf(b, "net_bytes_guest: %llu\n", (unsigned long long)n.bytes[FETCH_CLASS_GUEST]);
-	cb_printf(b, "net_bytes_job: %llu\n", (unsigned long long)n.bytes[FETCH_CLASS_JOB]);
-	cb_printf(b, "net_requests: %llu\n", (unsigned long long)n.requests);
-	cb_printf(b, "net_retries: %llu\n", (unsigned long long)n.retries);
-	cb_printf(b, "net_stalls: %llu\n", (unsigned long long)n.stalls);
-	cb_printf(b, "net_errors: %llu\n", (unsigned long long)n.errors);
+	cb_u64(b, "net_requests_in_flight_guest", n.in_flight[FETCH_CLASS_GUEST]);
+	cb_u64(b, "net_requests_in_flight_job", n.in_flight[FETCH_CLASS_JOB]);
+	cb_u64(b, "net_requests_waiting_guest", n.waiting[FETCH_CLASS_GUEST]);
+	cb_u64(b, "net_requests_waiting_job", n.waiting[FETCH_CLASS_JOB]);
+	cb_u64(b, "net_connections", n.connections);
+	cb_u64(b, "net_bytes_guest", n.bytes[FETCH_CLASS_GUEST]);
+	cb_u64(b, "net_bytes_job", n.bytes[FETCH_CLASS_JOB]);
+	cb_u64(b, "net_requests", n.requests);
+	cb_u64(b, "net_retries", n.retries);
+	cb_u64(b, "net_stalls", n.stalls);
+	cb_u64(b, "net_errors", n.errors);
 	control_put_ms(b, "net_latency_p50_ms", n.latency_p50_s);
 	control_put_ms(b, "net_latency_p99_ms", n.latency_p99_s);
 	control_put_ms(b, "net_rtt_ms", n.rtt_s);
@@ -164,16 +166,15 @@ static void control_render_prefetch(struct control_buf *b, struct control_ctx *c
 
 	if (c->prefetch)
 		prefetch_get_status(c->prefetch, &ps);
-	cb_printf(b, "trace_ranges: %llu\n", (unsigned long long)ps.trace_ranges);
-	cb_printf(b, "trace_clusters_dropped: %llu\n", (unsigned long long)ps.trace_dropped);
+	cb_u64(b, "trace_ranges", ps.trace_ranges);
+	cb_u64(b, "trace_clusters_dropped", ps.trace_dropped);
 	cb_printf(b, "prefetch: %s\n", prefetch_state_name(ps.state));
-	cb_printf(b, "prefetch_ranges_done: %llu\n", (unsigned long long)ps.ranges_done);
-	cb_printf(b, "prefetch_ranges_total: %llu\n", (unsigned long long)ps.ranges_total);
-	cb_printf(b, "prefetch_bytes_done: %llu\n", (unsigned long long)ps.bytes_done);
-	cb_printf(b, "prefetch_bytes_total: %llu\n", (unsigned long long)ps.bytes_total);
-	cb_printf(b, "prefetch_bytes_copied: %llu\n", (unsigned long long)ps.bytes_copied);
-	cb_printf(b, "prefetch_guest_reads_served: %llu\n",
-		  (unsigned long long)ps.guest_reads_served);
+	cb_u64(b, "prefetch_ranges_done", ps.ranges_done);
+	cb_u64(b, "prefetch_ranges_total", ps.ranges_total);
+	cb_u64(b, "prefetch_bytes_done", ps.bytes_done);
+	cb_u64(b, "prefetch_bytes_total", ps.bytes_total);
+	cb_u64(b, "prefetch_bytes_copied", ps.bytes_copied);
+	cb_u64(b, "prefetch_guest_reads_served", ps.guest_reads_served);
 	cb_printf(b, "prefetch_error: %s\n", ps.error[0] ? ps.error : "-");
 }
 
@@ -214,19 +215,18 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	pthread_rwlock_rdlock(&c->disk->chain_lock);
 	control_layer_names(b, c->disk, names);
 	cb_printf(b, "state: %s\n", stream_state_name(st.state));
-	cb_printf(b, "offset: %llu\n", (unsigned long long)st.offset);
-	cb_printf(b, "length: %llu\n", (unsigned long long)st.length);
+	cb_u64(b, "offset", st.offset);
+	cb_u64(b, "length", st.length);
 	cb_printf(b, "percent: %.1f\n", pct);
-	cb_printf(b, "speed_limit_bytes_per_s: %llu\n", (unsigned long long)st.speed);
-	cb_printf(b, "rate_bytes_per_s: %llu\n", (unsigned long long)st.rate);
-	cb_printf(b, "avg_rate_bytes_per_s: %llu\n", (unsigned long long)st.avg_rate);
+	cb_u64(b, "speed_limit_bytes_per_s", st.speed);
+	cb_u64(b, "rate_bytes_per_s", st.rate);
+	cb_u64(b, "avg_rate_bytes_per_s", st.avg_rate);
 	if (st.state == STREAM_RUNNING && st.rate > 0)
-		cb_printf(b, "eta_s: %llu\n",
-			  (unsigned long long)((st.length - st.offset) / st.rate));
+		cb_u64(b, "eta_s", ((st.length - st.offset) / st.rate));
 	else
 		cb_printf(b, "eta_s: %s\n", st.state == STREAM_COMPLETED ? "0" : "-");
 	cb_printf(b, "elapsed_s: %.1f\n", st.elapsed);
-	cb_printf(b, "resumed_from: %llu\n", (unsigned long long)st.resumed_from);
+	cb_u64(b, "resumed_from", st.resumed_from);
 	cb_printf(b, "base: %s\n", base ? base : "-");
 	cb_printf(b, "on_error: %s\n", st.on_error == STREAM_ON_ERROR_STOP ? "stop" : "report");
 	cb_printf(b, "error: %s\n", st.error[0] ? st.error : "-");
@@ -235,30 +235,22 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_printf(b, "backing: %s\n", names[1] ? names[1] : "-");
 	control_render_chain(b, c->disk, names);
 	control_render_mirrors(b, c->disk);
-	cb_printf(b, "disk_size: %llu\n", (unsigned long long)c->disk->top->size);
+	cb_u64(b, "disk_size", c->disk->top->size);
 	cb_printf(b, "copy_on_read: %s\n", c->disk->copy_on_read ? "on" : "off");
-	cb_printf(b, "bytes_copied_by_job: %llu\n",
-		  (unsigned long long)atomic_load(&ds->stream_copied));
-	cb_printf(b, "bytes_already_present: %llu\n",
-		  (unsigned long long)atomic_load(&ds->stream_present));
-	cb_printf(b, "bytes_skipped_zero: %llu\n",
-		  (unsigned long long)atomic_load(&ds->stream_zero));
-	cb_printf(b, "bytes_copied_on_read: %llu\n",
-		  (unsigned long long)atomic_load(&ds->cor_bytes));
-	cb_printf(b, "bytes_not_copied_overlay_full: %llu\n",
-		  (unsigned long long)atomic_load(&ds->cor_skipped));
-	cb_printf(b, "bytes_read_ahead: %llu\n",
-		  (unsigned long long)atomic_load(&ds->readahead_bytes));
-	cb_printf(b, "readahead_hits: %llu\n",
-		  (unsigned long long)atomic_load(&ds->readahead_hits));
-	cb_printf(b, "guest_bytes_read: %llu\n", (unsigned long long)atomic_load(&ds->guest_read));
-	cb_printf(b, "guest_bytes_written: %llu\n",
-		  (unsigned long long)atomic_load(&ds->guest_written));
+	cb_u64(b, "bytes_copied_by_job", atomic_load(&ds->stream_copied));
+	cb_u64(b, "bytes_already_present", atomic_load(&ds->stream_present));
+	cb_u64(b, "bytes_skipped_zero", atomic_load(&ds->stream_zero));
+	cb_u64(b, "bytes_copied_on_read", atomic_load(&ds->cor_bytes));
+	cb_u64(b, "bytes_not_copied_overlay_full", atomic_load(&ds->cor_skipped));
+	cb_u64(b, "bytes_read_ahead", atomic_load(&ds->readahead_bytes));
+	cb_u64(b, "readahead_hits", atomic_load(&ds->readahead_hits));
+	cb_u64(b, "guest_bytes_read", atomic_load(&ds->guest_read));
+	cb_u64(b, "guest_bytes_written", atomic_load(&ds->guest_written));
 	pthread_rwlock_unlock(&c->disk->chain_lock);
 	control_free_names(names);
 	free(base);
-	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)disk_network_bytes(c->disk));
-	cb_printf(b, "network_rate_bytes_per_s: %llu\n", (unsigned long long)st.net_rate);
+	cb_u64(b, "network_bytes", disk_network_bytes(c->disk));
+	cb_u64(b, "network_rate_bytes_per_s", st.net_rate);
 	control_render_net(b);
 	control_render_prefetch(b, c);
 }
