@@ -66,8 +66,8 @@ int sfs_handover_attach(struct fuse_session *se, int fd, const void *init, size_
 
 /* What control/status may show about failover (zeros without it). */
 struct sfs_failover_info {
-	pid_t supervisor;   /* 0: no supervisor (foreground, or nofailover) */
-	unsigned restarts;  /* servers started after the first */
+	pid_t supervisor;    /* 0: no supervisor (foreground, or nofailover) */
+	unsigned restarts;   /* servers started after the first */
 	time_t last_restart; /* when the last one started, 0 if none */
 	time_t mount_time;   /* of the first server, 0 without a supervisor */
 };

@@ -34,7 +34,7 @@
 #include <fuse_lowlevel.h>
 #include "util.h"
 
-#define HO_NOTIFY_RESEND 7		/* enum fuse_notify_code, Linux 6.9 */
+#define HO_NOTIFY_RESEND 7	      /* enum fuse_notify_code, Linux 6.9 */
 #define HO_SYNTH_UNIQUE	 (1ULL << 62) /* ours: the kernel's never get there */
 #define HO_MAX_SYNTH	 (2 + 2 + CTL_COUNT)
 
@@ -153,7 +153,8 @@ static void ho_open_gate(void)
 
 static ssize_t ho_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
-	if (!atomic_load(&ho.open) && count > 0 && iov[0].iov_len >= sizeof(struct fuse_out_header)) {
+	if (!atomic_load(&ho.open) && count > 0 &&
+	    iov[0].iov_len >= sizeof(struct fuse_out_header)) {
 		const struct fuse_out_header *oh = iov[0].iov_base;
 		ssize_t total = 0;
 
@@ -166,18 +167,19 @@ static ssize_t ho_writev(int fd, struct iovec *iov, int count, void *userdata)
 			ssize_t w = total;
 
 			if (oh->error) {
-				sfs_error("failover: %s failed: %s", r->want_nodeid ? "lookup" : "init",
-					  strerror(-oh->error));
+				sfs_error("failover: %s failed: %s",
+					  r->want_nodeid ? "lookup" : "init", strerror(-oh->error));
 				abort(); /* the supervisor counts it as a crash */
 			}
 			if (r->want_nodeid) {
 				const struct fuse_entry_out *eo = iov[1].iov_base;
 
 				if (count < 2 || eo->nodeid != r->want_nodeid) {
-					sfs_error("failover: node %llu got number %llu: cannot keep "
-						  "the kernel's node numbers",
-						  (unsigned long long)r->want_nodeid,
-						  count < 2 ? 0ULL : (unsigned long long)eo->nodeid);
+					sfs_error(
+					    "failover: node %llu got number %llu: cannot keep "
+					    "the kernel's node numbers",
+					    (unsigned long long)r->want_nodeid,
+					    count < 2 ? 0ULL : (unsigned long long)eo->nodeid);
 					abort();
 				}
 			}

@@ -63,7 +63,7 @@ struct sfs_handle {
 	uint64_t token; /* fi->fh */
 	bool adopted;	/* opened by a dead server (see above) */
 	int ctl;	/* enum control_id */
-	char *buf; /* rendered snapshot, immutable after open */
+	char *buf;	/* rendered snapshot, immutable after open */
 	size_t len;
 	/* events: one fd may be read by several threads at once (dup, fork),
 	 * so the cursor and the pending lines are protected by lock. */

@@ -290,7 +290,8 @@ int sfs_supervise(const struct sfs_sup_opts *o)
 				if (s.restarts)
 					sfs_info("supervisor: server %d serving, %.0f ms after the "
 						 "last one ended",
-						 (int)s.server, (double)(s.ready_ns - s.died_ns) / 1e6);
+						 (int)s.server,
+						 (double)(s.ready_ns - s.died_ns) / 1e6);
 			}
 		}
 		if (pf[2].revents & (POLLIN | POLLERR)) {
