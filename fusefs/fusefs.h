@@ -54,7 +54,9 @@ struct sfs_sup_opts {
 	const char *pidfile; /* -o pidfile: ours goes to PIDFILE.supervisor */
 };
 
-/* Run the supervisor until the mount ends; 0 or -errno. */
+/* Run the supervisor until the mount ends; 0, 1 if the server died and
+ * could not be replaced (leave the mount dead, as a crash did before
+ * supervisors: ENOTCONN), or -errno. */
 int sfs_supervise(const struct sfs_sup_opts *o);
 
 /* In a server: serve se on fd, a connection mounted by the supervisor.
@@ -63,6 +65,10 @@ int sfs_supervise(const struct sfs_sup_opts *o);
  * left unanswered. ready() runs once requests from the kernel flow. */
 int sfs_handover_attach(struct fuse_session *se, int fd, const void *init, size_t init_len,
 			bool forward_init, bool resend, void (*ready)(void));
+
+/* Free the control-file handle with token fh, if any (fusefs/ops.c): for
+ * a RELEASE that handover.c answers itself. */
+void sfs_handle_release(uint64_t fh);
 
 /* What control/status may show about failover (zeros without it). */
 struct sfs_failover_info {

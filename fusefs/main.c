@@ -569,7 +569,10 @@ static int sfs_mount_main(int argc, char **argv)
 			 * servers open their own. Nothing was served: no flush. */
 			disk_close(disk);
 			disk = NULL;
-			ret = sfs_supervise(&so) < 0 ? EXIT_MOUNT : 0;
+			r = sfs_supervise(&so);
+			ret = r < 0 ? EXIT_MOUNT : 0;
+			if (r == 1)
+				goto out_fuse; /* closing the connection aborts it */
 			goto out_unmount;
 		}
 	}

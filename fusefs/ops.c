@@ -524,19 +524,24 @@ static void sfs_handle_free(struct sfs_handle *h)
 	free(h);
 }
 
-static int sfs_release(const char *path, struct fuse_file_info *fi)
+void sfs_handle_release(uint64_t fh)
 {
 	struct sfs_handle *h = NULL;
 
 	/* An unknown token (opened by a dead server, never used since) has
 	 * nothing to free. */
-	if (fi->fh) {
+	if (fh) {
 		pthread_mutex_lock(&sfs_handles_lock);
-		h = sfs_handle_find(fi->fh);
+		h = sfs_handle_find(fh);
 		pthread_mutex_unlock(&sfs_handles_lock);
 	}
 	if (h)
 		sfs_handle_free(h);
+}
+
+static int sfs_release(const char *path, struct fuse_file_info *fi)
+{
+	sfs_handle_release(fi->fh);
 	return 0;
 }
 
@@ -737,6 +742,10 @@ static int sfs_getxattr_root(const char *name, char *value, size_t size)
 	char buf[32];
 	int n;
 
+	/* tests/test-failover.sh: a request that kills every server it
+	 * reaches (the crash loop). */
+	if (strcmp(name, "user.streamfs.test-crash") == 0 && getenv("STREAMFS_TEST_HOOKS"))
+		abort();
 	if (strcmp(name, SFS_XATTR_SUPERVISOR) == 0 && sfs_failover.supervisor)
 		n = snprintf(buf, sizeof(buf), "%d", (int)sfs_failover.supervisor);
 	else if (strcmp(name, SFS_XATTR_SERVER) == 0)

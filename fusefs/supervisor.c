@@ -44,6 +44,7 @@ struct sup {
 	unsigned char init[4096];
 	size_t init_len;
 	bool has_resend, init_done, upgrading, stopping, eio;
+	bool dead; /* the server crashed and cannot be replaced: leave the mount dead */
 	pid_t server;
 	int status_r, status_w; /* the server writes one byte when it serves */
 	unsigned restarts, quick;
@@ -186,8 +187,9 @@ static bool sup_server_gone(struct sup *s, int st)
 			sfs_error("supervisor: server %d exited with status %d", (int)pid,
 				  WEXITSTATUS(st));
 		if (!s->has_resend) {
-			sfs_error("supervisor: no failover without FUSE_NOTIFY_RESEND: ending "
-				  "the mount");
+			sfs_error("supervisor: no failover without FUSE_NOTIFY_RESEND: the mount "
+				  "ends with its server");
+			s->dead = true;
 			return false;
 		}
 		if (!s->ready_ns || now - s->ready_ns < SUP_STABLE_MS * 1000000ull)
@@ -338,7 +340,7 @@ int sfs_supervise(const struct sfs_sup_opts *o)
 		}
 	}
 done:
-	r = 0;
+	r = s.dead ? 1 : 0;
 out:
 	if (s.server) {
 		kill(s.server, SIGKILL);
