@@ -5,6 +5,8 @@
 #define FUSE_USE_VERSION 314
 #include <fuse.h>
 #include <pthread.h>
+#include <stdbool.h>
+#include <time.h>
 #include <sys/types.h>
 
 #include "control.h"
@@ -42,6 +44,45 @@ struct sfs_mount {
 
 /* The FUSE operations table (fusefs/ops.c). */
 extern const struct fuse_operations sfs_fuse_ops;
+
+/* Crash failover (fusefs/supervisor.c, fusefs/handover.c). */
+#define SFS_FAILOVER_MAX_IO (1u << 20) /* max_write: the supervisor's EIO loop reads that much */
+
+struct sfs_sup_opts {
+	int fd;		     /* the mounted /dev/fuse descriptor */
+	char *const *argv;   /* the server's command line: ours */
+	const char *pidfile; /* -o pidfile: ours goes to PIDFILE.supervisor */
+};
+
+/* Run the supervisor until the mount ends; 0, 1 if the server died and
+ * could not be replaced (leave the mount dead, as a crash did before
+ * supervisors: ENOTCONN), or -errno. */
+int sfs_supervise(const struct sfs_sup_opts *o);
+
+/* In a server: serve se on fd, a connection mounted by the supervisor.
+ * init is the kernel's FUSE_INIT request; forward_init: no server has
+ * answered it yet; resend: ask the kernel to resend what a dead server
+ * left unanswered. ready() runs once requests from the kernel flow. */
+int sfs_handover_attach(struct fuse_session *se, int fd, const void *init, size_t init_len,
+			bool forward_init, bool resend, void (*ready)(void));
+
+/* Free the control-file handle with token fh, if any (fusefs/ops.c): for
+ * a RELEASE that handover.c answers itself. */
+void sfs_handle_release(uint64_t fh);
+
+/* What control/status may show about failover (zeros without it). */
+struct sfs_failover_info {
+	pid_t supervisor;    /* 0: no supervisor (foreground, or nofailover) */
+	unsigned restarts;   /* servers started after the first */
+	time_t last_restart; /* when the last one started, 0 if none */
+	time_t mount_time;   /* of the first server, 0 without a supervisor */
+};
+extern struct sfs_failover_info sfs_failover;
+
+/* Extended attributes of the mount's root: the supervisor's and the
+ * server's pids (decimal). */
+#define SFS_XATTR_SUPERVISOR "user.streamfs.supervisor"
+#define SFS_XATTR_SERVER     "user.streamfs.server"
 
 /* Thin command-line wrappers over the control files (fusefs/client.c):
  * "streamfs status MNT" etc. Returns the exit status, or -1 if argv[1] is

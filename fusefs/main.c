@@ -21,10 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "fusefs.h"
+#include <fuse_lowlevel.h>
 #include "util.h"
 
 /* Exit codes (documented in man/streamfs.1). */
@@ -54,6 +56,7 @@ struct sfs_opts {
 	char *mirrors[FETCH_MAX_MIRRORS]; /* -o mirror=URL, in order */
 	unsigned nmirrors;
 	char *pidfile;
+	int nofailover;
 	char *uid, *gid, *mode; /* owner and permissions of disk */
 	int show_help;
 	int show_version;
@@ -87,6 +90,7 @@ static const struct fuse_opt sfs_opt_spec[] = {
     SFS_OPT("readahead=%u", readahead_kb, 0),
     SFS_OPT("threads=%u", max_threads, 0),
     SFS_OPT("pidfile=%s", pidfile, 0),
+    SFS_OPT("nofailover", nofailover, 1),
     SFS_OPT("stream_depth=%u", stream_depth, 0),
     SFS_OPT("prefetch=%s", prefetch, 0),
     /* Ours, not libfuse's: its uid=/gid= would force the owner of every
@@ -118,6 +122,7 @@ static void sfs_usage(FILE *f)
 	    "       streamfs pause|resume|abort MOUNTPOINT\n"
 	    "       streamfs speed MOUNTPOINT SPEED\n"
 	    "       streamfs wait MOUNTPOINT\n"
+	    "       streamfs upgrade MOUNTPOINT\n"
 	    "\n"
 	    "Mounts OVERLAY (qcow2 or QED, with a local or http(s) backing chain) at\n"
 	    "MOUNTPOINT as MOUNTPOINT/disk plus MOUNTPOINT/control/.\n"
@@ -147,7 +152,9 @@ static void sfs_usage(FILE *f)
 	    "    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"
 	    "    -o threads=N           FUSE worker threads (16)\n"
 	    "    -o verbose             log more (requests, job steps)\n"
-	    "    -o pidfile=FILE        write the daemon's pid to FILE once mounted\n"
+	    "    -o pidfile=FILE        write the server's pid to FILE once mounted, the\n"
+	    "                           supervisor's to FILE.supervisor\n"
+	    "    -o nofailover          one process, no supervisor: the mount ends with it\n"
 	    "    -o uid=USER,gid=GROUP  owner of disk (default: the mounting user)\n"
 	    "    -o mode=OCTAL          permissions of disk (default 0600)\n"
 	    "    -o allow_other         let other users (e.g. libvirt-qemu) open disk; the\n"
@@ -337,6 +344,64 @@ static char *sfs_resolve_base(struct disk *disk, const char *name)
 	return NULL;
 }
 
+/* A server started by the supervisor (fusefs/supervisor.c): what it gave
+ * us by environment. */
+struct sfs_server_env {
+	int fd;	    /* the FUSE connection; -1: we are not a server */
+	int sup_fd; /* one byte when we serve */
+	unsigned char init[4096];
+	size_t init_len;
+	bool forward_init, resend;
+};
+
+static struct sfs_server_env sfs_srv = {.fd = -1, .sup_fd = -1};
+
+static int sfs_env_int(const char *name)
+{
+	const char *v = getenv(name);
+
+	return v && *v ? atoi(v) : -1;
+}
+
+/* Read (and clear) the server environment; false if we are not a server. */
+static bool sfs_server_env(void)
+{
+	const char *hex = getenv("STREAMFS_FUSE_INIT"), *cwd = getenv("STREAMFS_CWD"), *v;
+
+	sfs_srv.fd = sfs_env_int("STREAMFS_FUSE_FD");
+	if (sfs_srv.fd < 0 || !hex)
+		return false;
+	sfs_srv.sup_fd = sfs_env_int("STREAMFS_SUP_FD");
+	for (; hex[0] && hex[1] && sfs_srv.init_len < sizeof(sfs_srv.init); hex += 2) {
+		unsigned b;
+
+		if (sscanf(hex, "%2x", &b) != 1)
+			break;
+		sfs_srv.init[sfs_srv.init_len++] = (unsigned char)b;
+	}
+	v = getenv("STREAMFS_FUSE_INIT_FWD");
+	sfs_srv.forward_init = v && strcmp(v, "1") == 0;
+	v = getenv("STREAMFS_RESEND");
+	sfs_srv.resend = v && strcmp(v, "1") == 0;
+	sfs_failover.supervisor = getppid();
+	sfs_failover.restarts = (unsigned)SFS_MAX(sfs_env_int("STREAMFS_RESTARTS"), 0);
+	sfs_failover.last_restart = (time_t)SFS_MAX(sfs_env_int("STREAMFS_LAST_RESTART"), 0);
+	sfs_failover.mount_time = (time_t)SFS_MAX(sfs_env_int("STREAMFS_MOUNT_TIME"), 0);
+	/* Relative paths on the command line are the mounting shell's. */
+	if (cwd && chdir(cwd) < 0)
+		sfs_error("%s: %s", cwd, strerror(errno));
+	unsetenv("STREAMFS_FUSE_INIT");
+	unsetenv("STREAMFS_FUSE_FD");
+	unsetenv("STREAMFS_SUP_FD");
+	return true;
+}
+
+static void sfs_server_ready(void)
+{
+	if (sfs_srv.sup_fd >= 0 && write(sfs_srv.sup_fd, "R", 1) < 0)
+		sfs_error("cannot tell the supervisor we serve: %s", strerror(errno));
+}
+
 static int sfs_mount_main(int argc, char **argv)
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
@@ -353,6 +418,7 @@ static int sfs_mount_main(int argc, char **argv)
 	bool cor = true;
 	uint64_t speed = 0;
 	int ret = EXIT_USAGE, r;
+	bool server = sfs_server_env(), supervise;
 
 	if (fuse_opt_parse(&args, &o, sfs_opt_spec, sfs_opt_proc) < 0)
 		goto out;
@@ -405,11 +471,21 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_IMAGE;
 		goto out;
 	}
-	if (!realpath(o.mountpoint, mnt)) {
+	if (server) {
+		/* Our mountpoint, resolved by the mount: looking it up now
+		 * would wait for ourselves to serve. */
+		const char *sm = getenv("STREAMFS_MNT");
+
+		if (!sm || strlen(sm) >= sizeof(mnt)) {
+			sfs_error("server: no STREAMFS_MNT");
+			goto out;
+		}
+		strcpy(mnt, sm);
+	} else if (!realpath(o.mountpoint, mnt)) {
 		fprintf(stderr, "streamfs: %s: %s\n", o.mountpoint, strerror(errno));
 		goto out;
 	}
-	if (stat(mnt, &mst) < 0 || !S_ISDIR(mst.st_mode)) {
+	if (!server && (stat(mnt, &mst) < 0 || !S_ISDIR(mst.st_mode))) {
 		fprintf(stderr, "streamfs: %s: not a directory (the mountpoint must be one)\n",
 			o.mountpoint);
 		goto out;
@@ -516,16 +592,61 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_USAGE;
 		goto out_events;
 	}
-	if (fuse_mount(fuse, mnt) != 0) {
-		ret = EXIT_MOUNT;
-		goto out_fuse;
-	}
-	if (fuse_daemonize(o.foreground) != 0) {
-		ret = EXIT_MOUNT;
-		goto out_unmount;
-	}
-	if (!o.foreground)
+	if (server) {
+		r = sfs_handover_attach(fuse_get_session(fuse), sfs_srv.fd, sfs_srv.init,
+					sfs_srv.init_len, sfs_srv.forward_init, sfs_srv.resend,
+					sfs_server_ready);
+		if (r < 0) {
+			sfs_error("cannot serve the supervisor's connection: %s", strerror(-r));
+			ret = EXIT_MOUNT;
+			goto out_fuse;
+		}
 		sfs_log_to_syslog(true);
+		if (chdir("/") < 0)
+			sfs_error("/: %s", strerror(errno));
+	} else {
+		/* Daemonized, a supervisor holds the connection and runs the
+		 * servers (fusefs/supervisor.c); -f keeps one process. */
+		char cwd[PATH_MAX];
+
+		supervise = !o.foreground && !o.nofailover;
+		if (supervise) {
+			char now[32];
+
+			if (getcwd(cwd, sizeof(cwd)))
+				setenv("STREAMFS_CWD", cwd, 1);
+			setenv("STREAMFS_MNT", mnt, 1);
+			snprintf(now, sizeof(now), "%lld", (long long)time(NULL));
+			setenv("STREAMFS_MOUNT_TIME", now, 1);
+		}
+		if (fuse_mount(fuse, mnt) != 0) {
+			ret = EXIT_MOUNT;
+			goto out_fuse;
+		}
+		if (fuse_daemonize(o.foreground) != 0) {
+			ret = EXIT_MOUNT;
+			goto out_unmount;
+		}
+		if (!o.foreground)
+			sfs_log_to_syslog(true);
+		if (supervise) {
+			struct sfs_sup_opts so = {
+			    .fd = fuse_session_fd(fuse_get_session(fuse)),
+			    .argv = argv,
+			    .pidfile = o.pidfile,
+			};
+
+			/* Opened only to report errors to the terminal: the
+			 * servers open their own. Nothing was served: no flush. */
+			disk_close(disk);
+			disk = NULL;
+			r = sfs_supervise(&so);
+			ret = r < 0 ? EXIT_MOUNT : 0;
+			if (r == 1)
+				goto out_fuse; /* closing the connection aborts it */
+			goto out_unmount;
+		}
+	}
 	if (fuse_set_signal_handlers(fuse_get_session(fuse)) != 0) {
 		ret = EXIT_MOUNT;
 		goto out_unmount;
@@ -734,8 +855,59 @@ static int sfs_create_main(int argc, char **argv)
 	return 0;
 }
 
+/* A pid from an extended attribute of the mount's root; -errno. */
+static int sfs_mount_pid(const char *mnt, const char *name)
+{
+	char buf[32];
+	ssize_t n = getxattr(mnt, name, buf, sizeof(buf) - 1);
+
+	if (n < 0)
+		return -errno;
+	buf[n] = '\0';
+	return atoi(buf) > 0 ? atoi(buf) : -EINVAL;
+}
+
+/* streamfs upgrade MOUNTPOINT: the supervisor starts the streamfs binary
+ * now installed where the mount's was, on the same connection; wait until
+ * it serves. */
+static int sfs_upgrade_main(int argc, char **argv)
+{
+	int sup, old, cur = -1;
+
+	if (argc != 2) {
+		fprintf(stderr, "usage: streamfs upgrade MOUNTPOINT\n");
+		return EXIT_USAGE;
+	}
+	sup = sfs_mount_pid(argv[1], SFS_XATTR_SUPERVISOR);
+	old = sfs_mount_pid(argv[1], SFS_XATTR_SERVER);
+	if (sup < 0 || old < 0) {
+		fprintf(stderr,
+			"streamfs upgrade: %s: no supervisor (mounted with -f or -o nofailover, "
+			"or not a streamfs mount)\n",
+			argv[1]);
+		return EXIT_USAGE;
+	}
+	if (kill(sup, SIGUSR1) < 0) {
+		fprintf(stderr, "streamfs upgrade: supervisor %d: %s\n", sup, strerror(errno));
+		return EXIT_USAGE;
+	}
+	/* Answered by the new server once it serves. */
+	for (int i = 0; i < 600; i++) {
+		cur = sfs_mount_pid(argv[1], SFS_XATTR_SERVER);
+		if (cur > 0 && cur != old) {
+			printf("server %d replaced by %d\n", old, cur);
+			return 0;
+		}
+		usleep(50000);
+	}
+	fprintf(stderr, "streamfs upgrade: server %d still serves after 30 s\n", old);
+	return EXIT_MOUNT;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc >= 2 && strcmp(argv[1], "upgrade") == 0)
+		return sfs_upgrade_main(argc - 1, argv + 1);
 	if (argc >= 2 && strcmp(argv[1], "create") == 0)
 		return sfs_create_main(argc - 1, argv + 1);
 	if (argc >= 2) {

@@ -5,8 +5,14 @@
  * NOTES ON THE THREAD MODEL
  * - libfuse's multithreaded loop calls these in parallel. /disk I/O goes
  *   straight to disk_read/disk_write, which are thread-safe.
- * - Each open of a control file gets a private handle (fi->fh) with the
- *   snapshot rendered at open, or, for events, its own cursor.
+ * - Each open of a control file gets a private handle with the snapshot
+ *   rendered at open, or, for events, its own cursor. fi->fh is a random
+ *   token looked up in sfs_handles, not a pointer: after a crash failover
+ *   (fusefs/supervisor.c) the kernel still holds the dead server's fh
+ *   values. An unknown token on a control file is adopted (sfs_handle_get):
+ *   events reads go on from the current event, a snapshot is rendered again
+ *   (a read past its start answers EOF: the dead server most likely gave
+ *   the whole file in the first read), a command runs. /disk has fh 0.
  * - Poll handles of events readers are kept in sfs_polls (under
  *   sfs_poll_lock) and notified once each from events_post().
  *
@@ -31,8 +37,10 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <time.h>
@@ -52,8 +60,10 @@
 enum sfs_node { NODE_NONE, NODE_ROOT, NODE_DISK, NODE_CONTROL_DIR, NODE_CONTROL };
 
 struct sfs_handle {
-	int ctl;   /* enum control_id */
-	char *buf; /* rendered snapshot, immutable after open */
+	uint64_t token; /* fi->fh */
+	bool adopted;	/* opened by a dead server (see above) */
+	int ctl;	/* enum control_id */
+	char *buf;	/* rendered snapshot, immutable after open */
 	size_t len;
 	/* events: one fd may be read by several threads at once (dup, fork),
 	 * so the cursor and the pending lines are protected by lock. */
@@ -134,7 +144,9 @@ static void *sfs_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 	cfg->negative_timeout = 60;
 	cfg->use_ino = 0;
 	cfg->nullpath_ok = 0;
-	sfs_mount_time = time(NULL);
+	/* Stable across server restarts (failover): a changed mtime on /disk
+	 * would make the kernel drop its page cache. */
+	sfs_mount_time = sfs_failover.mount_time ? sfs_failover.mount_time : time(NULL);
 	events_set_notify(m->ctl.events, sfs_events_notify, NULL);
 	return m;
 }
@@ -205,6 +217,101 @@ static int sfs_readdir(const char *path, void *buf, fuse_fill_dir_t fill, off_t 
 	}
 }
 
+/* A non-zero token, unique in practice (64 random bits). */
+static uint64_t sfs_new_token(void)
+{
+	static atomic_uint_fast64_t ctr;
+	uint64_t t = 0;
+
+	if (getrandom(&t, sizeof(t), GRND_NONBLOCK) != sizeof(t))
+		t = sfs_now_ns() * 0x9e3779b97f4a7c15ull + atomic_fetch_add(&ctr, 1);
+	return t ? t : 1;
+}
+
+/* Called with sfs_handles_lock held. */
+static struct sfs_handle *sfs_handle_find(uint64_t token)
+{
+	for (struct sfs_handle *h = sfs_handles; h; h = h->next_open)
+		if (h->token == token)
+			return h;
+	return NULL;
+}
+
+/* A new handle on control file ctl, rendered if render; NULL on ENOMEM. */
+static int sfs_handle_new(struct sfs_mount *m, int ctl, bool render, struct sfs_handle **out)
+{
+	struct sfs_handle *h = calloc(1, sizeof(*h));
+	int r;
+
+	if (!h)
+		return -ENOMEM;
+	pthread_mutex_init(&h->lock, NULL);
+	h->ctl = ctl;
+	if (ctl == CTL_EVENTS) {
+		h->cursor = events_cursor(m->ctl.events);
+	} else if (render) {
+		r = control_render(&m->ctl, (enum control_id)ctl, &h->buf, &h->len);
+		if (r < 0) {
+			pthread_mutex_destroy(&h->lock);
+			free(h);
+			return r;
+		}
+	}
+	*out = h;
+	return 0;
+}
+
+/* Link h into sfs_handles unless its token is there already; returns the
+ * handle that holds the token. */
+static struct sfs_handle *sfs_handle_insert(struct sfs_handle *h)
+{
+	struct sfs_handle *old;
+
+	pthread_mutex_lock(&sfs_handles_lock);
+	old = sfs_handle_find(h->token);
+	if (!old) {
+		h->next_open = sfs_handles;
+		if (sfs_handles)
+			sfs_handles->prev_open = h;
+		sfs_handles = h;
+	}
+	pthread_mutex_unlock(&sfs_handles_lock);
+	if (old) {
+		pthread_mutex_destroy(&h->lock);
+		free(h->buf);
+		free(h);
+	}
+	return old ? old : h;
+}
+
+/* The handle of fi (NULL for /disk), adopting a dead server's (see the
+ * top of the file). */
+static int sfs_handle_get(const char *path, struct fuse_file_info *fi, struct sfs_handle **out)
+{
+	struct sfs_handle *h;
+	int ctl = 0, r;
+
+	*out = NULL;
+	if (!fi || !fi->fh)
+		return 0;
+	pthread_mutex_lock(&sfs_handles_lock);
+	h = sfs_handle_find(fi->fh);
+	pthread_mutex_unlock(&sfs_handles_lock);
+	if (h) {
+		*out = h;
+		return 0;
+	}
+	if (!path || sfs_resolve(path, &ctl) != NODE_CONTROL)
+		return -EBADF;
+	r = sfs_handle_new(sfs_ctx(), ctl, (fi->flags & O_ACCMODE) != O_WRONLY, &h);
+	if (r < 0)
+		return r;
+	h->token = fi->fh;
+	h->adopted = true;
+	*out = sfs_handle_insert(h);
+	return 0;
+}
+
 static int sfs_open(const char *path, struct fuse_file_info *fi)
 {
 	struct sfs_mount *m = sfs_ctx();
@@ -232,39 +339,27 @@ static int sfs_open(const char *path, struct fuse_file_info *fi)
 		return -EACCES;
 	if (acc != O_RDONLY && m->ctl.disk->read_only)
 		return -EROFS;
-	h = calloc(1, sizeof(*h));
-	if (!h)
-		return -ENOMEM;
-	pthread_mutex_init(&h->lock, NULL);
-	h->ctl = ctl;
-	if (ctl == CTL_EVENTS) {
-		h->cursor = events_cursor(m->ctl.events);
+	r = sfs_handle_new(m, ctl, acc != O_WRONLY, &h);
+	if (r < 0)
+		return r;
+	if (ctl == CTL_EVENTS)
 		fi->nonseekable = 1;
-	} else if (acc != O_WRONLY) {
-		r = control_render(&m->ctl, (enum control_id)ctl, &h->buf, &h->len);
-		if (r < 0) {
-			pthread_mutex_destroy(&h->lock);
-			free(h);
-			return r;
-		}
-	}
-	pthread_mutex_lock(&sfs_handles_lock);
-	h->next_open = sfs_handles;
-	if (sfs_handles)
-		sfs_handles->prev_open = h;
-	sfs_handles = h;
-	pthread_mutex_unlock(&sfs_handles_lock);
+	do
+		h->token = sfs_new_token();
+	while (sfs_handle_insert(h) != h); /* a 2^-64 collision: retry */
 	fi->direct_io = 1;
-	fi->fh = (uint64_t)(uintptr_t)h;
+	fi->fh = h->token;
 	return 0;
 }
 
 static int sfs_read(const char *path, char *buf, size_t size, off_t off, struct fuse_file_info *fi)
 {
 	struct sfs_mount *m = sfs_ctx();
-	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+	struct sfs_handle *h = NULL;
 	int r;
 
+	if (fi->fh && (r = sfs_handle_get(path, fi, &h)) < 0)
+		return r;
 	if (!h) {
 		uint64_t disk_size = m->ctl.disk->top->size;
 		if (off < 0)
@@ -315,7 +410,7 @@ static int sfs_read(const char *path, char *buf, size_t size, off_t off, struct 
 				return -EINTR;
 		}
 	}
-	if (off < 0 || (size_t)off >= h->len)
+	if (off < 0 || (size_t)off >= h->len || (h->adopted && off > 0))
 		return 0;
 	size = SFS_MIN(size, h->len - (size_t)off);
 	memcpy(buf, h->buf + off, size);
@@ -326,9 +421,11 @@ static int sfs_write(const char *path, const char *buf, size_t size, off_t off,
 		     struct fuse_file_info *fi)
 {
 	struct sfs_mount *m = sfs_ctx();
-	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+	struct sfs_handle *h = NULL;
 	int r;
 
+	if (fi->fh && (r = sfs_handle_get(path, fi, &h)) < 0)
+		return r;
 	if (!h) {
 		uint64_t disk_size = m->ctl.disk->top->size;
 		if (off < 0)
@@ -427,12 +524,24 @@ static void sfs_handle_free(struct sfs_handle *h)
 	free(h);
 }
 
-static int sfs_release(const char *path, struct fuse_file_info *fi)
+void sfs_handle_release(uint64_t fh)
 {
-	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+	struct sfs_handle *h = NULL;
 
+	/* An unknown token (opened by a dead server, never used since) has
+	 * nothing to free. */
+	if (fh) {
+		pthread_mutex_lock(&sfs_handles_lock);
+		h = sfs_handle_find(fh);
+		pthread_mutex_unlock(&sfs_handles_lock);
+	}
 	if (h)
 		sfs_handle_free(h);
+}
+
+static int sfs_release(const char *path, struct fuse_file_info *fi)
+{
+	sfs_handle_release(fi->fh);
 	return 0;
 }
 
@@ -440,8 +549,14 @@ static int sfs_poll(const char *path, struct fuse_file_info *fi, struct fuse_pol
 		    unsigned *reventsp)
 {
 	struct sfs_mount *m = sfs_ctx();
-	struct sfs_handle *h = (struct sfs_handle *)(uintptr_t)fi->fh;
+	struct sfs_handle *h = NULL;
+	int r;
 
+	if (fi->fh && (r = sfs_handle_get(path, fi, &h)) < 0) {
+		if (ph)
+			fuse_pollhandle_destroy(ph);
+		return r;
+	}
 	if (!h && !atomic_exchange(&sfs_poll_off, true)) {
 		sfs_info("poll of disk (io_uring?): poll turned off for this mount, "
 			 "control/events now always polls readable");
@@ -620,11 +735,37 @@ static int sfs_setxattr(const char *path, const char *name, const char *value, s
 	return r;
 }
 
+/* The pids behind the mount, for "streamfs upgrade" (fusefs/main.c): on the
+ * root directory, read-only, not listed. */
+static int sfs_getxattr_root(const char *name, char *value, size_t size)
+{
+	char buf[32];
+	int n;
+
+	/* tests/test-failover.sh: a request that kills every server it
+	 * reaches (the crash loop). */
+	if (strcmp(name, "user.streamfs.test-crash") == 0 && getenv("STREAMFS_TEST_HOOKS"))
+		abort();
+	if (strcmp(name, SFS_XATTR_SUPERVISOR) == 0 && sfs_failover.supervisor)
+		n = snprintf(buf, sizeof(buf), "%d", (int)sfs_failover.supervisor);
+	else if (strcmp(name, SFS_XATTR_SERVER) == 0)
+		n = snprintf(buf, sizeof(buf), "%d", (int)getpid());
+	else
+		return -ENODATA;
+	if (size && size < (size_t)n)
+		return -ERANGE;
+	if (size)
+		memcpy(value, buf, (size_t)n);
+	return n;
+}
+
 static int sfs_getxattr(const char *path, const char *name, char *value, size_t size)
 {
 	struct sfs_mount *m = sfs_ctx();
 	int ctl, i, r;
 
+	if (sfs_resolve(path, &ctl) == NODE_ROOT)
+		return sfs_getxattr_root(name, value, size);
 	if (sfs_resolve(path, &ctl) != NODE_DISK || !sfs_xattr_name_ok(name))
 		return -ENOTSUP;
 	pthread_mutex_lock(&m->attr_lock);
