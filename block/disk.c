@@ -253,6 +253,7 @@ int disk_new(struct image *top, bool copy_on_read, bool read_only, struct disk *
 	d->top = top;
 	d->read_only = read_only || top->read_only;
 	d->copy_on_read = copy_on_read && !d->read_only && top->drv->alloc_write;
+	d->ledger = &d->own_ledger;
 	pthread_rwlock_init(&d->chain_lock, NULL);
 	pthread_mutex_init(&d->flush_lock, NULL);
 	*out = d;
@@ -533,6 +534,7 @@ static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uin
 			if (r < 0)
 				return r;
 			atomic_store(&d->dirty, true);
+			atomic_fetch_add(&d->ledger->written, 1); /* before the ack */
 		}
 		pos = rend;
 	}
@@ -667,6 +669,8 @@ static int disk_zero_fn(struct disk *d, const void *unused, uint64_t off, uint64
 		r = disk_zero_clusters_locked(d, ca, cb, zbuf);
 	if (r == 0 && cb < end)
 		r = disk_write_locked(d, zbuf, end - cb, cb, cb, cs);
+	if (r == 0)
+		atomic_fetch_add(&d->ledger->written, 1); /* zero clusters are allocations too */
 	free(zbuf);
 	return r;
 }
@@ -678,17 +682,45 @@ int disk_zero(struct disk *d, uint64_t off, uint64_t len)
 
 int disk_flush(struct disk *d)
 {
+	uint64_t g0;
 	int r;
 
 	if (d->read_only)
 		return 0;
 	pthread_mutex_lock(&d->flush_lock);
 	atomic_store(&d->dirty, false);
+	g0 = atomic_load(&d->ledger->written);
 	r = d->top->drv->flush(d->top);
-	if (r < 0)
+	if (r < 0) {
 		atomic_store(&d->dirty, true);
+	} else {
+		/* Writes up to g0 are durable now (later ones may be too). */
+		if (atomic_load(&d->ledger->flushed) < g0)
+			atomic_store(&d->ledger->flushed, g0);
+		if (atomic_exchange(&d->lost, false)) {
+			sfs_error("%s: reporting the loss of writes a crashed server had "
+				  "acknowledged but not flushed to this flush (EIO)",
+				  d->top->display);
+			r = -EIO;
+		}
+	}
 	pthread_mutex_unlock(&d->flush_lock);
 	return r;
+}
+
+void disk_set_ledger(struct disk *d, struct disk_ledger *l)
+{
+	uint64_t w = atomic_load(&l->written), f = atomic_load(&l->flushed);
+
+	if (w != f) {
+		sfs_warn("%s: the previous server died with %llu allocating write(s) not flushed; "
+			 "they are lost, and the guest's next flush fails with EIO",
+			 d->top->display, (unsigned long long)(w - f));
+		atomic_store(&d->lost, true);
+		/* Counted once: the flush that reports them covers them. */
+		atomic_store(&l->flushed, w);
+	}
+	d->ledger = l;
 }
 
 /* Populate one run of at most bufsize bytes starting at pos (cluster-

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <time.h>
@@ -347,14 +348,15 @@ static char *sfs_resolve_base(struct disk *disk, const char *name)
 /* A server started by the supervisor (fusefs/supervisor.c): what it gave
  * us by environment. */
 struct sfs_server_env {
-	int fd;	    /* the FUSE connection; -1: we are not a server */
-	int sup_fd; /* one byte when we serve */
+	int fd;	       /* the FUSE connection; -1: we are not a server */
+	int sup_fd;    /* one byte when we serve */
+	int ledger_fd; /* the disk_ledger shared with the supervisor, -1: none */
 	unsigned char init[4096];
 	size_t init_len;
 	bool forward_init, resend;
 };
 
-static struct sfs_server_env sfs_srv = {.fd = -1, .sup_fd = -1};
+static struct sfs_server_env sfs_srv = {.fd = -1, .sup_fd = -1, .ledger_fd = -1};
 
 static int sfs_env_int(const char *name)
 {
@@ -372,6 +374,7 @@ static bool sfs_server_env(void)
 	if (sfs_srv.fd < 0 || !hex)
 		return false;
 	sfs_srv.sup_fd = sfs_env_int("STREAMFS_SUP_FD");
+	sfs_srv.ledger_fd = sfs_env_int("STREAMFS_LEDGER_FD");
 	for (; hex[0] && hex[1] && sfs_srv.init_len < sizeof(sfs_srv.init); hex += 2) {
 		unsigned b;
 
@@ -393,6 +396,7 @@ static bool sfs_server_env(void)
 	unsetenv("STREAMFS_FUSE_INIT");
 	unsetenv("STREAMFS_FUSE_FD");
 	unsetenv("STREAMFS_SUP_FD");
+	unsetenv("STREAMFS_LEDGER_FD");
 	return true;
 }
 
@@ -552,6 +556,17 @@ static int sfs_mount_main(int argc, char **argv)
 		image_close_chain(top);
 		ret = EXIT_IMAGE;
 		goto out;
+	}
+	if (sfs_srv.ledger_fd >= 0) {
+		/* A failover server: keep the ledger where the next one finds it. */
+		void *l = mmap(NULL, sizeof(struct disk_ledger), PROT_READ | PROT_WRITE, MAP_SHARED,
+			       sfs_srv.ledger_fd, 0);
+
+		if (l == MAP_FAILED)
+			sfs_error("ledger: %s: unflushed writes lost in a crash go unreported",
+				  strerror(errno));
+		else if (!o.ro)
+			disk_set_ledger(disk, l);
 	}
 	if (o.base && !(base = sfs_resolve_base(disk, o.base)))
 		goto out_disk;

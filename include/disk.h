@@ -63,6 +63,19 @@ struct disk_stats {
 
 struct disk_ra;
 
+/* The durability ledger: guest writes that allocated in the overlay, and
+ * how many of them the last successful flush covered. An allocation is
+ * durable only after a flush (the drivers' metadata caches are write-back),
+ * so a server process that dies loses the unflushed ones. Crash failover
+ * keeps the ledger in memory shared with the supervisor: the next server
+ * sees written != flushed and fails the guest's next flush with EIO once,
+ * as a disk that lost its volatile cache would, instead of letting a
+ * flush resent by the kernel report success for lost data. */
+struct disk_ledger {
+	_Atomic uint64_t written;
+	_Atomic uint64_t flushed;
+};
+
 struct disk {
 	struct image *top;	 /* the writable overlay (or read-only with -o ro) */
 	struct rangelock *locks; /* in-flight allocating ranges */
@@ -79,6 +92,8 @@ struct disk {
 	 * requests and cleared after; runs on the reading thread. */
 	void (*read_observer)(void *opaque, uint64_t off, uint64_t len, bool miss);
 	void *read_observer_opaque;
+	struct disk_ledger own_ledger, *ledger; /* ledger: own_ledger unless shared */
+	_Atomic bool lost;			/* unflushed writes were lost: fail a flush */
 };
 
 /* Wrap an open chain. Takes ownership of top. */
@@ -95,8 +110,13 @@ int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off);
  * written; the backing is hidden, so the stream job skips them. -EINVAL past
  * the size, -EROFS when read-only. */
 int disk_zero(struct disk *d, uint64_t off, uint64_t len);
-/* Durable barrier (guest fsync). */
+/* Durable barrier (guest fsync). -EIO once after disk_set_ledger() found
+ * writes a dead server had acknowledged but not flushed. */
 int disk_flush(struct disk *d);
+/* Keep the ledger in l (shared memory that outlives this process); if it
+ * shows unflushed allocating writes of a previous process, the next flush
+ * fails with EIO. Call before serving. */
+void disk_set_ledger(struct disk *d, struct disk_ledger *l);
 
 /* Copy everything in [off, off+len) that lives above 'base' (NULL = the
  * whole chain) into the overlay; zero regions above base become zero

@@ -185,9 +185,12 @@ sfs_umount() {
 
 # sfs_kill9 MNT: crash the daemon and clean the dead mount.
 sfs_kill9() {
-	local mnt=$1
-	kill -9 "$SFS_PID"
-	while alive "$SFS_PID"; do sleep 0.02; done
+	local mnt=$1 sup
+	# The whole daemon: the server, and its supervisor, which would
+	# otherwise start a new server (crash failover; see test-failover.sh).
+	sup=$(cat "$T/pid.supervisor" 2>/dev/null) || true
+	kill -9 ${sup:+"$sup"} "$SFS_PID"
+	while alive "$SFS_PID" || { [ -n "$sup" ] && alive "$sup"; }; do sleep 0.02; done
 	fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
 	SFS_PID=
 }

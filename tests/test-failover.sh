@@ -144,6 +144,46 @@ sfs_umount "$T/mnt"
 wait_gone "$sup" 10 || fail "supervisor still runs"
 qcheck_crash "$T/ovl" # leaks of the kills above stay
 
+# An allocating write the server acknowledged but no flush covered is lost
+# with the server (write-back metadata): the next flush must say so (EIO,
+# once), never report success for it; the lost range reads as the backing.
+"$STREAMFS" create -f "$FMT" -b "$T/base.raw" -F raw "$T/ovl2" >/dev/null
+sfs_mount "$T/ovl2" "$T/mnt" # fresh: nothing allocated, no stream job
+off=$((48 << 20))
+# One process: every close() of disk (also a process exit) flushes.
+python3 - "$T/mnt/disk" $off "$T" >"$T/lost.out" 2>&1 <<'PY' &
+import errno, os, sys, time
+path, off, t = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fd = os.open(path, os.O_RDWR)
+os.pwrite(fd, b"M" * 65536, off)
+open(t + "/lost.written", "w").close()
+while not os.path.exists(t + "/lost.killed"):
+    time.sleep(0.01)
+for attempt in (1, 2):
+    try:
+        os.fsync(fd)
+        print("fsync %d: ok" % attempt)
+    except OSError as e:
+        print("fsync %d: %s" % (attempt, errno.errorcode[e.errno]))
+PY
+LP=$!
+for ((i = 0; i < 500; i++)); do [ -e "$T/lost.written" ] && break; sleep 0.01; done
+[ -e "$T/lost.written" ] || fail "the lost-write writer did not write"
+old_pid=$SFS_PID
+kill -9 "$SFS_PID"
+SFS_PID=$(new_server "$old_pid") || fail "no new server after the kill"
+touch "$T/lost.killed"
+wait $LP || fail "lost-write writer: $(cat "$T/lost.out")"
+grep -q "fsync 1: EIO" "$T/lost.out" ||
+	fail "fsync after losing an unflushed allocating write: $(cat "$T/lost.out")"
+grep -q "fsync 2: ok" "$T/lost.out" || fail "the second fsync: $(cat "$T/lost.out")"
+# After a failed flush the range holds the old bytes or the written ones,
+# never anything else (the metadata may have reached the file by chance).
+cmp -s -n 65536 -i $off:$off "$T/mnt/disk" "$T/base.raw" ||
+	[ "$(dd if="$T/mnt/disk" bs=64k skip=$((off >> 16)) count=1 status=none | tr -d M | wc -c)" = 0 ] ||
+	fail "the lost write's range is neither the backing nor the written bytes"
+sfs_umount "$T/mnt"
+
 # No FUSE_NOTIFY_RESEND (simulated): no failover, the mount ends with the
 # server as it did before supervisors.
 STREAMFS_TEST_NO_RESEND=1 sfs_mount "$T/ovl" "$T/mnt"
