@@ -253,6 +253,9 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_u64(b, "network_rate_bytes_per_s", st.net_rate);
 	control_render_net(b);
 	control_render_prefetch(b, c);
+	cb_printf(b, "supervisor_pid: %d\n", c->supervisor_pid);
+	cb_u64(b, "restarts", c->restarts);
+	cb_printf(b, "last_restart: %lld\n", c->last_restart);
 }
 
 static void control_render_map(struct control_buf *b, struct disk *d)

@@ -571,6 +571,9 @@ static int sfs_mount_main(int argc, char **argv)
 	if (o.base && !(base = sfs_resolve_base(disk, o.base)))
 		goto out_disk;
 	m.ctl.disk = disk;
+	m.ctl.supervisor_pid = (int)sfs_failover.supervisor;
+	m.ctl.restarts = sfs_failover.restarts;
+	m.ctl.last_restart = (long long)sfs_failover.last_restart;
 	m.mountpoint = mnt;
 	pthread_mutex_init(&m.attr_lock, NULL);
 	m.ctl.events = events_new();

@@ -42,6 +42,10 @@ struct control_ctx {
 	struct stream_job *job;
 	struct events *events;
 	struct prefetch *prefetch; /* boot trace recording and replay */
+	/* Crash failover, as the front end knows it (all 0 without): */
+	int supervisor_pid;	/* the supervisor holding the connection */
+	unsigned restarts;	/* servers started after the first */
+	long long last_restart; /* when the last one started (Unix time) */
 };
 
 /* Index of control file 'name' or -ENOENT. */

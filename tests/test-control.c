@@ -717,6 +717,9 @@ static const char *ct_status_keys[] = {
     "prefetch_bytes_copied",
     "prefetch_guest_reads_served",
     "prefetch_error",
+    "supervisor_pid",
+    "restarts",
+    "last_restart",
 };
 
 /* Every line is "key: value" with a documented key, each key once. */

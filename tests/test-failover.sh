@@ -93,8 +93,9 @@ done
 info "$kills kills, fio runs: $(cat "$T/fio-direct.runs") direct, $(cat "$T/fio-buffered.runs") buffered; slowest resume $worst ms"
 [ $worst -lt 5000 ] || fail "service took $worst ms to resume"
 alive "$sup" || fail "the supervisor died"
-grep -q "^restarts: $kills$" "$T/mnt/control/status" 2>/dev/null ||
-	info "control/status has no restarts line yet (control layer)"
+grep -q "^restarts: $kills$" "$T/mnt/control/status" ||
+	fail "control/status: $(grep -E '^(restarts|last_restart|supervisor_pid):' "$T/mnt/control/status")"
+[ "$(field "$T/mnt" supervisor_pid)" = "$sup" ] || fail "supervisor_pid $(field "$T/mnt" supervisor_pid)"
 SFS_PID=$pid
 sfs_umount "$T/mnt"
 wait_gone "$sup" 10 || fail "supervisor $sup still runs after unmount"
