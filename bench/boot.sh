@@ -52,6 +52,10 @@ BR=(python3 "$ROOT/bench/boot-run.py")
 # one link per WAN_DIR: not the default one another benchmark may be using
 export WAN_DIR=$W/wan
 
+# the commit of the tree the binary is in (or its --version)
+sfs_version() {
+	git -C "$(dirname "$SFS")" rev-parse --short HEAD 2>/dev/null || "$SFS" --version 2>&1 | head -1
+}
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "boot.sh: $*"; exit 1; }
 want() { [[ " $CASES " == *" $1 "* ]]; }
@@ -150,7 +154,7 @@ WAN_PORT=$("$ROOT/bench/wan.sh" up "$RTT" "$RATE" "$NGX_PORT") || die "wan.sh up
 LINK=1
 FAR_URL=http://127.0.0.1:$WAN_PORT/disk.raw
 log "work dir $W; image $IMG ($((IMG_SIZE >> 20)) MiB); link ${RTT} ms / ${RATE} Mbit/s;" \
-	"$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); streamfs $(git rev-parse --short HEAD 2>/dev/null)"
+	"$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); streamfs $(sfs_version)"
 
 # ------------------------------------------------------------ the pieces
 MNT=$W/smnt
@@ -319,6 +323,6 @@ done
 echo
 echo "Boot to ready, $(nproc) CPUs (load $(cut -d' ' -f1-3 /proc/loadavg)), QEMU TCG, link ${RTT} ms RTT /" \
 	"${RATE} Mbit/s, $RUNS runs (medians; each run in parentheses), image $((IMG_SIZE >> 20)) MiB," \
-	"streamfs $(git rev-parse --short HEAD 2>/dev/null):"
+	"streamfs $(sfs_version):"
 echo
 "${BR[@]}" table "$RES" "$IMG_SIZE"
