@@ -448,6 +448,9 @@ int disk_read(struct disk *d, void *buf, size_t len, uint64_t off)
 		r = disk_map(top, off, len, &ext);
 		if (r < 0)
 			break;
+		if (d->read_observer)
+			d->read_observer(d->read_observer_opaque, off, ext.len,
+					 ext.type == EXT_UNALLOC && top->backing);
 		if (ext.type == EXT_UNALLOC && cor) {
 			ext.len = disk_coalesce(top, off, len, ext.len);
 			r = disk_cor(d, b, (size_t)ext.len, off, ext.len == len ? &t : NULL);

@@ -3,10 +3,17 @@
  * Every readable file except events is rendered once at open into a
  * private buffer, so a reader sees one consistent snapshot whatever its
  * read sizes. The format is "key: value" lines, units in the key; see
- * man/streamfs.1 for the list, which is an API.
+ * man/streamfs.1 for the list, which is an API. metrics holds the same
+ * facts for scrapers, in the Prometheus text exposition format 0.0.4.
+ *
+ * The network figures (net_* keys, streamfs_net_* metrics) are those of
+ * the whole process (fetch_net_totals): a streamfs process serves one
+ * disk, and unlike a sum over the layers of the chain they never go
+ * backwards when a rebase closes the HTTP layers it drops.
  */
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,10 +27,11 @@
 #define CONTROL_LOG_MAX 160  /* most bytes of a command shown in the log */
 
 const struct control_info control_files[CTL_COUNT] = {
-    [CTL_STATUS] = {"status", 0444}, [CTL_PROGRESS] = {"progress", 0444},
-    [CTL_SPEED] = {"speed", 0644},   [CTL_STREAM] = {"stream", 0644},
-    [CTL_ABORT] = {"abort", 0200},   [CTL_PULL] = {"pull", 0200},
-    [CTL_EVENTS] = {"events", 0444}, [CTL_MAP] = {"map", 0444},
+    [CTL_STATUS] = {"status", 0444},   [CTL_PROGRESS] = {"progress", 0444},
+    [CTL_SPEED] = {"speed", 0644},     [CTL_STREAM] = {"stream", 0644},
+    [CTL_ABORT] = {"abort", 0200},     [CTL_PULL] = {"pull", 0200},
+    [CTL_EVENTS] = {"events", 0444},   [CTL_MAP] = {"map", 0444},
+    [CTL_METRICS] = {"metrics", 0444}, [CTL_TRACE] = {"trace", 0444},
 };
 
 int control_lookup(const char *name)
@@ -107,6 +115,68 @@ static void control_render_chain(struct control_buf *b, struct disk *d, char **n
 	cb_printf(b, "\n");
 }
 
+/* "key: value" for a figure in seconds shown in milliseconds; "-" when
+ * unknown (NAN). */
+static void control_put_ms(struct control_buf *b, const char *key, double s)
+{
+	if (isnan(s))
+		cb_printf(b, "%s: -\n", key);
+	else
+		cb_printf(b, "%s: %.3f\n", key, s * 1e3);
+}
+
+static void control_render_net(struct control_buf *b)
+{
+	struct fetch_net_stats n;
+
+	fetch_net_totals(&n);
+	cb_printf(
+	    b, "net_requests_in_flight: %llu\n",
+	    (unsigned long long)(n.in_flight[FETCH_CLASS_GUEST] + n.in_flight[FETCH_CLASS_JOB]));
+	cb_printf(b, "net_requests_in_flight_guest: %llu\n",
+		  (unsigned long long)n.in_flight[FETCH_CLASS_GUEST]);
+	cb_printf(b, "net_requests_in_flight_job: %llu\n",
+		  (unsigned long long)n.in_flight[FETCH_CLASS_JOB]);
+	cb_printf(b, "net_requests_waiting_guest: %llu\n",
+		  (unsigned long long)n.waiting[FETCH_CLASS_GUEST]);
+	cb_printf(b, "net_requests_waiting_job: %llu\n",
+		  (unsigned long long)n.waiting[FETCH_CLASS_JOB]);
+	cb_printf(b, "net_connections: %llu\n", (unsigned long long)n.connections);
+	cb_printf(b, "net_bytes_guest: %llu\n", (unsigned long long)n.bytes[FETCH_CLASS_GUEST]);
+	cb_printf(b, "net_bytes_job: %llu\n", (unsigned long long)n.bytes[FETCH_CLASS_JOB]);
+	cb_printf(b, "net_requests: %llu\n", (unsigned long long)n.requests);
+	cb_printf(b, "net_retries: %llu\n", (unsigned long long)n.retries);
+	cb_printf(b, "net_stalls: %llu\n", (unsigned long long)n.stalls);
+	cb_printf(b, "net_errors: %llu\n", (unsigned long long)n.errors);
+	control_put_ms(b, "net_latency_p50_ms", n.latency_p50_s);
+	control_put_ms(b, "net_latency_p99_ms", n.latency_p99_s);
+	control_put_ms(b, "net_rtt_ms", n.rtt_s);
+	if (isnan(n.rate_bytes_per_s))
+		cb_printf(b, "net_rate_bytes_per_s: -\n");
+	else
+		cb_printf(b, "net_rate_bytes_per_s: %.0f\n", n.rate_bytes_per_s);
+}
+
+/* The boot trace: what this mount recorded, and the replay of -o prefetch. */
+static void control_render_prefetch(struct control_buf *b, struct control_ctx *c)
+{
+	struct prefetch_status ps = {0};
+
+	if (c->prefetch)
+		prefetch_get_status(c->prefetch, &ps);
+	cb_printf(b, "trace_ranges: %llu\n", (unsigned long long)ps.trace_ranges);
+	cb_printf(b, "trace_clusters_dropped: %llu\n", (unsigned long long)ps.trace_dropped);
+	cb_printf(b, "prefetch: %s\n", prefetch_state_name(ps.state));
+	cb_printf(b, "prefetch_ranges_done: %llu\n", (unsigned long long)ps.ranges_done);
+	cb_printf(b, "prefetch_ranges_total: %llu\n", (unsigned long long)ps.ranges_total);
+	cb_printf(b, "prefetch_bytes_done: %llu\n", (unsigned long long)ps.bytes_done);
+	cb_printf(b, "prefetch_bytes_total: %llu\n", (unsigned long long)ps.bytes_total);
+	cb_printf(b, "prefetch_bytes_copied: %llu\n", (unsigned long long)ps.bytes_copied);
+	cb_printf(b, "prefetch_guest_reads_served: %llu\n",
+		  (unsigned long long)ps.guest_reads_served);
+	cb_printf(b, "prefetch_error: %s\n", ps.error[0] ? ps.error : "-");
+}
+
 static void control_render_status(struct control_buf *b, struct control_ctx *c)
 {
 	struct stream_status st;
@@ -154,6 +224,10 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 		  (unsigned long long)atomic_load(&ds->cor_bytes));
 	cb_printf(b, "bytes_not_copied_overlay_full: %llu\n",
 		  (unsigned long long)atomic_load(&ds->cor_skipped));
+	cb_printf(b, "bytes_read_ahead: %llu\n",
+		  (unsigned long long)atomic_load(&ds->readahead_bytes));
+	cb_printf(b, "readahead_hits: %llu\n",
+		  (unsigned long long)atomic_load(&ds->readahead_hits));
 	cb_printf(b, "guest_bytes_read: %llu\n", (unsigned long long)atomic_load(&ds->guest_read));
 	cb_printf(b, "guest_bytes_written: %llu\n",
 		  (unsigned long long)atomic_load(&ds->guest_written));
@@ -162,6 +236,8 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	free(base);
 	cb_printf(b, "network_bytes: %llu\n", (unsigned long long)disk_network_bytes(c->disk));
 	cb_printf(b, "network_rate_bytes_per_s: %llu\n", (unsigned long long)st.net_rate);
+	control_render_net(b);
+	control_render_prefetch(b, c);
 }
 
 static void control_render_map(struct control_buf *b, struct disk *d)
@@ -213,6 +289,126 @@ static void control_render_map(struct control_buf *b, struct disk *d)
 	control_free_names(names);
 }
 
+/* ---- control/metrics: Prometheus text exposition format 0.0.4 ---- */
+
+/* The HELP and TYPE lines of a metric; its samples follow. */
+static void control_metric(struct control_buf *b, const char *name, const char *type,
+			   const char *help)
+{
+	cb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* One sample; labels is "" or "{k=\"v\"}" (fixed strings: no escaping). */
+static void control_sample_u64(struct control_buf *b, const char *name, const char *labels,
+			       uint64_t v)
+{
+	cb_printf(b, "%s%s %llu\n", name, labels, (unsigned long long)v);
+}
+
+static void control_sample(struct control_buf *b, const char *name, const char *labels, double v)
+{
+	if (isnan(v)) /* the format's spelling; printf's would be "nan" */
+		cb_printf(b, "%s%s NaN\n", name, labels);
+	else
+		cb_printf(b, "%s%s %.9g\n", name, labels, v);
+}
+
+/* A metric with one sample per class. */
+static void control_metric_classes(struct control_buf *b, const char *name, const char *type,
+				   const char *help, const uint64_t *v)
+{
+	control_metric(b, name, type, help);
+	control_sample_u64(b, name, "{class=\"guest\"}", v[FETCH_CLASS_GUEST]);
+	control_sample_u64(b, name, "{class=\"job\"}", v[FETCH_CLASS_JOB]);
+}
+
+static void control_metric_u64(struct control_buf *b, const char *name, const char *type,
+			       const char *help, uint64_t v)
+{
+	control_metric(b, name, type, help);
+	control_sample_u64(b, name, "", v);
+}
+
+static void control_metric_f(struct control_buf *b, const char *name, const char *help, double v)
+{
+	control_metric(b, name, "gauge", help);
+	control_sample(b, name, "", v);
+}
+
+static void control_render_metrics(struct control_buf *b, struct control_ctx *c)
+{
+	static const char *const lat = "streamfs_net_request_duration_seconds";
+	struct disk_stats *ds = &c->disk->stats;
+	struct fetch_net_stats n;
+	struct stream_status st;
+	char label[64];
+
+	stream_get_status(c->job, &st);
+	fetch_net_totals(&n);
+
+	/* The stream job. */
+	control_metric(b, "streamfs_stream_state", "gauge",
+		       "State of the stream job: 1 for the current state, 0 for the others.");
+	for (enum stream_state s = STREAM_IDLE; s <= STREAM_FAILED; s++) {
+		snprintf(label, sizeof(label), "{state=\"%s\"}", stream_state_name(s));
+		control_sample_u64(b, "streamfs_stream_state", label, st.state == s);
+	}
+	control_metric_u64(b, "streamfs_stream_offset_bytes", "gauge",
+			   "Bytes of the disk the stream job has covered.", st.offset);
+	control_metric_u64(b, "streamfs_stream_length_bytes", "gauge",
+			   "Bytes of the disk the stream job covers in all.", st.length);
+	control_metric_u64(b, "streamfs_stream_rate_bytes_per_second", "gauge",
+			   "Recent copy rate of the stream job.", st.rate);
+	control_metric_u64(b, "streamfs_stream_speed_limit_bytes_per_second", "gauge",
+			   "Speed limit of the stream job (0: unlimited).", st.speed);
+	control_metric_f(b, "streamfs_stream_elapsed_seconds", "Time the stream job has run.",
+			 st.elapsed);
+
+	/* The disk. */
+	control_metric_u64(b, "streamfs_disk_size_bytes", "gauge", "Size of the guest disk.",
+			   c->disk->top->size);
+	control_metric_u64(b, "streamfs_stream_copied_bytes_total", "counter",
+			   "Bytes copied into the overlay by the stream job and control/pull.",
+			   atomic_load(&ds->stream_copied));
+	control_metric_u64(b, "streamfs_copy_on_read_bytes_total", "counter",
+			   "Bytes copied into the overlay by guest reads.",
+			   atomic_load(&ds->cor_bytes));
+	control_metric_u64(b, "streamfs_guest_read_bytes_total", "counter",
+			   "Bytes read by the guest.", atomic_load(&ds->guest_read));
+	control_metric_u64(b, "streamfs_guest_written_bytes_total", "counter",
+			   "Bytes written by the guest.", atomic_load(&ds->guest_written));
+
+	/* The network (every HTTP(S) backing of the process). */
+	control_metric_classes(b, "streamfs_net_requests_in_flight", "gauge",
+			       "HTTP requests on the network now, by class.", n.in_flight);
+	control_metric_classes(b, "streamfs_net_requests_waiting", "gauge",
+			       "Reads waiting for an HTTP connection now, by class.", n.waiting);
+	control_metric_u64(b, "streamfs_net_connections", "gauge",
+			   "HTTP connections open now, idle or busy.", n.connections);
+	control_metric_classes(b, "streamfs_net_fetched_bytes_total", "counter",
+			       "Bytes fetched over HTTP, by the class that read them.", n.bytes);
+	control_metric_u64(b, "streamfs_net_requests_total", "counter",
+			   "HTTP requests sent, retries included.", n.requests);
+	control_metric_u64(b, "streamfs_net_retries_total", "counter",
+			   "HTTP requests repeated after a transient failure.", n.retries);
+	control_metric_u64(b, "streamfs_net_stalls_total", "counter",
+			   "HTTP requests aborted for lack of progress.", n.stalls);
+	control_metric_u64(b, "streamfs_net_errors_total", "counter",
+			   "HTTP reads that failed after all retries.", n.errors);
+	control_metric(b, lat, "summary",
+		       "Duration of successful HTTP requests; quantiles over the last 256.");
+	control_sample(b, lat, "{quantile=\"0.5\"}", n.latency_p50_s);
+	control_sample(b, lat, "{quantile=\"0.99\"}", n.latency_p99_s);
+	cb_printf(b, "%s_sum %.9g\n", lat, n.latency_sum_s);
+	cb_printf(b, "%s_count %llu\n", lat, (unsigned long long)n.latency_count);
+	control_metric_f(
+	    b, "streamfs_net_rtt_seconds",
+	    "Round-trip time to the server: least time to first byte of recent requests.", n.rtt_s);
+	control_metric_f(b, "streamfs_net_rate_bytes_per_second",
+			 "Bytes per second received over HTTP in the last 5 seconds.",
+			 n.rate_bytes_per_s);
+}
+
 int control_render(struct control_ctx *c, enum control_id id, char **buf, size_t *len)
 {
 	struct control_buf b = {0};
@@ -239,6 +435,13 @@ int control_render(struct control_ctx *c, enum control_id id, char **buf, size_t
 	case CTL_MAP:
 		control_render_map(&b, c->disk);
 		break;
+	case CTL_METRICS:
+		control_render_metrics(&b, c);
+		break;
+	case CTL_TRACE:
+		if (c->prefetch)
+			return prefetch_render_trace(c->prefetch, buf, len);
+		break; /* no recorder: an empty file */
 	default:
 		cb_printf(&b, "%s", "");
 		break;

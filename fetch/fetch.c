@@ -2,16 +2,20 @@
  * backing-name resolution), picks a fetch_ops by scheme, checks bounds so the
  * sources can trust their arguments, and keeps statistics.
  *
- * THREAD MODEL: stateless apart from the atomic counters in each source and
- * the process-wide options, which are set once before any source is opened.
+ * THREAD MODEL: stateless apart from the atomic counters in each source, the
+ * process-wide count of guest reads on the network (atomic), the calling
+ * thread's I/O class (thread-local) and the process-wide options, which are
+ * set once before any source is opened.
  */
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <strings.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -42,6 +46,13 @@ static const struct fetch_scheme {
 #define FETCH_NSCHEMES (sizeof(fetch_schemes) / sizeof(fetch_schemes[0]))
 
 static struct fetch_options fetch_opts;
+
+/* The class of this thread's reads; GUEST unless the thread says otherwise,
+ * so FUSE workers (and anything new) are served first by default. */
+static __thread enum fetch_class fetch_thread_class = FETCH_CLASS_GUEST;
+
+/* GUEST reads of network sources now in fetch_pread (fetch_guest_inflight). */
+static _Atomic unsigned fetch_guest_net_reads;
 
 /* Write tracing for crash-consistency tests (tests/helpers/replay.c):
  * with STREAMFS_TRACE=FILE, every write, flush and truncate of a writable
@@ -335,7 +346,13 @@ int fetch_pread(struct fetch_source *s, void *buf, size_t len, uint64_t off)
 		atomic_fetch_add(&s->stats.errors, 1);
 		return -EIO;
 	}
-	r = s->ops->pread(s, buf, len, off);
+	if (s->ops->network && fetch_thread_class == FETCH_CLASS_GUEST) {
+		atomic_fetch_add(&fetch_guest_net_reads, 1);
+		r = s->ops->pread(s, buf, len, off);
+		atomic_fetch_sub(&fetch_guest_net_reads, 1);
+	} else {
+		r = s->ops->pread(s, buf, len, off);
+	}
 	if (r < 0) {
 		atomic_fetch_add(&s->stats.errors, 1);
 		return r;
@@ -435,6 +452,20 @@ int fetch_truncate(struct fetch_source *s, uint64_t size)
 	return r;
 }
 
+const char *fetch_validator(struct fetch_source *s, char *buf, size_t len)
+{
+	struct stat st;
+
+	if (s->ops->validator)
+		snprintf(buf, len, "%s", s->ops->validator(s));
+	else if (!s->ops->network && stat(s->uri, &st) == 0)
+		snprintf(buf, len, "size:%lld,mtime:%lld.%09ld", (long long)st.st_size,
+			 (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+	else
+		snprintf(buf, len, "%s", "");
+	return buf;
+}
+
 int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum)
 {
 	uint64_t size = fetch_size(s);
@@ -457,4 +488,94 @@ void fetch_prefetch(struct fetch_source *s, uint64_t off, uint64_t len)
 
 	if (s->ops->prefetch && off < size)
 		s->ops->prefetch(s, off, SFS_MIN(len, size - off));
+}
+
+void fetch_set_thread_class(enum fetch_class c)
+{
+	fetch_thread_class = c == FETCH_CLASS_JOB ? FETCH_CLASS_JOB : FETCH_CLASS_GUEST;
+}
+
+enum fetch_class fetch_get_thread_class(void)
+{
+	return fetch_thread_class;
+}
+
+unsigned fetch_guest_inflight(void)
+{
+	return atomic_load_explicit(&fetch_guest_net_reads, memory_order_relaxed);
+}
+
+static void fetch_net_clear(struct fetch_net_stats *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->latency_p50_s = out->latency_p99_s = out->rtt_s = out->rate_bytes_per_s = NAN;
+}
+
+int fetch_net_stats(struct fetch_source *s, struct fetch_net_stats *out)
+{
+	fetch_net_clear(out);
+	if (!s->ops->network || !s->ops->net_stats)
+		return -ENOTSUP;
+	s->ops->net_stats(s, out);
+	return 0;
+}
+
+/* Merge two figures of which either may be NAN ("unknown"): the larger,
+ * the smaller or the sum of those known. */
+static double fetch_net_max(double a, double b)
+{
+	if (isnan(a))
+		return b;
+	return isnan(b) || a > b ? a : b;
+}
+
+static double fetch_net_min(double a, double b)
+{
+	if (isnan(a))
+		return b;
+	return isnan(b) || a < b ? a : b;
+}
+
+static double fetch_net_sum(double a, double b)
+{
+	if (isnan(a))
+		return b;
+	return isnan(b) ? a : a + b;
+}
+
+void fetch_net_totals(struct fetch_net_stats *out)
+{
+	fetch_net_clear(out);
+	for (size_t i = 0; i < FETCH_NSCHEMES; i++) {
+		const struct fetch_ops *ops = fetch_schemes[i].ops;
+		struct fetch_net_stats k;
+		bool seen = false;
+
+		/* Several schemes share one kind ("http", "https"): once each. */
+		for (size_t j = 0; j < i; j++)
+			seen |= fetch_schemes[j].ops == ops;
+		if (seen || !ops->net_totals)
+			continue;
+		fetch_net_clear(&k);
+		ops->net_totals(&k);
+		/* Counters add up. Only one kind is on the network today; were
+		 * there two, the worst percentile and the nearest server's RTT
+		 * are the figures that stay meaningful when merged. */
+		for (int c = 0; c < FETCH_NCLASSES; c++) {
+			out->in_flight[c] += k.in_flight[c];
+			out->waiting[c] += k.waiting[c];
+			out->bytes[c] += k.bytes[c];
+		}
+		out->requests += k.requests;
+		out->retries += k.retries;
+		out->stalls += k.stalls;
+		out->errors += k.errors;
+		out->connections += k.connections;
+		out->latency_count += k.latency_count;
+		out->latency_sum_s += k.latency_sum_s;
+		out->latency_p50_s = fetch_net_max(out->latency_p50_s, k.latency_p50_s);
+		out->latency_p99_s = fetch_net_max(out->latency_p99_s, k.latency_p99_s);
+		out->rtt_s = fetch_net_min(out->rtt_s, k.rtt_s);
+		out->rate_bytes_per_s = fetch_net_sum(out->rate_bytes_per_s, k.rate_bytes_per_s);
+	}
 }

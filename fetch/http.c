@@ -35,7 +35,8 @@
  *	retries * (connect_timeout + io_timeout) + (retries - 1) * backoff
  * with backoff <= HTTP_RETRY_AFTER_MAX_MS (defaults: 5 * (10 + 30) s +
  * 4 * 30 s = 320 s; a refused connection fails far sooner). A pread may
- * first wait for a free pool handle held by requests with the same bound.
+ * first wait for a free pool handle held by requests with the same bound
+ * (a guest read only for one held by other guest reads: see the pool).
  * A server that keeps trickling faster than HTTP_LOW_SPEED_LIMIT is not a
  * stall. 4xx other than 408/429 fail at once: 404/410 -> -ENOENT,
  * 401/403/407 -> -EACCES; after the retries, stalls and timeouts give
@@ -47,6 +48,37 @@
  * `curl -o /dev/null` and use less CPU. Splitting gains nothing on loopback
  * but about 4x for 32 MiB reads when the server caps each connection (nginx
  * limit_rate, as CDNs and object stores do), hence HTTP_SPLIT_MIN.
+ *
+ * The guest comes first. Every read has a class (fetch_set_thread_class):
+ * the stream job's lanes are JOB, everything else is GUEST. JOB reads hold
+ * at most pool_size handles; GUEST reads may open HTTP_GUEST_RESERVE more,
+ * so while the job fills the pool a guest read still gets a connection at
+ * once instead of queueing behind megabytes of stream data (it waits only
+ * when other guest reads already hold the whole reserve, and then a
+ * released handle goes to a waiting guest before any job). The default
+ * pool of 8 lets the job's 8 lanes each have a connection: on a far link
+ * one TCP connection's window caps its rate (2 MiB in flight over 80 ms is
+ * about 26 MB/s), so filling 500 Mbit/s takes 3 busy connections and 8
+ * leave room for lanes in slow start, in a retry or waiting on a slow
+ * server. Split pieces take only idle handles below pool_size, never the
+ * guest reserve.
+ *
+ * Statistics (fetch_net_stats, for control/status and control/metrics):
+ * counters per source and process-wide (closed sources included, so they
+ * never go backwards), plus a ring of the last HTTP_NET_SAMPLES successful
+ * requests under a small lock, recorded once per request. From the ring:
+ *  - latency p50/p99: duration of one successful attempt (headers sent to
+ *    last byte; neither the wait for a handle nor retries, which are
+ *    counted apart), nearest-rank percentiles;
+ *  - RTT: the minimum of CURLINFO_STARTTRANSFER_TIME - PRETRANSFER_TIME,
+ *    request sent to first response byte. It is known for every request,
+ *    large ones too and on kept-alive connections (where the TCP connect
+ *    time, pure RTT, is never measured again); it adds the server's think
+ *    time and any queue on the path, and the minimum over many requests
+ *    removes both;
+ *  - link rate: bytes of the requests that ended in the last
+ *    HTTP_RATE_WINDOW_NS, over the time since the earliest of them began
+ *    (all classes; 0 when idle).
  *
  * Logging: with the verbose option every request is logged at info level
  * (method, range, status, bytes, time); STREAMFS_HTTP_DEBUG=1 logs the same
@@ -75,13 +107,16 @@
  * NOTES ON THE THREAD MODEL
  * pread is called concurrently from many threads. A CURL easy handle belongs
  * to one thread at a time: http_get_conn() hands out a handle from the pool
- * (creating up to pool_size lazily) and blocks on a condition variable when
- * all are busy; http_put_conn() returns it. The pool, its list and counters
- * are protected by http_priv.lock. DNS cache and TLS sessions are shared
- * between the handles of one source through a CURLSH with its own locks.
- * Everything else in http_priv is written only by open() and is read-only
- * afterwards, except `changed` (atomic, sticky). curl_global_init() runs once
- * under pthread_once.
+ * (creating up to pool_size + HTTP_GUEST_RESERVE lazily, within the class
+ * limits of http_may_take) and blocks on the condition variable of its
+ * class when it may not take one; http_put_conn() returns it and wakes a
+ * waiting guest first. The pool, its list and counters are protected by
+ * http_priv.lock. Statistics counters are atomics; the sample rings are
+ * protected by their http_net.lock (a leaf: nothing is taken under it).
+ * DNS cache and TLS sessions are shared between the handles of one source
+ * through a CURLSH with its own locks. Everything else in http_priv is
+ * written only by open() and is read-only afterwards, except `changed`
+ * (atomic, sticky). curl_global_init() runs once under pthread_once.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -102,7 +137,8 @@
 #include "fetch.h"
 #include "util.h"
 
-#define HTTP_DEFAULT_POOL_SIZE	     4
+#define HTTP_DEFAULT_POOL_SIZE	     8	/* connections for the job: one per stream lane */
+#define HTTP_GUEST_RESERVE	     2	/* more connections only guest reads may open */
 #define HTTP_DEFAULT_CONNECT_TIMEOUT 10 /* in seconds */
 #define HTTP_DEFAULT_IO_TIMEOUT	     30 /* in seconds */
 #define HTTP_DEFAULT_ATTEMPTS	     5
@@ -119,6 +155,8 @@
 #define HTTP_DISCARD_MAX	     (64u << 10)  /* in bytes of an error body before hanging up */
 #define HTTP_VALIDATOR_MAX	     256	  /* in bytes, ETag / Last-Modified */
 #define HTTP_AUTH_FILE_MAX	     8192	  /* in bytes */
+#define HTTP_NET_SAMPLES	     256	  /* recent requests kept for latency/RTT/rate */
+#define HTTP_RATE_WINDOW_NS	     (5ULL * 1000000000) /* in ns: the link rate's window */
 
 /* Facts from the headers of the last response (reset by each status line,
  * so 100-continue and the like leave nothing behind). */
@@ -132,6 +170,40 @@ struct http_resp {
 };
 
 struct http_priv;
+
+/* One successful request, for the figures over a window. */
+struct http_sample {
+	uint64_t start_ns, end_ns; /* of the attempt that succeeded */
+	uint64_t bytes;
+	uint64_t ttfb_ns; /* request sent -> first byte; UINT64_MAX if unknown */
+};
+
+/* Network statistics: one per source and one for the process. */
+struct http_net {
+	_Atomic uint64_t in_flight[FETCH_NCLASSES];
+	_Atomic uint64_t waiting[FETCH_NCLASSES];
+	_Atomic uint64_t bytes[FETCH_NCLASSES];
+	_Atomic uint64_t requests, retries, stalls, errors, connections;
+	pthread_mutex_t lock;
+	uint64_t lat_count, lat_sum_ns;		   /* protected by lock */
+	struct http_sample ring[HTTP_NET_SAMPLES]; /* protected by lock */
+	unsigned ring_next, ring_len;		   /* protected by lock */
+};
+
+/* Every HTTP source the process opened, closed ones included. */
+static struct http_net http_all = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* Add n to counter f of both p's statistics and the process's. */
+#define HTTP_NET_ADD(p, f, n)                                                                      \
+	do {                                                                                       \
+		atomic_fetch_add(&(p)->net.f, (n));                                                \
+		atomic_fetch_add(&http_all.f, (n));                                                \
+	} while (0)
+#define HTTP_NET_SUB(p, f, n)                                                                      \
+	do {                                                                                       \
+		atomic_fetch_sub(&(p)->net.f, (n));                                                \
+		atomic_fetch_sub(&http_all.f, (n));                                                \
+	} while (0)
 
 /* One request: owned by the thread holding the handle. */
 struct http_req {
@@ -149,6 +221,7 @@ struct http_req {
 	int err;		    /* -errno decided in a callback (fatal) */
 	bool stalled;		    /* aborted: no byte for io_timeout */
 	uint64_t start_ns, last_ns; /* attempt start, last byte received */
+	uint64_t end_ns, ttfb_ns;   /* attempt end; request sent -> first byte */
 	struct http_resp resp;
 	uint64_t total; /* probe: total size from Content-Range */
 	char why[256];	/* last failure, for the final message */
@@ -181,13 +254,15 @@ struct http_priv {
 	bool share_locks_init;
 
 	pthread_mutex_t lock;
-	pthread_cond_t cond;
+	pthread_cond_t cond_guest, cond_job; /* a handle may be free for that class */
 	bool lock_init;
-	struct http_conn *free_conns; /* protected by lock */
-	unsigned nconns;	      /* handles in existence; protected by lock */
+	struct http_conn *free_conns;  /* protected by lock */
+	unsigned nconns;	       /* handles in existence; protected by lock */
+	unsigned busy[FETCH_NCLASSES]; /* handles held, by class; protected by lock */
+	unsigned guest_waiting;	       /* guest reads waiting; protected by lock */
 
 	atomic_bool changed; /* sticky: the remote file changed */
-	_Atomic uint64_t requests, retries;
+	struct http_net net;
 };
 
 static pthread_once_t http_once = PTHREAD_ONCE_INIT;
@@ -767,46 +842,185 @@ static struct http_conn *http_conn_new(struct http_priv *p)
 	return c;
 }
 
-/* Take a handle: an idle one, a new one while fewer than pool_size exist,
- * or (if wait) the next one returned. NULL if none (or out of memory). */
-static struct http_conn *http_get_conn(struct http_priv *p, bool wait)
+/* May a read of class cls take a handle now? first: the first handle of a
+ * read, which may use the guest reserve; otherwise an extra piece of a split
+ * read, which only takes what leaves the reserve untouched. A job never
+ * takes a handle a waiting guest could have. Called with p->lock held. */
+static bool http_may_take(struct http_priv *p, enum fetch_class cls, bool first)
+{
+	unsigned busy = p->busy[FETCH_CLASS_GUEST] + p->busy[FETCH_CLASS_JOB];
+
+	if (cls == FETCH_CLASS_GUEST)
+		return busy < p->pool_size + (first ? HTTP_GUEST_RESERVE : 0);
+	if (p->guest_waiting)
+		return false;
+	if (!first)
+		return busy < p->pool_size;
+	return p->busy[FETCH_CLASS_JOB] < p->pool_size && busy < p->pool_size + HTTP_GUEST_RESERVE;
+}
+
+/* A handle was released (or never made): wake a waiting guest before any
+ * job. One wakeup is enough: every waiter of a class waits for the same
+ * condition, and a guest can use any released handle. Called with p->lock
+ * held. */
+static void http_wake(struct http_priv *p)
+{
+	if (p->guest_waiting)
+		pthread_cond_signal(&p->cond_guest);
+	else
+		pthread_cond_signal(&p->cond_job);
+}
+
+/* Take a handle for a read of class cls: an idle one, or a new one, when
+ * http_may_take() allows it; else (if wait) block until it does. first as
+ * for http_may_take(). NULL if none (or out of memory). */
+static struct http_conn *http_get_conn(struct http_priv *p, enum fetch_class cls, bool first,
+				       bool wait)
 {
 	struct http_conn *c = NULL;
 
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
-		if (p->free_conns) {
-			c = p->free_conns;
-			p->free_conns = c->next;
-			break;
-		}
-		if (p->nconns < p->pool_size) {
+		if (http_may_take(p, cls, first)) {
+			p->busy[cls]++;
+			/* busy < the most handles there may be: an idle one
+			 * exists, or room for a new one. */
+			if (p->free_conns) {
+				c = p->free_conns;
+				p->free_conns = c->next;
+				break;
+			}
 			p->nconns++;
 			pthread_mutex_unlock(&p->lock);
 			c = http_conn_new(p);
-			if (!c) {
-				pthread_mutex_lock(&p->lock);
+			pthread_mutex_lock(&p->lock);
+			if (c) {
+				HTTP_NET_ADD(p, connections, 1);
+			} else {
 				p->nconns--;
-				pthread_cond_signal(&p->cond);
-				pthread_mutex_unlock(&p->lock);
+				p->busy[cls]--;
+				http_wake(p);
 			}
-			return c;
+			break;
 		}
 		if (!wait)
 			break;
-		pthread_cond_wait(&p->cond, &p->lock);
+		HTTP_NET_ADD(p, waiting[cls], 1);
+		if (cls == FETCH_CLASS_GUEST) {
+			p->guest_waiting++;
+			pthread_cond_wait(&p->cond_guest, &p->lock);
+			p->guest_waiting--;
+		} else {
+			pthread_cond_wait(&p->cond_job, &p->lock);
+		}
+		HTTP_NET_SUB(p, waiting[cls], 1);
 	}
 	pthread_mutex_unlock(&p->lock);
 	return c;
 }
 
-static void http_put_conn(struct http_priv *p, struct http_conn *c)
+static void http_put_conn(struct http_priv *p, struct http_conn *c, enum fetch_class cls)
 {
 	pthread_mutex_lock(&p->lock);
 	c->next = p->free_conns;
 	p->free_conns = c;
-	pthread_cond_signal(&p->cond);
+	p->busy[cls]--;
+	http_wake(p);
 	pthread_mutex_unlock(&p->lock);
+}
+
+/* ---- Statistics ---- */
+
+/* Record a successful request in n's ring. */
+static void http_net_sample(struct http_net *n, const struct http_sample *smp)
+{
+	pthread_mutex_lock(&n->lock);
+	n->ring[n->ring_next] = *smp;
+	n->ring_next = (n->ring_next + 1) % HTTP_NET_SAMPLES;
+	if (n->ring_len < HTTP_NET_SAMPLES)
+		n->ring_len++;
+	n->lat_count++;
+	n->lat_sum_ns += smp->end_ns - smp->start_ns;
+	pthread_mutex_unlock(&n->lock);
+}
+
+static int http_cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* The nearest-rank q-quantile of the n sorted values v, in seconds. */
+static double http_quantile_s(const uint64_t *v, unsigned n, unsigned percent)
+{
+	unsigned rank = (n * percent + 99) / 100; /* ceil(n * q), >= 1 for n >= 1 */
+
+	return (double)v[rank ? rank - 1 : 0] / 1e9;
+}
+
+/* Fill out from n (fields the caller zeroed, NAN for unknown). */
+static void http_net_read(struct http_net *n, struct fetch_net_stats *out)
+{
+	uint64_t lat[HTTP_NET_SAMPLES], now, rtt = UINT64_MAX;
+	uint64_t win_bytes = 0, win_start = UINT64_MAX;
+	unsigned len;
+
+	for (int c = 0; c < FETCH_NCLASSES; c++) {
+		out->in_flight[c] = atomic_load(&n->in_flight[c]);
+		out->waiting[c] = atomic_load(&n->waiting[c]);
+		out->bytes[c] = atomic_load(&n->bytes[c]);
+	}
+	out->requests = atomic_load(&n->requests);
+	out->retries = atomic_load(&n->retries);
+	out->stalls = atomic_load(&n->stalls);
+	out->errors = atomic_load(&n->errors);
+	out->connections = atomic_load(&n->connections);
+
+	pthread_mutex_lock(&n->lock);
+	now = sfs_now_ns(); /* under the lock: no sample ends after it */
+	len = n->ring_len;
+	out->latency_count = n->lat_count;
+	out->latency_sum_s = (double)n->lat_sum_ns / 1e9;
+	for (unsigned i = 0; i < len; i++) {
+		const struct http_sample *smp = &n->ring[i];
+
+		lat[i] = smp->end_ns - smp->start_ns;
+		rtt = SFS_MIN(rtt, smp->ttfb_ns);
+		if (now - smp->end_ns <= HTTP_RATE_WINDOW_NS) {
+			win_bytes += smp->bytes;
+			win_start = SFS_MIN(win_start, smp->start_ns);
+		}
+	}
+	pthread_mutex_unlock(&n->lock);
+
+	if (len == 0)
+		return; /* nothing measured yet: the figures stay unknown */
+	qsort(lat, len, sizeof(lat[0]), http_cmp_u64);
+	out->latency_p50_s = http_quantile_s(lat, len, 50);
+	out->latency_p99_s = http_quantile_s(lat, len, 99);
+	if (rtt != UINT64_MAX)
+		out->rtt_s = (double)rtt / 1e9;
+	out->rate_bytes_per_s = 0;
+	if (win_bytes) {
+		/* Over the time the bytes took to come, at most the window; a
+		 * floor of 1 ms keeps one tiny request from claiming a huge rate. */
+		uint64_t span = SFS_MIN(now - win_start, HTTP_RATE_WINDOW_NS);
+
+		out->rate_bytes_per_s = (double)win_bytes / ((double)SFS_MAX(span, 1000000) / 1e9);
+	}
+}
+
+static void http_net_stats(struct fetch_source *s, struct fetch_net_stats *out)
+{
+	struct http_priv *p = s->priv;
+
+	http_net_read(&p->net, out);
+}
+
+static void http_net_totals(struct fetch_net_stats *out)
+{
+	http_net_read(&http_all, out);
 }
 
 /* ---- Requests ---- */
@@ -860,6 +1074,7 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 {
 	char range[64];
 	CURLcode rc = CURLE_OK;
+	curl_off_t pre_us = 0, first_us = 0;
 	long status;
 	uint64_t t0;
 
@@ -900,7 +1115,15 @@ static int http_attempt(struct http_priv *p, struct http_conn *c, struct http_re
 
 	t0 = sfs_now_ns();
 	rc = curl_easy_perform(c->curl);
-	atomic_fetch_add(&p->requests, 1);
+	rq->end_ns = sfs_now_ns();
+	HTTP_NET_ADD(p, requests, 1);
+	if ((rc == CURLE_ABORTED_BY_CALLBACK && rq->stalled) || rc == CURLE_OPERATION_TIMEDOUT)
+		HTTP_NET_ADD(p, stalls, 1);
+	rq->ttfb_ns = UINT64_MAX;
+	if (curl_easy_getinfo(c->curl, CURLINFO_PRETRANSFER_TIME_T, &pre_us) == CURLE_OK &&
+	    curl_easy_getinfo(c->curl, CURLINFO_STARTTRANSFER_TIME_T, &first_us) == CURLE_OK &&
+	    first_us >= pre_us && pre_us > 0)
+		rq->ttfb_ns = (uint64_t)(first_us - pre_us) * 1000;
 	if (curl_easy_getinfo(c->curl, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
 		status = 0;
 	if (p->verbose_level >= 0)
@@ -1020,6 +1243,15 @@ static int http_request(struct http_priv *p, struct http_conn *c, struct http_re
 			return -EIO; /* said once, when detected */
 		}
 		r = http_attempt(p, c, rq, &transient, &wait_ms);
+		if (r == 0 && !rq->probe) {
+			struct http_sample smp = {.start_ns = rq->start_ns,
+						  .end_ns = rq->end_ns,
+						  .bytes = rq->len,
+						  .ttfb_ns = rq->ttfb_ns};
+
+			http_net_sample(&p->net, &smp);
+			http_net_sample(&http_all, &smp);
+		}
 		if (r == 0 || !transient || attempt >= p->attempts)
 			break;
 		delay = HTTP_BACKOFF_BASE_MS << SFS_MIN(attempt - 1, 16u);
@@ -1028,13 +1260,15 @@ static int http_request(struct http_priv *p, struct http_conn *c, struct http_re
 		delay += (long)(sfs_now_ns() % (uint64_t)(delay / 4 + 1)); /* jitter */
 		if (wait_ms > delay)
 			delay = SFS_MIN(wait_ms, (long)HTTP_RETRY_AFTER_MAX_MS);
-		atomic_fetch_add(&p->retries, 1);
+		HTTP_NET_ADD(p, retries, 1);
 		sfs_info("%s: bytes %llu-%llu: %s; retrying in %ld ms (attempt %u of %u)",
 			 p->display, (unsigned long long)rq->off,
 			 (unsigned long long)(rq->off + rq->len - 1), rq->why, delay, attempt + 1,
 			 p->attempts);
 		http_sleep_ms(delay);
 	}
+	if (r < 0)
+		HTTP_NET_ADD(p, errors, 1);
 	if (r < 0 && rq->probe)
 		sfs_error("%s: %s%s", p->display, rq->why,
 			  transient ? " (giving up after retries)" : "");
@@ -1195,11 +1429,12 @@ static void http_close(struct fetch_source *s)
 		return;
 	if (p->url && p->verbose_level >= 0)
 		sfs_log(p->verbose_level, "%s: %llu HTTP requests, %llu retries", p->display,
-			(unsigned long long)atomic_load(&p->requests),
-			(unsigned long long)atomic_load(&p->retries));
+			(unsigned long long)atomic_load(&p->net.requests),
+			(unsigned long long)atomic_load(&p->net.retries));
 	while ((c = p->free_conns)) {
 		p->free_conns = c->next;
 		http_conn_free(c);
+		HTTP_NET_SUB(p, connections, 1);
 	}
 	if (p->share)
 		curl_share_cleanup(p->share);
@@ -1208,7 +1443,9 @@ static void http_close(struct fetch_source *s)
 			pthread_mutex_destroy(&p->share_lock[i]);
 	if (p->lock_init) {
 		pthread_mutex_destroy(&p->lock);
-		pthread_cond_destroy(&p->cond);
+		pthread_cond_destroy(&p->cond_guest);
+		pthread_cond_destroy(&p->cond_job);
+		pthread_mutex_destroy(&p->net.lock);
 	}
 	curl_slist_free_all(p->probe_headers);
 	curl_slist_free_all(p->read_headers);
@@ -1277,7 +1514,9 @@ static int http_open(struct fetch_source *s, int flags)
 		pthread_mutex_init(&p->share_lock[i], NULL);
 	p->share_locks_init = true;
 	pthread_mutex_init(&p->lock, NULL);
-	pthread_cond_init(&p->cond, NULL);
+	pthread_cond_init(&p->cond_guest, NULL);
+	pthread_cond_init(&p->cond_job, NULL);
+	pthread_mutex_init(&p->net.lock, NULL);
 	p->lock_init = true;
 	p->share = curl_share_init();
 	if (!p->share) {
@@ -1303,13 +1542,13 @@ static int http_open(struct fetch_source *s, int flags)
 		}
 	}
 
-	c = http_get_conn(p, true);
+	c = http_get_conn(p, FETCH_CLASS_GUEST, true, true);
 	if (!c) {
 		r = -ENOMEM;
 		goto fail;
 	}
 	r = http_probe(s, c);
-	http_put_conn(p, c);
+	http_put_conn(p, c, FETCH_CLASS_GUEST);
 	if (r < 0)
 		goto fail;
 	curl_slist_free_all(p->probe_headers);
@@ -1320,10 +1559,12 @@ static int http_open(struct fetch_source *s, int flags)
 	s->size = p->size;
 	if (p->verbose_level >= 0)
 		sfs_log(p->verbose_level,
-			"%s: %llu bytes, %s %s, %u connections, %u attempts per request",
+			"%s: %llu bytes, %s %s, %u connections (+%u for the guest), %u attempts "
+			"per request",
 			p->display, (unsigned long long)p->size,
 			p->validator_is_etag ? "ETag" : "Last-Modified",
-			p->validator[0] ? p->validator : "(none)", p->pool_size, p->attempts);
+			p->validator[0] ? p->validator : "(none)", p->pool_size, HTTP_GUEST_RESERVE,
+			p->attempts);
 	return 0;
 fail:
 	http_close(s);
@@ -1336,6 +1577,7 @@ struct http_piece {
 	struct http_priv *p;
 	struct http_conn *c;
 	struct http_req rq;
+	enum fetch_class cls;
 	pthread_t thread;
 	bool threaded;
 	int r;
@@ -1345,7 +1587,9 @@ static void *http_piece_run(void *opaque)
 {
 	struct http_piece *pc = opaque;
 
+	HTTP_NET_ADD(pc->p, in_flight[pc->cls], 1);
 	pc->r = http_request(pc->p, pc->c, &pc->rq);
+	HTTP_NET_SUB(pc->p, in_flight[pc->cls], 1);
 	return NULL;
 }
 
@@ -1353,6 +1597,8 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 {
 	struct http_priv *p = s->priv;
 	struct http_piece pieces[HTTP_MAX_SPLIT];
+	/* The pieces run on threads of their own: the class goes with them. */
+	enum fetch_class cls = fetch_get_thread_class();
 	struct http_conn *c;
 	unsigned n = 1, i;
 	size_t piece_len;
@@ -1360,7 +1606,7 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 
 	if (atomic_load(&p->changed))
 		return -EIO; /* logged when detected */
-	c = http_get_conn(p, true);
+	c = http_get_conn(p, cls, true, true);
 	if (!c)
 		return -ENOMEM;
 	pieces[0].c = c;
@@ -1369,7 +1615,7 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 		unsigned want = (unsigned)SFS_MIN(len / HTTP_SPLIT_PIECE, (size_t)p->pool_size);
 
 		want = SFS_MIN(want, (unsigned)HTTP_MAX_SPLIT);
-		while (n < want && (pieces[n].c = http_get_conn(p, false)))
+		while (n < want && (pieces[n].c = http_get_conn(p, cls, false, false)))
 			n++;
 	}
 	piece_len = SFS_ALIGN_UP(SFS_DIV_ROUND_UP(len, n), 65536);
@@ -1378,6 +1624,7 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 		struct http_piece *pc = &pieces[i];
 
 		pc->p = p;
+		pc->cls = cls;
 		pc->threaded = false;
 		pc->r = 0;
 		memset(&pc->rq, 0, sizeof(pc->rq));
@@ -1404,11 +1651,20 @@ static int http_pread(struct fetch_source *s, void *buf, size_t len, uint64_t of
 	for (i = 0; i < n; i++) {
 		if (pieces[i].r < 0 && r == 0)
 			r = pieces[i].r;
-		http_put_conn(p, pieces[i].c);
+		http_put_conn(p, pieces[i].c, cls);
 	}
 	if (r == 0 && atomic_load(&p->changed))
 		r = -EIO; /* a piece saw the change: don't return a mix */
+	if (r == 0)
+		HTTP_NET_ADD(p, bytes[cls], len);
 	return r;
+}
+
+static const char *http_validator(struct fetch_source *s)
+{
+	struct http_priv *p = s->priv;
+
+	return p->validator; /* set at open, never changed */
 }
 
 const struct fetch_ops fetch_http_ops = {
@@ -1418,7 +1674,10 @@ const struct fetch_ops fetch_http_ops = {
     .open = http_open,
     .close = http_close,
     .pread = http_pread,
+    .validator = http_validator,
     .pwrite = NULL,
     .flush = NULL,
     .truncate = NULL,
+    .net_stats = http_net_stats,
+    .net_totals = http_net_totals,
 };

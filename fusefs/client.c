@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include "fusefs.h"
+#include "prefetch.h"
+#include "trace.h"
 #include "util.h"
 
 #define CLIENT_EXIT_USAGE 1 /* bad command line, not a mount, I/O error */
@@ -376,10 +378,50 @@ static int client_stream(int argc, char **argv)
 	return wait ? client_wait(mnt) : 0;
 }
 
+/* streamfs trace merge A B...: one trace of several boots of an image
+ * (include/trace.h: MERGE ORDER) on stdout. */
+static int client_trace_merge(int n, char **files)
+{
+	struct trace **in = calloc((size_t)n, sizeof(*in));
+	struct trace *out = NULL;
+	char err[256], *text = NULL;
+	size_t len;
+	int i, r = 0, ret = CLIENT_EXIT_USAGE;
+
+	if (!in)
+		return CLIENT_EXIT_USAGE;
+	for (i = 0; i < n && r == 0; i++) {
+		r = prefetch_load(files[i], &text, &len);
+		if (r == 0) {
+			r = trace_parse(text, len, &in[i], err, sizeof(err));
+			if (r < 0)
+				fprintf(stderr, "streamfs trace merge: %s: %s\n", files[i], err);
+			free(text);
+		}
+	}
+	if (r == 0) {
+		r = trace_merge((const struct trace *const *)in, (size_t)n, &out, err, sizeof(err));
+		if (r < 0)
+			fprintf(stderr, "streamfs trace merge: %s\n", err);
+	}
+	if (r == 0 && (r = trace_render(out, &text, &len)) == 0) {
+		if (fwrite(text, 1, len, stdout) == len && fflush(stdout) == 0)
+			ret = 0;
+		else
+			fprintf(stderr, "streamfs trace merge: stdout: %s\n", strerror(errno));
+		free(text);
+	}
+	for (i = 0; i < n; i++)
+		trace_free(in[i]);
+	free(in);
+	trace_free(out);
+	return ret;
+}
+
 int sfs_client_main(int argc, char **argv)
 {
-	static const char *cmds[] = {"status", "progress", "map",   "events", "stream",
-				     "pause",  "resume",   "abort", "speed",  "wait"};
+	static const char *cmds[] = {"status", "progress", "map",   "events", "stream", "pause",
+				     "resume", "abort",	   "speed", "wait",   "trace"};
 	const char *cmd = argv[1], *mnt;
 	bool known = false;
 
@@ -387,6 +429,13 @@ int sfs_client_main(int argc, char **argv)
 		known |= strcmp(cmd, cmds[i]) == 0;
 	if (!known)
 		return -1;
+	if (strcmp(cmd, "trace") == 0 && argc >= 3 && strcmp(argv[2], "merge") == 0) {
+		if (argc < 4) {
+			fprintf(stderr, "usage: streamfs trace merge TRACE...\n");
+			return CLIENT_EXIT_USAGE;
+		}
+		return client_trace_merge(argc - 3, argv + 3);
+	}
 	if (argc < 3 ||
 	    (strcmp(cmd, "stream") != 0 && argc > (strcmp(cmd, "speed") == 0 ? 4 : 3))) {
 		fprintf(stderr, "usage: streamfs %s MOUNTPOINT%s\n", cmd,
@@ -397,7 +446,8 @@ int sfs_client_main(int argc, char **argv)
 		return CLIENT_EXIT_USAGE;
 	}
 	mnt = argv[2];
-	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "progress") == 0 || strcmp(cmd, "map") == 0)
+	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "progress") == 0 || strcmp(cmd, "map") == 0 ||
+	    strcmp(cmd, "trace") == 0)
 		return client_cat(mnt, cmd);
 	if (strcmp(cmd, "events") == 0)
 		return client_events(mnt);

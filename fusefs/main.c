@@ -50,6 +50,7 @@ struct sfs_opts {
 	unsigned readahead_kb;
 	unsigned max_threads;
 	unsigned stream_depth;
+	char *prefetch; /* a boot trace to replay: file or URL */
 	char *pidfile;
 	char *uid, *gid, *mode; /* owner and permissions of disk */
 	int show_help;
@@ -85,6 +86,7 @@ static const struct fuse_opt sfs_opt_spec[] = {
     SFS_OPT("threads=%u", max_threads, 0),
     SFS_OPT("pidfile=%s", pidfile, 0),
     SFS_OPT("stream_depth=%u", stream_depth, 0),
+    SFS_OPT("prefetch=%s", prefetch, 0),
     /* Ours, not libfuse's: its uid=/gid= would force the owner of every
      * file and make chown on disk a silent no-op. */
     SFS_OPT("uid=%s", uid, 0),
@@ -128,12 +130,14 @@ static void sfs_usage(FILE *f)
 	    "    -o base=IMAGE          stream only images above IMAGE, then rebase onto it\n"
 	    "    -o on_error=report|stop  stream job error policy (report)\n"
 	    "    -o stream_depth=N      chunks the job keeps in flight, 1-8 (default: measured)\n"
+	    "    -o prefetch=TRACE      copy a recorded boot trace's ranges first (file or URL)\n"
 	    "    -o backing=URI         use this backing instead of the header's, for this mount\n"
 	    "    -o format=qcow2|qed    overlay format (probed by default)\n"
 	    "    -o cacert=FILE         extra CA certificates for https backings\n"
 	    "    -o http_auth_file=FILE credentials for http(s): 'Header: value' or "
 	    "'user:password'\n"
-	    "    -o http_pool=N         parallel HTTP connections per backing (4)\n"
+	    "    -o http_pool=N         HTTP connections per backing for the job (8); guest reads "
+	    "may open 2 more\n"
 	    "    -o http_timeout=S      seconds before a stalled HTTP request is retried (30)\n"
 	    "    -o http_retries=N      attempts per HTTP request (5)\n"
 	    "    -o readahead=KB        kernel read-ahead for the mount (default: 1024 as root)\n"
@@ -328,7 +332,8 @@ static int sfs_mount_main(int argc, char **argv)
 	struct image *top = NULL;
 	struct disk *disk = NULL;
 	struct fuse *fuse = NULL;
-	char overlay[PATH_MAX], mnt[PATH_MAX], *base = NULL;
+	char overlay[PATH_MAX], mnt[PATH_MAX], *base = NULL, *trace_text = NULL;
+	size_t trace_len = 0;
 	struct stat mst;
 	bool cor = true;
 	uint64_t speed = 0;
@@ -435,6 +440,27 @@ static int sfs_mount_main(int argc, char **argv)
 	m.ctl.events = events_new();
 	if (!m.ctl.events)
 		goto out_disk;
+	/* The boot trace: recording from the first guest read (the observer
+	 * is installed before FUSE serves), and the replay of -o prefetch,
+	 * checked here so that a bad or foreign trace is refused on the
+	 * terminal; its threads start after the fork. */
+	r = prefetch_new(disk, m.ctl.events, &m.ctl.prefetch);
+	if (r < 0)
+		goto out_events;
+	if (o.prefetch) {
+		if (o.ro) {
+			fprintf(stderr, "streamfs: -o prefetch needs a writable overlay\n");
+			goto out_events;
+		}
+		r = prefetch_load(o.prefetch, &trace_text, &trace_len);
+		if (r < 0) {
+			fprintf(stderr, "streamfs: cannot read the trace %s: %s\n", o.prefetch,
+				strerror(-r));
+			goto out_events;
+		}
+		if (prefetch_check(m.ctl.prefetch, trace_text, trace_len) < 0)
+			goto out_events;
+	}
 
 	/* Kernel caching of attributes is safe: nothing else changes them. */
 	fuse_opt_add_arg(&args, "-odefault_permissions");
@@ -472,6 +498,9 @@ static int sfs_mount_main(int argc, char **argv)
 		goto out_signals;
 	}
 	stream_set_depth(m.ctl.job, o.stream_depth);
+	stream_set_prefetch(m.ctl.job, m.ctl.prefetch);
+	if (trace_text && prefetch_replay(m.ctl.prefetch, trace_text, trace_len) < 0)
+		sfs_error("%s: the trace is not replayed", o.prefetch);
 	if (!o.ro) {
 		struct stream_params sp = {.speed = speed, .speed_set = true, .base = base};
 		sp.on_error = o.on_error && strcmp(o.on_error, "stop") == 0
@@ -505,6 +534,7 @@ out_unmount:
 out_fuse:
 	fuse_destroy(fuse);
 out_events:
+	prefetch_free(m.ctl.prefetch); /* its lanes use the disk */
 	events_free(m.ctl.events);
 out_disk:
 	r = disk_close(disk);
@@ -525,6 +555,8 @@ out:
 	free(o.cacert);
 	free(o.http_auth_file);
 	free(o.pidfile);
+	free(o.prefetch);
+	free(trace_text);
 	free(o.uid);
 	free(o.gid);
 	free(o.mode);

@@ -13,6 +13,7 @@
 
 #include "disk.h"
 #include "events.h"
+#include "prefetch.h"
 #include "stream.h"
 
 enum control_id {
@@ -24,6 +25,8 @@ enum control_id {
 	CTL_PULL,
 	CTL_EVENTS,
 	CTL_MAP,
+	CTL_METRICS,
+	CTL_TRACE,
 	CTL_COUNT,
 };
 
@@ -38,6 +41,7 @@ struct control_ctx {
 	struct disk *disk;
 	struct stream_job *job;
 	struct events *events;
+	struct prefetch *prefetch; /* boot trace recording and replay */
 };
 
 /* Index of control file 'name' or -ENOENT. */

@@ -73,6 +73,12 @@ struct disk {
 	pthread_mutex_t flush_lock;
 	_Atomic bool dirty; /* allocations since the last flush */
 	struct disk_ra *ra; /* recent sequential guest read streams */
+	/* Told of every run of every guest read, miss = the overlay did not
+	 * hold it (it came from the backing chain, copied or not): the boot
+	 * trace recorder (job/prefetch.c). Set before the disk serves
+	 * requests and cleared after; runs on the reading thread. */
+	void (*read_observer)(void *opaque, uint64_t off, uint64_t len, bool miss);
+	void *read_observer_opaque;
 };
 
 /* Wrap an open chain. Takes ownership of top. */

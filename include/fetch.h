@@ -33,6 +33,36 @@
 
 struct fetch_source;
 
+/* I/O classes. Network sources serve the guest first: a GUEST read never
+ * waits for a connection held by the JOB class, and fetch_guest_inflight()
+ * tells the job when to shrink what it has in flight. The class is a
+ * property of the calling thread (fetch_set_thread_class). */
+enum fetch_class {
+	FETCH_CLASS_GUEST, /* guest I/O and everything that does not say otherwise */
+	FETCH_CLASS_JOB,   /* background copying: the stream job's lanes */
+};
+#define FETCH_NCLASSES 2
+
+/* Network statistics of one source, or of all network sources of the
+ * process (fetch_net_totals). Counters count since open (or process start);
+ * the figures over a window are NAN while unknown (no request yet). */
+struct fetch_net_stats {
+	uint64_t in_flight[FETCH_NCLASSES]; /* requests on the network now, by class */
+	uint64_t waiting[FETCH_NCLASSES];   /* reads waiting for a connection now */
+	uint64_t bytes[FETCH_NCLASSES];	    /* bytes read for each class (delivered) */
+	uint64_t requests;		    /* requests sent (every attempt, retries too) */
+	uint64_t retries;		    /* attempts repeated after a transient failure */
+	uint64_t stalls;		    /* attempts aborted for lack of progress */
+	uint64_t errors;		    /* reads that failed for good (after retries) */
+	uint64_t connections;		    /* connections open now (idle or busy) */
+	uint64_t latency_count;		    /* successful requests, since the start */
+	double latency_sum_s;		    /* and their total duration, in seconds */
+	double latency_p50_s;		    /* median duration of recent successful requests */
+	double latency_p99_s;		    /* 99th percentile of the same */
+	double rtt_s;			    /* round-trip time: see fetch/http.c */
+	double rate_bytes_per_s;	    /* bytes/s received over the recent seconds */
+};
+
 struct fetch_ops {
 	const char *scheme; /* the kind, in messages: "file", "http" (also serves "https") */
 	bool network;	    /* bytes come over the network (counted in status) */
@@ -57,6 +87,14 @@ struct fetch_ops {
 	/* Hint: [off, off+len) will be read soon; start fetching it without
 	 * waiting. Optional (local files: POSIX_FADV_WILLNEED). */
 	void (*prefetch)(struct fetch_source *s, uint64_t off, uint64_t len);
+	/* The source's version identity (an HTTP ETag or Last-Modified), ""
+	 * if it has none. Optional (NULL: ""). */
+	const char *(*validator)(struct fetch_source *s);
+	/* Network statistics of s. Optional (network kinds only). */
+	void (*net_stats)(struct fetch_source *s, struct fetch_net_stats *out);
+	/* The same summed over every source of this kind the process opened,
+	 * closed ones included. Optional (network kinds only). */
+	void (*net_totals)(struct fetch_net_stats *out);
 };
 
 /* Statistics kept by the generic wrappers; read with atomic loads. */
@@ -83,7 +121,8 @@ struct fetch_source {
 struct fetch_options {
 	const char *cacert;	    /* extra CA bundle file for TLS */
 	const char *http_auth_file; /* file holding "Header: value" or "user:password" */
-	unsigned pool_size;	    /* concurrent HTTP connections per source (0 = default 4) */
+	unsigned pool_size;	    /* HTTP connections per source for the job (0 = default 8);
+				     * guest reads may open 2 more (HTTP_GUEST_RESERVE) */
 	unsigned connect_timeout;   /* seconds (0 = default 10) */
 	unsigned io_timeout;	    /* seconds a request may stall before retry (0 = default 30) */
 	unsigned retries;	    /* attempts per request for transient errors (0 = default 5) */
@@ -138,8 +177,30 @@ int fetch_flush(struct fetch_source *s);
 int fetch_truncate(struct fetch_source *s, uint64_t size);
 /* Read-ahead hint (see fetch_ops.prefetch); clamped, never fails. */
 void fetch_prefetch(struct fetch_source *s, uint64_t off, uint64_t len);
+/* The source's version identity for matching a boot trace: the remote's
+ * ETag or Last-Modified; for a local file "size:S,mtime:SEC.NSEC" (a copy
+ * with a new mtime counts as another version: conservative); "" if none.
+ * Writes at most len bytes into buf and returns buf. */
+const char *fetch_validator(struct fetch_source *s, char *buf, size_t len);
 /* Data or hole at off (see fetch_ops.extent); "all data" when unknown. */
 int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum);
+
+/* Set the I/O class of the calling thread's reads (thread-local; a thread
+ * that never calls this is FETCH_CLASS_GUEST). */
+void fetch_set_thread_class(enum fetch_class c);
+enum fetch_class fetch_get_thread_class(void);
+
+/* GUEST-class reads of network sources in progress now, process-wide,
+ * including those waiting for a connection: one atomic load, cheap enough
+ * to poll per chunk. The stream job shrinks its depth while it is > 0. */
+unsigned fetch_guest_inflight(void);
+
+/* Network statistics of s: 0, or -ENOTSUP for a local source. */
+int fetch_net_stats(struct fetch_source *s, struct fetch_net_stats *out) __attribute__((nonnull));
+/* Network statistics of the whole process: every network source opened so
+ * far, closed ones included, so the counters never go backwards (a rebase
+ * closes the HTTP layers it drops). All zero (and NAN) without any. */
+void fetch_net_totals(struct fetch_net_stats *out) __attribute__((nonnull));
 
 static inline bool fetch_is_network(const struct fetch_source *s)
 {

@@ -70,6 +70,9 @@ int stream_set_speed(struct stream_job *j, uint64_t speed);
  * the best depth (0, the default). -EINVAL above the maximum. */
 #define STREAM_MAX_DEPTH 8
 int stream_set_depth(struct stream_job *j, unsigned depth);
+/* While pf replays a boot trace the job copies nothing (NULL: none). */
+struct prefetch;
+void stream_set_prefetch(struct stream_job *j, struct prefetch *pf);
 void stream_get_status(struct stream_job *j, struct stream_status *st);
 /* Pull [off, off+len) into the overlay now (control/pull); returns when done. */
 int stream_pull(struct stream_job *j, uint64_t off, uint64_t len);

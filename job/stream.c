@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fetch.h"
+#include "prefetch.h"
 #include "stream.h"
 #include "util.h"
 
@@ -38,11 +40,12 @@
 #define STREAM_RATE_WINDOW    8		    /* rate samples kept, STREAM_RATE_NS apart */
 #define STREAM_RATE_NS	      250000000ull
 /* Lanes: chunks in flight at once (see "Depth" below). */
-#define STREAM_MAX_LANES  8
-#define STREAM_LANE_CHUNK (4u << 20)	/* bytes per chunk with more than one lane */
-#define STREAM_PROBE_NS	  1000000000ull /* measure each depth this long */
-#define STREAM_PROBE_GAIN 1.15		/* a deeper pipeline must be this much faster */
-#define STREAM_PROBE_HOLD 10		/* periods to wait before probing again */
+#define STREAM_MAX_LANES	8
+#define STREAM_LANE_CHUNK	(4u << 20)    /* bytes per chunk with more than one lane */
+#define STREAM_PROBE_NS		1000000000ull /* measure each depth this long */
+#define STREAM_PROBE_GAIN	1.15	      /* a deeper pipeline must be this much faster */
+#define STREAM_PROBE_HOLD	10	      /* periods to wait before probing again */
+#define STREAM_PREFETCH_POLL_NS 50000000ull   /* how often a job waiting for a replay looks */
 
 struct stream_job {
 	struct disk *d;
@@ -72,6 +75,7 @@ struct stream_job {
 	unsigned probe_hold;
 	uint64_t unflushed, flushed_ns; /* progress since the last flush request */
 	unsigned fixed_depth;		/* stream_set_depth(): 0 = measured */
+	struct prefetch *prefetch;	/* a boot-trace replay to let finish first */
 	enum stream_state state;
 	bool quit, want_pause, want_cancel;
 	bool starting; /* a stream_start() is looking up its base */
@@ -467,8 +471,12 @@ static bool stream_lane_may_take(struct stream_job *j, unsigned idx, uint64_t *w
 	 * (lane 0's guest_active lags by up to a chunk; the counter does not). */
 	if (j->state != STREAM_RUNNING || j->want_pause || j->want_cancel || j->lane_err ||
 	    j->guest_active || idx >= j->depth || j->next >= j->length ||
-	    atomic_load(&j->d->stats.guest_inflight) > 0)
+	    atomic_load(&j->d->stats.guest_inflight) > 0 || fetch_guest_inflight() > 0)
 		return false;
+	if (prefetch_active(j->prefetch)) {
+		*wait_ns = STREAM_PREFETCH_POLL_NS;
+		return false;
+	}
 	if (j->speed) {
 		uint64_t now = sfs_now_ns();
 		uint64_t due =
@@ -491,6 +499,8 @@ static void *stream_lane(void *opaque)
 	size_t bufsize = SFS_MAX((size_t)STREAM_LANE_CHUNK, (size_t)j->d->top->cluster_size);
 
 	free(a);
+	/* Guest reads keep their reserved connections (fetch.h). */
+	fetch_set_thread_class(FETCH_CLASS_JOB);
 	pthread_mutex_lock(&j->lock);
 	while (!j->quit) {
 		uint64_t wait_ns, chunk, pos, len, copied = 0;
@@ -531,6 +541,7 @@ static void *stream_thread(void *opaque)
 	uint64_t last_ops = 0, last_chunk_ns = 0;
 	enum stream_prio prio = STREAM_PRIO_NORMAL;
 
+	fetch_set_thread_class(FETCH_CLASS_JOB);
 	pthread_mutex_lock(&j->lock);
 	for (;;) {
 		uint64_t pos, len, chunk, copied = 0, t0, ops;
@@ -624,6 +635,12 @@ static void *stream_thread(void *opaque)
 		ops = atomic_load(&d->stats.guest_ops);
 		j->guest_active = ops != last_ops || atomic_load(&d->stats.guest_inflight) > 0;
 		last_ops = ops;
+		if (prefetch_active(j->prefetch)) {
+			/* The replay copies what the guest needs first; the
+			 * job then copies the rest, nothing twice. */
+			stream_timedwait(j, STREAM_PREFETCH_POLL_NS);
+			continue;
+		}
 		stream_adapt_depth(j, sfs_now_ns());
 		if (stream_pace(j, &chunk, last_chunk_ns, j->guest_active))
 			continue;
@@ -867,6 +884,13 @@ int stream_cancel(struct stream_job *j)
 		pthread_cond_wait(&j->cond, &j->lock);
 	pthread_mutex_unlock(&j->lock);
 	return r;
+}
+
+void stream_set_prefetch(struct stream_job *j, struct prefetch *pf)
+{
+	pthread_mutex_lock(&j->lock);
+	j->prefetch = pf;
+	pthread_mutex_unlock(&j->lock);
 }
 
 int stream_set_depth(struct stream_job *j, unsigned depth)

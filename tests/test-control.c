@@ -7,11 +7,15 @@
  * running long enough to be paused or hit with a second start run under a
  * speed limit; they are then sped up (speed 0) and waited for.
  */
+#include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -684,6 +688,34 @@ static const char *ct_status_keys[] = {
     "guest_bytes_written",
     "network_bytes",
     "network_rate_bytes_per_s",
+    "net_requests_in_flight",
+    "net_requests_in_flight_guest",
+    "net_requests_in_flight_job",
+    "net_requests_waiting_guest",
+    "net_requests_waiting_job",
+    "net_connections",
+    "net_bytes_guest",
+    "net_bytes_job",
+    "net_requests",
+    "net_retries",
+    "net_stalls",
+    "net_errors",
+    "net_latency_p50_ms",
+    "net_latency_p99_ms",
+    "net_rtt_ms",
+    "net_rate_bytes_per_s",
+    "bytes_read_ahead",
+    "readahead_hits",
+    "trace_ranges",
+    "trace_clusters_dropped",
+    "prefetch",
+    "prefetch_ranges_done",
+    "prefetch_ranges_total",
+    "prefetch_bytes_done",
+    "prefetch_bytes_total",
+    "prefetch_bytes_copied",
+    "prefetch_guest_reads_served",
+    "prefetch_error",
 };
 
 /* Every line is "key: value" with a documented key, each key once. */
@@ -891,6 +923,18 @@ static void test_control_render_status_idle_and_counters(void **state)
 	ct_assert_key_u64(s, "guest_bytes_read", 0);
 	ct_assert_key_u64(s, "guest_bytes_written", 0);
 	ct_assert_key_u64(s, "network_bytes", 0);
+	/* No network source: counters 0, measured figures unknown. */
+	ct_assert_key_u64(s, "net_requests_in_flight", 0);
+	ct_assert_key_u64(s, "net_connections", 0);
+	ct_assert_key_u64(s, "net_bytes_guest", 0);
+	ct_assert_key_u64(s, "net_bytes_job", 0);
+	ct_assert_key_u64(s, "net_requests", 0);
+	ct_assert_key_u64(s, "net_retries", 0);
+	ct_assert_key_u64(s, "net_errors", 0);
+	ct_assert_key(s, "net_latency_p50_ms", "-");
+	ct_assert_key(s, "net_latency_p99_ms", "-");
+	ct_assert_key(s, "net_rtt_ms", "-");
+	ct_assert_key(s, "net_rate_bytes_per_s", "-");
 	free(s);
 
 	/* A guest read (copy-on-read of one cluster) and a write. */
@@ -915,6 +959,298 @@ static void test_control_render_status_idle_and_counters(void **state)
 	s = ct_render(&t, CTL_PROGRESS);
 	assert_string_equal(s, "0 262144 0.0%\n");
 	free(s);
+	ct_close(&t);
+}
+
+/* ---- control/metrics: a strict check of the Prometheus text format ---- */
+
+struct ct_family {
+	char name[128], type[16];
+	bool help;
+};
+
+static bool ct_prom_name(const char *p, size_t n, bool label)
+{
+	if (n == 0 || !(isalpha((unsigned char)p[0]) || p[0] == '_' || (!label && p[0] == ':')))
+		return false;
+	for (size_t i = 1; i < n; i++)
+		if (!(isalnum((unsigned char)p[i]) || p[i] == '_' || (!label && p[i] == ':')))
+			return false;
+	return true;
+}
+
+/* A sample value: a float as strtod reads it whole, or NaN, +Inf, -Inf. */
+static bool ct_prom_value(const char *v, double *out)
+{
+	char *end;
+
+	if (!strcmp(v, "NaN") || !strcmp(v, "+Inf") || !strcmp(v, "-Inf")) {
+		*out = v[0] == 'N' ? NAN : v[0] == '+' ? INFINITY : -INFINITY;
+		return true;
+	}
+	if (!v[0] || isspace((unsigned char)v[0]) || strpbrk(v, "nNiI"))
+		return false; /* strtod's "nan", "inf", "infinity" are not the format's */
+	errno = 0;
+	*out = strtod(v, &end);
+	return !errno && *end == '\0';
+}
+
+/* Check {k="v",...} at p (up to n bytes, braces included). */
+static bool ct_prom_labels(const char *p, size_t n)
+{
+	size_t i = 1;
+
+	if (n < 2 || p[0] != '{' || p[n - 1] != '}')
+		return false;
+	if (n == 2)
+		return false; /* "{}": legal but never what we mean to write */
+	while (i < n - 1) {
+		size_t k = i;
+
+		while (i < n - 1 && p[i] != '=')
+			i++;
+		if (!ct_prom_name(p + k, i - k, true) || p[i] != '=' || p[i + 1] != '"')
+			return false;
+		for (i += 2; i < n - 1 && p[i] != '"'; i++)
+			if (p[i] == '\\' && (p[++i] != '\\' && p[i] != '"' && p[i] != 'n'))
+				return false;
+		if (i >= n - 1)
+			return false;
+		i++;
+		if (p[i] == ',')
+			i++;
+		else if (i != n - 1)
+			return false;
+	}
+	return true;
+}
+
+/* Validate text as the Prometheus text exposition format 0.0.4, strictly:
+ * only "# HELP" / "# TYPE" comments, each once per metric and both before
+ * its samples; samples "name{labels} value" with no timestamp, grouped by
+ * metric; counters named *_total with values >= 0; summaries as base
+ * {quantile=...}, base_sum and base_count; no sample twice. Fails the test
+ * with the line at fault; returns the number of samples. */
+static int ct_prom_check(const char *text)
+{
+	struct ct_family fam[64];
+	char seen[128][160];
+	int nfam = 0, nseen = 0, cur = -1, samples = 0;
+	const char *p = text;
+
+	assert_true(text[0] && text[strlen(text) - 1] == '\n');
+	while (*p) {
+		const char *nl = strchr(p, '\n');
+		char line[512], *sp;
+		size_t len = (size_t)(nl - p);
+
+		if (len == 0 || len >= sizeof(line))
+			fail_msg("metrics: empty or overlong line at '%.40s'", p);
+		memcpy(line, p, len);
+		line[len] = '\0';
+		p = nl + 1;
+		if (line[0] == '#') {
+			char kind[8], name[128], rest[400];
+			int f;
+
+			if (sscanf(line, "# %7s %127s %399[^\n]", kind, name, rest) != 3 ||
+			    (strcmp(kind, "HELP") && strcmp(kind, "TYPE")) ||
+			    !ct_prom_name(name, strlen(name), false))
+				fail_msg("metrics: bad comment line '%s'", line);
+			for (f = 0; f < nfam && strcmp(fam[f].name, name); f++)
+				;
+			if (f == nfam) {
+				assert_true(nfam < 64);
+				memset(&fam[nfam], 0, sizeof(fam[0]));
+				snprintf(fam[nfam].name, sizeof(fam[0].name), "%s", name);
+				nfam++;
+			} else if (f != cur) {
+				fail_msg("metrics: '%s' described in two places", name);
+			}
+			cur = f;
+			if (!strcmp(kind, "HELP")) {
+				if (fam[f].help || fam[f].type[0])
+					fail_msg("metrics: HELP of %s repeated or after TYPE",
+						 name);
+				fam[f].help = true;
+				continue;
+			}
+			if (fam[f].type[0] || !fam[f].help)
+				fail_msg("metrics: TYPE of %s repeated or without HELP", name);
+			if (strcmp(rest, "counter") && strcmp(rest, "gauge") &&
+			    strcmp(rest, "summary"))
+				fail_msg("metrics: %s has type '%s'", name, rest);
+			if (!strcmp(rest, "counter") &&
+			    (strlen(name) < 6 || strcmp(name + strlen(name) - 6, "_total")))
+				fail_msg("metrics: counter %s does not end in _total", name);
+			snprintf(fam[f].type, sizeof(fam[f].type), "%.15s", rest);
+			continue;
+		}
+		/* A sample. */
+		{
+			size_t nlen = strcspn(line, "{ ");
+			const char *labels = line + nlen, *value;
+			size_t llen = 0, blen = nlen;
+			double v;
+
+			if (!ct_prom_name(line, nlen, false))
+				fail_msg("metrics: bad metric name in '%s'", line);
+			if (*labels == '{') {
+				const char *close = strstr(labels, "} ");
+
+				if (!close)
+					fail_msg("metrics: bad labels in '%s'", line);
+				llen = (size_t)(close - labels) + 1;
+				if (!ct_prom_labels(labels, llen))
+					fail_msg("metrics: bad labels in '%s'", line);
+			}
+			if (labels[llen] != ' ')
+				fail_msg("metrics: no value in '%s'", line);
+			value = labels + llen + 1;
+			sp = strchr(value, ' ');
+			if (sp)
+				fail_msg("metrics: a timestamp or junk after the value in '%s'",
+					 line);
+			if (!ct_prom_value(value, &v))
+				fail_msg("metrics: value '%s' is not a float in '%s'", value, line);
+			if (cur < 0 || !fam[cur].type[0])
+				fail_msg("metrics: sample '%s' before its HELP and TYPE", line);
+			if (!strcmp(fam[cur].type, "summary")) {
+				size_t fl = strlen(fam[cur].name);
+
+				if (nlen > fl && !strncmp(line, fam[cur].name, fl) &&
+				    (!strncmp(line + fl, "_count ", 7) ||
+				     !strncmp(line + fl, "_sum ", 5)))
+					blen = fl;
+				else if (nlen == fl && !strstr(labels, "quantile=\""))
+					fail_msg("metrics: summary sample without quantile '%s'",
+						 line);
+			}
+			if (blen != strlen(fam[cur].name) || strncmp(line, fam[cur].name, blen))
+				fail_msg("metrics: sample '%s' is not of %s (HELP/TYPE first)",
+					 line, fam[cur].name);
+			if (!strcmp(fam[cur].type, "counter") && !(v >= 0))
+				fail_msg("metrics: counter sample '%s' is negative or NaN", line);
+			for (int i = 0; i < nseen; i++)
+				if ((size_t)(value - 1 - line) == strlen(seen[i]) &&
+				    !strncmp(seen[i], line, (size_t)(value - 1 - line)))
+					fail_msg("metrics: sample '%s' repeated", line);
+			assert_true(nseen < 128);
+			snprintf(seen[nseen++], sizeof(seen[0]), "%.*s", (int)(value - 1 - line),
+				 line);
+			samples++;
+		}
+	}
+	for (int f = 0; f < nfam; f++)
+		if (!fam[f].type[0])
+			fail_msg("metrics: %s has no TYPE", fam[f].name);
+	return samples;
+}
+
+/* The value of the sample "name{labels}" in a metrics text. */
+static double ct_prom_get(const char *text, const char *sample)
+{
+	size_t n = strlen(sample);
+	const char *p = text;
+	double v;
+
+	while ((p = strstr(p, sample))) {
+		if ((p == text || p[-1] == '\n') && p[n] == ' ') {
+			const char *nl = strchr(p, '\n');
+			char val[64];
+
+			snprintf(val, sizeof(val), "%.*s", (int)(nl - p - n - 1), p + n + 1);
+			assert_true(ct_prom_value(val, &v));
+			return v;
+		}
+		p += n;
+	}
+	fail_msg("metrics: no sample %s", sample);
+	return NAN;
+}
+
+/* The checker itself: it refuses what it must. */
+static void test_control_prom_checker_rejects(void **state)
+{
+	static const char *ok =
+	    "# HELP a_total A.\n# TYPE a_total counter\na_total{class=\"x\"} 1\n"
+	    "a_total{class=\"y\"} 2.5e3\n# HELP g G.\n# TYPE g gauge\ng NaN\n"
+	    "# HELP d D.\n# TYPE d summary\nd{quantile=\"0.5\"} 0.1\nd_sum 3\nd_count 7\n";
+	static const char *bad[] = {
+	    "# TYPE a_total counter\na_total 1\n",	       /* no HELP */
+	    "# HELP a_total A.\na_total 1\n",		       /* no TYPE */
+	    "# HELP a A.\n# TYPE a counter\na 1\n",	       /* counter not _total */
+	    "# HELP a A.\n# TYPE a gauge\na 1 1700000000\n",   /* timestamp */
+	    "# HELP a A.\n# TYPE a gauge\na one\n",	       /* not a float */
+	    "# HELP a A.\n# TYPE a gauge\na nan\n",	       /* printf's NaN */
+	    "# HELP a A.\n# TYPE a gauge\n1a 1\n",	       /* bad name */
+	    "# HELP a A.\n# TYPE a gauge\na{x=1} 1\n",	       /* unquoted label */
+	    "# HELP a A.\n# TYPE a gauge\na 1\na 2\n",	       /* repeated */
+	    "# HELP a A.\n# TYPE a gauge\nb 1\n",	       /* sample of another metric */
+	    "# HELP a A.\n# TYPE a gauge\na 1\n# HELP a A.\n", /* described twice */
+	    "# HELP a_total A.\n# TYPE a_total counter\na_total -1\n", /* negative counter */
+	    "# HELP a A.\n# TYPE a gauge\n\na 1\n",		       /* empty line */
+	    "# HELP a A.\n# TYPE a gauge\na 1",			       /* no final newline */
+	};
+
+	assert_int_equal(ct_prom_check(ok), 6);
+	assert_true(isnan(ct_prom_get(ok, "g")));
+	assert_true(ct_prom_get(ok, "a_total{class=\"y\"}") == 2500);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		/* Each must fail: run the check in a child, which exits 0 only
+		 * when the checker accepted the text. */
+		pid_t pid = fork();
+		int st;
+
+		assert_true(pid >= 0);
+		if (pid == 0) {
+			int fd = open("/dev/null", O_WRONLY);
+
+			dup2(fd, 1);
+			dup2(fd, 2);
+			ct_prom_check(bad[i]);
+			_exit(0);
+		}
+		assert_int_equal(waitpid(pid, &st, 0), pid);
+		if (WIFEXITED(st) && WEXITSTATUS(st) == 0)
+			fail_msg("the metrics checker accepted bad text %zu: '%s'", i, bad[i]);
+	}
+}
+
+static void test_control_render_metrics_prometheus(void **state)
+{
+	struct ct t;
+	uint8_t buf[100];
+	char *m;
+
+	ct_setup2(&t, CT_SIZE, true);
+	m = ct_render(&t, CTL_METRICS);
+	assert_true(ct_prom_check(m) > 20);
+	assert_true(ct_prom_get(m, "streamfs_stream_state{state=\"idle\"}") == 1);
+	assert_true(ct_prom_get(m, "streamfs_stream_state{state=\"running\"}") == 0);
+	assert_true(ct_prom_get(m, "streamfs_disk_size_bytes") == CT_SIZE);
+	assert_true(ct_prom_get(m, "streamfs_stream_length_bytes") == CT_SIZE);
+	assert_true(ct_prom_get(m, "streamfs_net_fetched_bytes_total{class=\"guest\"}") == 0);
+	assert_true(ct_prom_get(m, "streamfs_net_requests_in_flight{class=\"job\"}") == 0);
+	assert_true(isnan(ct_prom_get(m, "streamfs_net_rtt_seconds")));
+	assert_true(
+	    isnan(ct_prom_get(m, "streamfs_net_request_duration_seconds{quantile=\"0.99\"}")));
+	assert_true(ct_prom_get(m, "streamfs_net_request_duration_seconds_count") == 0);
+	free(m);
+
+	/* Counters follow the disk; a completed job is 1 in "completed". */
+	assert_int_equal(disk_read(t.c.disk, buf, 100, 5), 0);
+	assert_int_equal(ct_cmd(&t, CTL_STREAM, "start\n"), 0);
+	assert_int_equal(stream_wait(t.c.job), STREAM_COMPLETED);
+	m = ct_render(&t, CTL_METRICS);
+	ct_prom_check(m);
+	assert_true(ct_prom_get(m, "streamfs_guest_read_bytes_total") == 100);
+	assert_true(ct_prom_get(m, "streamfs_copy_on_read_bytes_total") == CT_CS);
+	assert_true(ct_prom_get(m, "streamfs_stream_copied_bytes_total") == CT_SIZE - CT_CS);
+	assert_true(ct_prom_get(m, "streamfs_stream_state{state=\"completed\"}") == 1);
+	assert_true(ct_prom_get(m, "streamfs_stream_state{state=\"idle\"}") == 0);
+	assert_true(ct_prom_get(m, "streamfs_stream_offset_bytes") == CT_SIZE);
+	free(m);
 	ct_close(&t);
 }
 
@@ -1383,8 +1719,8 @@ static void test_control_pull_copies_range(void **state)
 
 static void test_control_lookup(void **state)
 {
-	static const char *names[] = {"status", "progress", "speed",  "stream",
-				      "abort",	"pull",	    "events", "map"};
+	static const char *names[] = {"status", "progress", "speed", "stream",	"abort",
+				      "pull",	"events",   "map",   "metrics", "trace"};
 
 	for (int i = 0; i < CTL_COUNT; i++) {
 		assert_int_equal(control_lookup(names[i]), i);
@@ -1396,6 +1732,7 @@ static void test_control_lookup(void **state)
 	/* Writable files are exactly the command files. */
 	assert_int_equal(control_files[CTL_STATUS].mode & 0222, 0);
 	assert_int_equal(control_files[CTL_MAP].mode & 0222, 0);
+	assert_int_equal(control_files[CTL_METRICS].mode & 0777, 0444);
 	assert_int_not_equal(control_files[CTL_STREAM].mode & 0200, 0);
 	assert_int_not_equal(control_files[CTL_SPEED].mode & 0200, 0);
 	assert_int_not_equal(control_files[CTL_PULL].mode & 0200, 0);
@@ -1416,6 +1753,8 @@ int main(void)
 	    cmocka_unit_test(test_control_parse_pull_rejects_double_hex_prefix),
 	    cmocka_unit_test(test_control_lookup),
 	    cmocka_unit_test_teardown(test_control_render_status_idle_and_counters, ct_teardown),
+	    cmocka_unit_test(test_control_prom_checker_rejects),
+	    cmocka_unit_test_teardown(test_control_render_metrics_prometheus, ct_teardown),
 	    cmocka_unit_test_teardown(test_control_render_map_covers_disk, ct_teardown),
 	    cmocka_unit_test_teardown(test_control_render_map_raw_backing_and_cor, ct_teardown),
 	    cmocka_unit_test_teardown(test_control_stream_start_completes, ct_teardown),

@@ -16,7 +16,7 @@
 requires python3
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 F=$ROOT/tests/fuzz
-HARNESSES="qcow2 qed control"
+HARNESSES="qcow2 qed control trace"
 : "${FUZZ_REPLAY:=}"
 cc=${CC:-cc}
 san=("-fsanitize=address,undefined" -fno-sanitize-recover=undefined)

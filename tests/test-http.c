@@ -1,6 +1,10 @@
 /* streamfs: tests of the HTTP(S) byte source (fetch/http.c).
  *
- * Two servers on loopback, both started here and stopped by PID:
+ * Three servers on loopback, all started here:
+ *  - an in-process server (tsrv_*, threads of this process) for the pool
+ *    and statistics tests: each request's fate is decided here and counted,
+ *    so tests wait for conditions (8 requests held) and compare counters
+ *    exactly; the Python server's faults are timed and uncounted;
  *  - tests/http-fault-server.py (Python 3, stdlib): Range support plus fault
  *    injection switched at run time through GET /control?mode=...;
  *  - nginx (if installed), with a generated config in a temp dir, serving the
@@ -21,7 +25,9 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -36,7 +42,9 @@
 
 #include <curl/curl.h>
 
+#include "control.h"
 #include "fetch.h"
+#include "image.h"
 #include "util.h"
 
 #define TEST_MIB (1024 * 1024)
@@ -336,6 +344,370 @@ static void test_fault_read(const char *ctl, int err)
 	fetch_close(s);
 }
 
+/* ---- the in-process server (pool and statistics tests) ---- */
+
+/* A gate holds the /data requests whose range starts in [from, to): they
+ * get no answer while the gate is closed, except for `release` more of
+ * them. Each counts the requests waiting now, those let through, and those
+ * whose client hung up while held. */
+struct tsrv_gate {
+	uint64_t from, to;
+	bool closed;
+	unsigned release;
+	unsigned waiting, passed, abandoned;
+};
+
+#define TSRV_MAX_CONNS 256
+
+/* Serves test_data at /data (HTTP/1.1, keep-alive, one thread per
+ * connection, ETag "t1"). Request n (1-based, /data only) is, in this
+ * order of precedence: held by a gate; answered 503 if fail_every divides
+ * n; stalled (headers and half the body, then silence until the client
+ * hangs up) if stall_every divides n and fewer than stall_max stalled yet;
+ * sent slowly (64 KiB, pause, ...) if slow_every divides n. */
+static struct tsrv {
+	int lfd, port;
+	bool running;
+	pthread_t accept_thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool stop;			   /* protected by lock */
+	unsigned fail_every, stall_every;  /* protected by lock */
+	unsigned stall_max, slow_every;	   /* protected by lock */
+	struct tsrv_gate gate[2];	   /* protected by lock */
+	unsigned seq, failed, stalled;	   /* /data requests seen, 503s, stalls */
+	int fds[TSRV_MAX_CONNS];	   /* protected by lock; -1 once closed */
+	pthread_t threads[TSRV_MAX_CONNS]; /* protected by lock */
+	unsigned nconns;		   /* protected by lock */
+} tsrv = {.lfd = -1, .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+
+static bool tsrv_send(int fd, const void *buf, size_t len)
+{
+	const uint8_t *b = buf;
+
+	while (len) {
+		ssize_t n = send(fd, b, len, MSG_NOSIGNAL);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return false;
+		b += n;
+		len -= (size_t)n;
+	}
+	return true;
+}
+
+/* Has the client hung up (or is the server stopping)? Waits up to ms. */
+static bool tsrv_gone(int fd, int ms)
+{
+	struct pollfd pfd = {.fd = fd, .events = POLLIN};
+	bool stop;
+	char c;
+
+	if (poll(&pfd, 1, ms) > 0 && recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) <= 0)
+		return true;
+	pthread_mutex_lock(&tsrv.lock);
+	stop = tsrv.stop;
+	pthread_mutex_unlock(&tsrv.lock);
+	return stop;
+}
+
+/* Hold a request starting at off while its gate is closed. false if the
+ * client hung up meanwhile. */
+static bool tsrv_gate_pass(int fd, uint64_t off)
+{
+	struct tsrv_gate *g = NULL;
+	bool ok = true;
+
+	pthread_mutex_lock(&tsrv.lock);
+	for (int i = 0; i < 2; i++)
+		if (tsrv.gate[i].closed && off >= tsrv.gate[i].from && off < tsrv.gate[i].to)
+			g = &tsrv.gate[i];
+	if (!g) {
+		pthread_mutex_unlock(&tsrv.lock);
+		return true;
+	}
+	g->waiting++;
+	pthread_cond_broadcast(&tsrv.cond);
+	while (g->closed && !g->release && !tsrv.stop) {
+		pthread_mutex_unlock(&tsrv.lock);
+		ok = !tsrv_gone(fd, 20);
+		pthread_mutex_lock(&tsrv.lock);
+		if (!ok)
+			break;
+	}
+	g->waiting--;
+	if (ok && g->closed && g->release && !tsrv.stop)
+		g->release--;
+	if (ok && !tsrv.stop)
+		g->passed++;
+	else
+		g->abandoned++;
+	pthread_cond_broadcast(&tsrv.cond);
+	pthread_mutex_unlock(&tsrv.lock);
+	return ok;
+}
+
+/* Answer one request (hdr, NUL-terminated). false: close the connection. */
+static bool tsrv_answer(int fd, const char *hdr)
+{
+	unsigned long long a, b;
+	const char *rg = strcasestr(hdr, "\r\nRange: bytes=");
+	char head[512];
+	unsigned n;
+	bool fail, stall, slow;
+	size_t len, sent;
+
+	if (strncmp(hdr, "GET /data ", 10) != 0) {
+		snprintf(head, sizeof(head), "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+		return tsrv_send(fd, head, strlen(head));
+	}
+	if (!rg || sscanf(rg + 15, "%llu-%llu", &a, &b) != 2 || a > b || b >= test_len)
+		return false;
+	if (!tsrv_gate_pass(fd, a))
+		return false;
+	pthread_mutex_lock(&tsrv.lock);
+	n = ++tsrv.seq;
+	fail = tsrv.fail_every && n % tsrv.fail_every == 0;
+	stall =
+	    !fail && tsrv.stall_every && n % tsrv.stall_every == 0 && tsrv.stalled < tsrv.stall_max;
+	slow = !fail && !stall && tsrv.slow_every && n % tsrv.slow_every == 0;
+	tsrv.failed += fail;
+	tsrv.stalled += stall;
+	pthread_mutex_unlock(&tsrv.lock);
+	if (fail) {
+		snprintf(head, sizeof(head),
+			 "HTTP/1.1 503 Busy\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n");
+		return tsrv_send(fd, head, strlen(head));
+	}
+	len = (size_t)(b - a + 1);
+	snprintf(
+	    head, sizeof(head),
+	    "HTTP/1.1 206 Partial Content\r\nETag: \"t1\"\r\nContent-Range: bytes %llu-%llu/%zu"
+	    "\r\nContent-Length: %zu\r\n\r\n",
+	    a, b, test_len, len);
+	if (!tsrv_send(fd, head, strlen(head)))
+		return false;
+	if (stall) {
+		tsrv_send(fd, test_data + a, len / 2);
+		while (!tsrv_gone(fd, 50))
+			;
+		return false;
+	}
+	for (sent = 0; sent < len;) {
+		size_t piece = slow ? SFS_MIN(len - sent, (size_t)65536) : len - sent;
+
+		if (!tsrv_send(fd, test_data + a + sent, piece))
+			return false;
+		sent += piece;
+		if (slow && sent < len)
+			test_sleep_ms(1);
+	}
+	return true;
+}
+
+static void *tsrv_conn_run(void *opaque)
+{
+	int fd = (int)(intptr_t)opaque;
+	char buf[8192];
+	size_t have = 0;
+
+	for (;;) {
+		char *end;
+		ssize_t n;
+
+		buf[have] = '\0';
+		end = strstr(buf, "\r\n\r\n");
+		if (end) {
+			end[2] = '\0';
+			if (!tsrv_answer(fd, buf))
+				break;
+			/* No pipelining: a GET has no body, nothing follows. */
+			have = 0;
+			continue;
+		}
+		if (have == sizeof(buf) - 1)
+			break;
+		n = recv(fd, buf + have, sizeof(buf) - 1 - have, 0);
+		if (n <= 0)
+			break;
+		have += (size_t)n;
+	}
+	/* Closed by the thread that owns it; shutdown() by tsrv_stop only. */
+	pthread_mutex_lock(&tsrv.lock);
+	for (unsigned i = 0; i < tsrv.nconns; i++)
+		if (tsrv.fds[i] == fd)
+			tsrv.fds[i] = -1;
+	close(fd);
+	pthread_mutex_unlock(&tsrv.lock);
+	return NULL;
+}
+
+static void *tsrv_accept_run(void *opaque)
+{
+	for (;;) {
+		int fd = accept4(tsrv.lfd, NULL, NULL, SOCK_CLOEXEC);
+
+		if (fd < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			return NULL; /* tsrv_stop shut the socket down */
+		}
+		pthread_mutex_lock(&tsrv.lock);
+		if (tsrv.stop || tsrv.nconns == TSRV_MAX_CONNS ||
+		    pthread_create(&tsrv.threads[tsrv.nconns], NULL, tsrv_conn_run,
+				   (void *)(intptr_t)fd) != 0) {
+			close(fd);
+		} else {
+			tsrv.fds[tsrv.nconns++] = fd;
+		}
+		pthread_mutex_unlock(&tsrv.lock);
+	}
+}
+
+static void tsrv_start(void)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t al = sizeof(a);
+
+	assert_false(tsrv.running);
+	tsrv.lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(tsrv.lfd >= 0);
+	assert_int_equal(bind(tsrv.lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(tsrv.lfd, 64), 0);
+	assert_int_equal(getsockname(tsrv.lfd, (struct sockaddr *)&a, &al), 0);
+	tsrv.port = ntohs(a.sin_port);
+	tsrv.stop = false;
+	tsrv.nconns = 0;
+	tsrv.seq = tsrv.failed = tsrv.stalled = 0;
+	tsrv.fail_every = tsrv.stall_every = tsrv.stall_max = tsrv.slow_every = 0;
+	memset(tsrv.gate, 0, sizeof(tsrv.gate));
+	assert_int_equal(pthread_create(&tsrv.accept_thread, NULL, tsrv_accept_run, NULL), 0);
+	tsrv.running = true;
+}
+
+static void tsrv_stop(void)
+{
+	unsigned n;
+
+	if (!tsrv.running)
+		return;
+	pthread_mutex_lock(&tsrv.lock);
+	tsrv.stop = true;
+	pthread_cond_broadcast(&tsrv.cond);
+	for (unsigned i = 0; i < tsrv.nconns; i++)
+		if (tsrv.fds[i] >= 0)
+			shutdown(tsrv.fds[i], SHUT_RDWR);
+	pthread_mutex_unlock(&tsrv.lock);
+	shutdown(tsrv.lfd, SHUT_RDWR);
+	pthread_join(tsrv.accept_thread, NULL);
+	close(tsrv.lfd);
+	tsrv.lfd = -1;
+	pthread_mutex_lock(&tsrv.lock);
+	n = tsrv.nconns; /* the accept thread is gone: no more */
+	pthread_mutex_unlock(&tsrv.lock);
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(tsrv.threads[i], NULL);
+	tsrv.running = false;
+}
+
+/* Wait until gate g holds want requests (the deadline only turns a hang
+ * into a failure). */
+static void tsrv_wait_held(int g, unsigned want)
+{
+	struct timespec dl;
+
+	clock_gettime(CLOCK_REALTIME, &dl);
+	dl.tv_sec += 60;
+	pthread_mutex_lock(&tsrv.lock);
+	while (tsrv.gate[g].waiting < want)
+		if (pthread_cond_timedwait(&tsrv.cond, &tsrv.lock, &dl) == ETIMEDOUT) {
+			unsigned n = tsrv.gate[g].waiting;
+
+			pthread_mutex_unlock(&tsrv.lock);
+			fail_msg("gate %d: %u requests held, expected %u", g, n, want);
+		}
+	pthread_mutex_unlock(&tsrv.lock);
+}
+
+static void tsrv_gate_set(int g, uint64_t from, uint64_t to, bool closed)
+{
+	pthread_mutex_lock(&tsrv.lock);
+	tsrv.gate[g].from = from;
+	tsrv.gate[g].to = to;
+	tsrv.gate[g].closed = closed;
+	tsrv.gate[g].release = 0;
+	pthread_cond_broadcast(&tsrv.cond);
+	pthread_mutex_unlock(&tsrv.lock);
+}
+
+static void tsrv_url(char *url, size_t len)
+{
+	snprintf(url, len, "http://127.0.0.1:%d/data", tsrv.port);
+}
+
+/* One reader thread of the pool tests: reads of the given class. */
+struct tpool_reader {
+	struct fetch_source *s;
+	enum fetch_class cls;
+	uint64_t seed, off;
+	size_t len; /* fixed read (reads == 1), or 0: random reads */
+	unsigned reads;
+	uint64_t bytes; /* read successfully */
+	int r;		/* first error */
+	int wrong;	/* reads with wrong bytes */
+	bool done;	/* protected by tsrv.lock */
+};
+
+static void *tpool_reader_run(void *opaque)
+{
+	struct tpool_reader *t = opaque;
+	uint8_t *buf = malloc(10 * TEST_MIB);
+
+	assert_non_null(buf);
+	fetch_set_thread_class(t->cls);
+	for (unsigned i = 0; i < t->reads; i++) {
+		uint64_t x = t->seed = t->seed * 6364136223846793005ULL + 1442695040888963407ULL;
+		size_t len = t->len;
+		uint64_t off = t->off;
+		int r;
+
+		if (!len) {
+			/* Mostly small and medium; every 5th large enough to split. */
+			len = (i % 5 == 4) ? 9 * TEST_MIB : 1 + (x >> 20) % (3 * TEST_MIB / 2);
+			len = SFS_MIN(len, test_len);
+			off = (x >> 11) % (test_len - len + 1);
+		}
+		r = fetch_pread(t->s, buf, len, off);
+		if (r < 0 && t->r == 0)
+			t->r = r;
+		if (r == 0 && memcmp(buf, test_data + off, len) != 0)
+			t->wrong++;
+		if (r == 0)
+			t->bytes += len;
+	}
+	free(buf);
+	pthread_mutex_lock(&tsrv.lock);
+	t->done = true;
+	pthread_cond_broadcast(&tsrv.cond);
+	pthread_mutex_unlock(&tsrv.lock);
+	return NULL;
+}
+
+static void tpool_options(unsigned pool, unsigned connect_timeout, unsigned io_timeout,
+			  unsigned retries)
+{
+	struct fetch_options o = {
+	    .pool_size = pool,
+	    .connect_timeout = connect_timeout,
+	    .io_timeout = io_timeout,
+	    .retries = retries,
+	};
+
+	fetch_set_options(&o);
+}
+
 /* ---- servers ---- */
 
 static int test_start_fault_server(void)
@@ -494,6 +866,7 @@ static int test_teardown(void **state)
 {
 	char cmd[600];
 
+	tsrv_stop(); /* after a failed pool test */
 	test_stop(&fault_pid);
 	test_stop(&nginx_pid);
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", test_dir);
@@ -964,6 +1337,355 @@ static void test_http_auth_cross_redirect(void **state)
 	test_http_auth("u:p", "/redirect-cross", expect);
 }
 
+/* ---- tests: the connection pool (in-process server) ---- */
+
+/* 8 threads, guest and job, read at random (some reads split) while the
+ * server fails every 7th request, stalls three, and sends every 3rd one
+ * slowly so that answers come back out of order: every byte is exact, and
+ * the statistics match what the server did, request for request. */
+static void test_http_pool_faults_exact(void **state)
+{
+	struct tpool_reader t[8];
+	pthread_t th[8];
+	struct fetch_net_stats ns;
+	struct fetch_source *s;
+	uint64_t want[FETCH_NCLASSES] = {0};
+	unsigned seq, failed, stalled;
+	char url[128];
+
+	tsrv_start();
+	tpool_options(0, 2, 1, 5); /* the default pool */
+	tsrv_url(url, sizeof(url));
+	s = test_open_ok(url);
+	pthread_mutex_lock(&tsrv.lock);
+	tsrv.fail_every = 7;
+	tsrv.stall_every = 11;
+	tsrv.stall_max = 3;
+	tsrv.slow_every = 3;
+	pthread_mutex_unlock(&tsrv.lock);
+	for (unsigned i = 0; i < 8; i++) {
+		t[i] = (struct tpool_reader){.s = s,
+					     .cls = i % 2 ? FETCH_CLASS_JOB : FETCH_CLASS_GUEST,
+					     .seed = test_rand(),
+					     .reads = 12};
+		assert_int_equal(pthread_create(&th[i], NULL, tpool_reader_run, &t[i]), 0);
+	}
+	for (unsigned i = 0; i < 8; i++) {
+		pthread_join(th[i], NULL);
+		assert_int_equal(t[i].r, 0);
+		assert_int_equal(t[i].wrong, 0);
+		want[t[i].cls] += t[i].bytes;
+	}
+	pthread_mutex_lock(&tsrv.lock);
+	seq = tsrv.seq;
+	failed = tsrv.failed;
+	stalled = tsrv.stalled;
+	pthread_mutex_unlock(&tsrv.lock);
+	assert_true(failed > 0);
+	assert_int_equal(stalled, 3);
+
+	assert_int_equal(fetch_net_stats(s, &ns), 0);
+	assert_int_equal(ns.bytes[FETCH_CLASS_GUEST], want[FETCH_CLASS_GUEST]);
+	assert_int_equal(ns.bytes[FETCH_CLASS_JOB], want[FETCH_CLASS_JOB]);
+	assert_int_equal(ns.in_flight[FETCH_CLASS_GUEST], 0);
+	assert_int_equal(ns.in_flight[FETCH_CLASS_JOB], 0);
+	assert_int_equal(ns.requests, seq); /* the probe at open included */
+	assert_int_equal(ns.retries, failed + stalled);
+	assert_int_equal(ns.stalls, stalled);
+	assert_int_equal(ns.errors, 0);
+	assert_int_equal(ns.latency_count, seq - 1 - failed - stalled);
+	assert_true(ns.connections >= 1 && ns.connections <= 8 + 2);
+	assert_false(isnan(ns.latency_p50_s) || isnan(ns.rtt_s) || isnan(ns.rate_bytes_per_s));
+	assert_true(ns.rtt_s >= 0 && ns.rtt_s <= ns.latency_p50_s);
+	assert_true(ns.latency_p50_s <= ns.latency_p99_s);
+	assert_true(ns.latency_sum_s >= ns.latency_p50_s);
+	fetch_close(s);
+	tsrv_stop();
+}
+
+/* Wait until reader t is done (the deadline only turns a hang into a
+ * failure). */
+static void tpool_wait_done(struct tpool_reader *t)
+{
+	struct timespec dl;
+
+	clock_gettime(CLOCK_REALTIME, &dl);
+	dl.tv_sec += 60;
+	pthread_mutex_lock(&tsrv.lock);
+	while (!t->done)
+		if (pthread_cond_timedwait(&tsrv.cond, &tsrv.lock, &dl) == ETIMEDOUT) {
+			pthread_mutex_unlock(&tsrv.lock);
+			fail_msg("reader did not finish");
+		}
+	pthread_mutex_unlock(&tsrv.lock);
+}
+
+/* The job holds every connection it may have (its requests held by the
+ * server, a 9th job read waiting): a guest read still gets a connection
+ * and completes, while all 8 job requests are still held - it never
+ * waited for one of them. Before the guest reserve, it got a connection
+ * only when a job request gave up (connect + io timeout), which the server
+ * counts as abandoned. */
+static void test_http_pool_guest_first(void **state)
+{
+	const size_t jl = 64 * 1024;
+	struct tpool_reader job[9], guest;
+	pthread_t th[9], gth;
+	unsigned n;
+	struct fetch_net_stats ns;
+	struct fetch_source *s;
+	uint64_t half = test_len / 2;
+	char url[128];
+
+	tsrv_start();
+	tpool_options(8, 5, 5, 1);
+	tsrv_url(url, sizeof(url));
+	s = test_open_ok(url);
+	assert_int_equal(fetch_guest_inflight(), 0);
+	tsrv_gate_set(0, half, test_len, true); /* the job's reads */
+	tsrv_gate_set(1, 0, 1, true);		/* the first guest read */
+	for (unsigned i = 0; i < 9; i++) {
+		job[i] = (struct tpool_reader){
+		    .s = s, .cls = FETCH_CLASS_JOB, .off = half + i * jl, .len = jl, .reads = 1};
+		assert_int_equal(pthread_create(&th[i], NULL, tpool_reader_run, &job[i]), 0);
+	}
+	tsrv_wait_held(0, 8);
+	assert_int_equal(fetch_net_stats(s, &ns), 0);
+	assert_int_equal(ns.in_flight[FETCH_CLASS_JOB], 8);
+	assert_int_equal(ns.in_flight[FETCH_CLASS_GUEST], 0);
+
+	/* A guest read reaches the server beside the 8 job requests, and
+	 * counts as a guest read on the network while it is there. */
+	guest = (struct tpool_reader){.s = s, .cls = FETCH_CLASS_GUEST, .len = 4096, .reads = 1};
+	assert_int_equal(pthread_create(&gth, NULL, tpool_reader_run, &guest), 0);
+	tsrv_wait_held(1, 1);
+	pthread_mutex_lock(&tsrv.lock);
+	n = tsrv.gate[0].abandoned;
+	pthread_mutex_unlock(&tsrv.lock);
+	if (n)
+		fail_msg("the guest read waited for a job's connection (%u job requests gave up)",
+			 n);
+	assert_int_equal(fetch_guest_inflight(), 1);
+	assert_int_equal(fetch_net_stats(s, &ns), 0);
+	assert_int_equal(ns.in_flight[FETCH_CLASS_GUEST], 1);
+	assert_int_equal(ns.in_flight[FETCH_CLASS_JOB], 8);
+	tsrv_gate_set(1, 0, 1, false);
+	tpool_wait_done(&guest);
+	pthread_join(gth, NULL);
+	assert_int_equal(guest.r, 0);
+	assert_int_equal(guest.wrong, 0);
+	/* And one from this thread (GUEST by default), 2 MiB. */
+	test_check_range(s, TEST_MIB, 2 * TEST_MIB);
+	assert_int_equal(fetch_guest_inflight(), 0);
+
+	/* Both guest reads completed while the job's 8 were held: none gave
+	 * up, none was answered, and the 9th job read never reached the
+	 * server (the job holds at most pool_size connections). */
+	pthread_mutex_lock(&tsrv.lock);
+	n = tsrv.gate[0].waiting * 1000 + tsrv.gate[0].abandoned + tsrv.gate[0].passed;
+	for (unsigned i = 0; i < 9; i++)
+		n += job[i].done;
+	pthread_mutex_unlock(&tsrv.lock);
+	assert_int_equal(n, 8 * 1000); /* 8 held; none gave up, passed or is done */
+
+	tsrv_gate_set(0, half, test_len, false);
+	for (unsigned i = 0; i < 9; i++) {
+		pthread_join(th[i], NULL);
+		assert_int_equal(job[i].r, 0);
+		assert_int_equal(job[i].wrong, 0);
+	}
+	assert_int_equal(fetch_net_stats(s, &ns), 0);
+	assert_int_equal(ns.bytes[FETCH_CLASS_JOB], 9 * jl);
+	assert_int_equal(ns.bytes[FETCH_CLASS_GUEST], 4096 + 2 * TEST_MIB);
+	assert_int_equal(ns.in_flight[FETCH_CLASS_JOB] + ns.in_flight[FETCH_CLASS_GUEST], 0);
+	assert_int_equal(ns.errors, 0);
+	assert_true(ns.connections <= 8 + 2);
+	fetch_close(s);
+	tsrv_stop();
+}
+
+/* Wait until s has that many reads of each class waiting for a
+ * connection (the deadline only turns a hang into a failure). */
+static void tpool_wait_waiting(struct fetch_source *s, unsigned guest, unsigned job)
+{
+	struct fetch_net_stats ns;
+
+	for (int i = 0;; i++) {
+		assert_int_equal(fetch_net_stats(s, &ns), 0);
+		if (ns.waiting[FETCH_CLASS_GUEST] == guest && ns.waiting[FETCH_CLASS_JOB] == job)
+			return;
+		if (i == 6000)
+			fail_msg("waiting for a connection: %llu guest, %llu job; expected %u, %u",
+				 (unsigned long long)ns.waiting[FETCH_CLASS_GUEST],
+				 (unsigned long long)ns.waiting[FETCH_CLASS_JOB], guest, job);
+		test_sleep_ms(10);
+	}
+}
+
+/* Guests hold every connection (pool 1 + the reserve of 2); a job read
+ * and then a guest read wait. The first connection released goes to the
+ * guest, though the job has waited longer. */
+static void test_http_pool_guest_before_job(void **state)
+{
+	struct tpool_reader g[4], job;
+	pthread_t gth[4], jth;
+	struct fetch_net_stats ns;
+	unsigned n;
+	struct fetch_source *s;
+	uint64_t half = test_len / 2;
+	char url[128];
+
+	tsrv_start();
+	tpool_options(1, 5, 5, 1);
+	tsrv_url(url, sizeof(url));
+	s = test_open_ok(url);
+	tsrv_gate_set(0, half, test_len, true); /* the job's read */
+	tsrv_gate_set(1, 0, half, true);	/* the guests' reads */
+	for (unsigned i = 0; i < 4; i++)
+		g[i] = (struct tpool_reader){
+		    .s = s, .cls = FETCH_CLASS_GUEST, .off = i * 4096, .len = 4096, .reads = 1};
+	job = (struct tpool_reader){
+	    .s = s, .cls = FETCH_CLASS_JOB, .off = half, .len = 4096, .reads = 1};
+	for (unsigned i = 0; i < 3; i++)
+		assert_int_equal(pthread_create(&gth[i], NULL, tpool_reader_run, &g[i]), 0);
+	tsrv_wait_held(1, 3);
+	assert_int_equal(pthread_create(&jth, NULL, tpool_reader_run, &job), 0);
+	tpool_wait_waiting(s, 0, 1);
+	assert_int_equal(pthread_create(&gth[3], NULL, tpool_reader_run, &g[3]), 0);
+	tpool_wait_waiting(s, 1, 1);
+
+	/* Let one guest request through: its connection goes to the guest. */
+	pthread_mutex_lock(&tsrv.lock);
+	tsrv.gate[1].release = 1;
+	pthread_cond_broadcast(&tsrv.cond);
+	pthread_mutex_unlock(&tsrv.lock);
+	/* Whoever took the connection, its request reaches a gate. */
+	pthread_mutex_lock(&tsrv.lock);
+	while (tsrv.gate[1].passed < 1 || (tsrv.gate[1].waiting < 3 && !tsrv.gate[0].waiting))
+		pthread_cond_wait(&tsrv.cond, &tsrv.lock);
+	n = tsrv.gate[0].waiting;
+	pthread_mutex_unlock(&tsrv.lock);
+	if (n)
+		fail_msg("the job took the connection released while a guest read waited");
+	tpool_wait_waiting(s, 0, 1);
+
+	tsrv_gate_set(1, 0, half, false);
+	tsrv_gate_set(0, half, test_len, false);
+	for (unsigned i = 0; i < 4; i++) {
+		pthread_join(gth[i], NULL);
+		assert_int_equal(g[i].r, 0);
+		assert_int_equal(g[i].wrong, 0);
+	}
+	pthread_join(jth, NULL);
+	assert_int_equal(job.r, 0);
+	assert_int_equal(fetch_net_stats(s, &ns), 0);
+	assert_int_equal(ns.bytes[FETCH_CLASS_GUEST], 4 * 4096);
+	assert_int_equal(ns.bytes[FETCH_CLASS_JOB], 4096);
+	assert_int_equal(ns.waiting[FETCH_CLASS_GUEST] + ns.waiting[FETCH_CLASS_JOB], 0);
+	assert_true(ns.connections <= 1 + 2);
+	fetch_close(s);
+	tsrv_stop();
+}
+
+/* ---- tests: control/status and control/metrics over HTTP ---- */
+
+/* The value of "key: value" in a status text, as a number; fails if the
+ * key is missing or the value is not a number. */
+static double test_status_num(const char *text, const char *key)
+{
+	size_t kl = strlen(key);
+	const char *p = text;
+
+	for (; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+		if (strncmp(p, key, kl) == 0 && p[kl] == ':' && p[kl + 1] == ' ') {
+			char *end;
+			double v = strtod(p + kl + 2, &end);
+
+			if (end == p + kl + 2 || *end != '\n')
+				fail_msg("status %s: not a number", key);
+			return v;
+		}
+	}
+	fail_msg("status key %s is missing", key);
+	return 0;
+}
+
+/* A qcow2 overlay in memory over the in-process server's file (raw): the
+ * net_* keys of control/status and the metrics agree with the fetch
+ * layer's figures, guest and job bytes apart, and with network_bytes. */
+static void test_http_control_status_net(void **state)
+{
+	struct image_create_opts o = {.size = test_len & ~(uint64_t)511, .backing_fmt = "raw"};
+	struct fetch_net_stats before, after;
+	struct control_ctx c = {0};
+	struct image *top;
+	uint8_t *buf = malloc(TEST_MIB);
+	char url[128], *text;
+	size_t len;
+	uint64_t guest, job;
+
+	assert_non_null(buf);
+	tsrv_start();
+	tpool_options(0, 2, 1, 3);
+	tsrv_url(url, sizeof(url));
+	fetch_mem_reset();
+	o.backing_name = url;
+	assert_int_equal(image_create("mem:ovl", "qcow2", &o), 0);
+	assert_int_equal(image_open_chain("mem:ovl", NULL, IMAGE_RDWR, NULL, &top), 0);
+	assert_int_equal(disk_new(top, true, false, &c.disk), 0);
+	c.events = events_new();
+	assert_non_null(c.events);
+	assert_int_equal(stream_new(c.disk, c.events, &c.job), 0);
+
+	fetch_net_totals(&before);
+	assert_int_equal(disk_read(c.disk, buf, 100000, 12345), 0);
+	assert_memory_equal(buf, test_data + 12345, 100000);
+	fetch_set_thread_class(FETCH_CLASS_JOB);
+	assert_int_equal(disk_read(c.disk, buf, 300000, 3 * TEST_MIB + 7), 0);
+	fetch_set_thread_class(FETCH_CLASS_GUEST);
+	assert_memory_equal(buf, test_data + 3 * TEST_MIB + 7, 300000);
+	fetch_net_totals(&after);
+	guest = after.bytes[FETCH_CLASS_GUEST] - before.bytes[FETCH_CLASS_GUEST];
+	job = after.bytes[FETCH_CLASS_JOB] - before.bytes[FETCH_CLASS_JOB];
+	assert_true(guest >= 100000 && job >= 300000); /* whole clusters are copied */
+
+	assert_int_equal(control_render(&c, CTL_STATUS, &text, &len), 0);
+	text = realloc(text, len + 1);
+	text[len] = '\0';
+	assert_true(test_status_num(text, "net_bytes_guest") == after.bytes[FETCH_CLASS_GUEST]);
+	assert_true(test_status_num(text, "net_bytes_job") == after.bytes[FETCH_CLASS_JOB]);
+	assert_true(test_status_num(text, "network_bytes") == guest + job);
+	assert_true(test_status_num(text, "net_requests") == after.requests);
+	assert_true(test_status_num(text, "net_requests") > before.requests);
+	assert_true(test_status_num(text, "net_requests_in_flight") == 0);
+	assert_true(test_status_num(text, "net_errors") == after.errors);
+	assert_true(test_status_num(text, "net_connections") >= 1);
+	assert_true(test_status_num(text, "net_latency_p50_ms") > 0);
+	assert_true(test_status_num(text, "net_latency_p50_ms") <=
+		    test_status_num(text, "net_latency_p99_ms"));
+	assert_true(test_status_num(text, "net_rtt_ms") >= 0);
+	assert_true(test_status_num(text, "net_rtt_ms") <=
+		    test_status_num(text, "net_latency_p50_ms"));
+	assert_true(test_status_num(text, "net_rate_bytes_per_s") >= 0);
+	free(text);
+
+	assert_int_equal(control_render(&c, CTL_METRICS, &text, &len), 0);
+	text = realloc(text, len + 1);
+	text[len] = '\0';
+	snprintf(url, sizeof(url), "\nstreamfs_net_fetched_bytes_total{class=\"job\"} %llu\n",
+		 (unsigned long long)after.bytes[FETCH_CLASS_JOB]);
+	assert_non_null(strstr(text, url));
+	assert_null(strstr(text, "NaN")); /* every figure is known now */
+	free(text);
+
+	stream_free(c.job);
+	assert_int_equal(disk_close(c.disk), 0);
+	events_free(c.events);
+	fetch_mem_reset();
+	free(buf);
+	tsrv_stop();
+}
+
 /* ---- throughput (only with STREAMFS_HTTP_BENCH=SIZE) ---- */
 
 static double test_now_s(void)
@@ -1066,6 +1788,10 @@ int main(void)
 	    cmocka_unit_test(test_http_auth_header),
 	    cmocka_unit_test(test_http_auth_basic),
 	    cmocka_unit_test(test_http_auth_cross_redirect),
+	    cmocka_unit_test(test_http_pool_faults_exact),
+	    cmocka_unit_test(test_http_pool_guest_first),
+	    cmocka_unit_test(test_http_pool_guest_before_job),
+	    cmocka_unit_test(test_http_control_status_net),
 	    cmocka_unit_test(test_http_bench_nginx),
 	};
 
