@@ -223,7 +223,7 @@ def table(path, image):
         except ValueError:
             return None
 
-    med = {}
+    med, refused = {}, {}
     print("| | time to ready | x local | + local | init to ready | HTTP requests | fetched | guest read"
           " | share of image | verify |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -234,6 +234,10 @@ def table(path, image):
                 print("| %s | %s | | | | | | | | |" % (label, notes[case]))
             continue
         ok = [r for r in rs if r.get("result") == "ok"]
+        if all(r.get("result") == "refused" for r in rs):
+            refused[case] = rs[0].get("msg", "").replace("_", " ")
+            print("| %s | refused at mount: %s | | | | | | | | |" % (label, refused[case]))
+            continue
         t = median([num(r, "ready_s") for r in ok])
         med[case] = t
         bad = len(rs) - len(ok)
@@ -273,7 +277,7 @@ def table(path, image):
     if tr and loc:
         verdict("trace", tr <= 1.3 * loc, "replayed trace %.1f s = %.2fx local (target <= 1.30x)" % (tr, tr / loc))
     else:
-        verdict("trace", None, notes.get("sfs-trace", "no replayed-trace boots"))
+        verdict("trace", None, notes.get("sfs-trace", "needs the sfs-trace and local cases"))
     if cold and qsd:
         verdict("cold", cold < qsd, "streamfs cold %.1f s vs qemu-storage-daemon %.1f s (%.2fx local)" % (
             cold, qsd, cold / loc if loc else float("nan")))
@@ -281,7 +285,10 @@ def table(path, image):
         verdict("cold", None, "needs the sfs-cold and qsd cases")
     for case in ("sfs-stale", "sfs-foreign"):
         t = med.get(case)
-        if t and cold:
+        if case in refused:
+            # nothing read through it: the mount says why and fails
+            verdict(case[4:], True, "refused at mount (%s): the guest cannot read through it" % refused[case])
+        elif t and cold:
             vs = set(r.get("verify") for r in runs.get(case, []))
             verdict(case[4:], t <= 1.1 * cold and vs == {"ok"},
                     "%.1f s = %.2fx cold (target <= 1.10x), overlay verify %s" % (

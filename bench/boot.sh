@@ -229,7 +229,7 @@ log_lines() { wc -l <"$NGX/access.log" 2>/dev/null || echo 0; }
 
 # run_case CASE RUN: one boot of CASE, appended to RES
 run_case() {
-	local c=$1 r=$2 tag=$1.$2 from out net="" ver=- url=$FAR_URL opts=() http line
+	local c=$1 r=$2 tag=$1.$2 from out net="" ver=- url=$FAR_URL opts=() http line from_log msg
 	from=$(log_lines)
 	case $c in
 	local)
@@ -243,10 +243,17 @@ run_case() {
 		sfs-foreign) opts=(-o "prefetch=$W/foreign.trace") ;;
 		sfs-stream) opts=(-o stream) ;;
 		esac
+		from_log=$(wc -l <"$W/streamfs.log" 2>/dev/null || echo 0)
 		if ! sfs_up "$W/sfs.qcow2" "$url" "${opts[@]}"; then
-			log "$tag: streamfs mount failed (see $W/streamfs.log)"
 			sfs_down
-			echo "case=$c run=$r result=mount-failed" >>"$RES"
+			# a trace that does not match the backing is refused at mount
+			msg=$(tail -n +"$((from_log + 1))" "$W/streamfs.log" | grep -m1 -i trace | tr -s ' \t' '_')
+			log "$tag: streamfs mount failed: ${msg:-see $W/streamfs.log}"
+			if [ -n "$msg" ]; then
+				echo "case=$c run=$r result=refused msg=$msg" >>"$RES"
+			else
+				echo "case=$c run=$r result=mount-failed" >>"$RES"
+			fi
 			return
 		fi
 		out=$(BOOT_AT_READY=$MNT/control/status boot "$MNT/disk" "$tag")
