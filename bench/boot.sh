@@ -29,7 +29,7 @@
 #   BOOT_RTT=80 BOOT_RATE=500     the far link: RTT in ms, rate in Mbit/s
 #   BOOT_DIR=/tmp/streamfs-boot   work dir (results in BOOT_DIR/results.txt)
 #   BOOT_GUEST=BOOT_DIR/guest     guest build (cached, kept between runs)
-#   BOOT_TIMEOUT=600              seconds a boot may take
+#   BOOT_TIMEOUT=300              seconds a boot may take (then result=timeout)
 #   STREAMFS=./streamfs           the binary under test
 #   BOOT_RECORD_OPTS=             extra options of the recording mount (e.g. "-o ...")
 #
@@ -46,7 +46,7 @@ RUNS=${BOOT_RUNS:-3}
 CASES=${BOOT_CASES:-local sfs-lo sfs-cold sfs-trace sfs-stale sfs-foreign qsd sfs-stream}
 RTT=${BOOT_RTT:-80}
 RATE=${BOOT_RATE:-500}
-TMO=${BOOT_TIMEOUT:-600}
+TMO=${BOOT_TIMEOUT:-300}
 RES=$W/results.txt
 BR=(python3 "$ROOT/bench/boot-run.py")
 # one link per WAN_DIR: not the default one another benchmark may be using
