@@ -150,9 +150,21 @@ for ((i = 0; i < 100; i++)); do
 done
 LO_URL=http://127.0.0.1:$NGX_PORT/disk.raw
 curl -sfI "$LO_URL" >/dev/null || die "nginx does not serve $LO_URL"
-WAN_PORT=$("$ROOT/bench/wan.sh" up "$RTT" "$RATE" "$NGX_PORT") || die "wan.sh up failed"
-LINK=1
-FAR_URL=http://127.0.0.1:$WAN_PORT/disk.raw
+link_up() {
+	WAN_PORT=$("$ROOT/bench/wan.sh" up "$RTT" "$RATE" "$NGX_PORT") || die "wan.sh up failed"
+	LINK=1
+	FAR_URL=http://127.0.0.1:$WAN_PORT/disk.raw
+}
+link_ok() { curl -sf -r 0-0 -o /dev/null --max-time 10 "$FAR_URL"; }
+# link_check: a link that is gone (on a shared machine something may
+# stop it) is brought up again, on a new port, before a case
+link_check() {
+	link_ok && return 0
+	log "the link is down (linkem gone?): bringing it up again"
+	"$ROOT/bench/wan.sh" down 2>>"$W/wan.log"
+	link_up
+}
+link_up
 log "work dir $W; image $IMG ($((IMG_SIZE >> 20)) MiB); link ${RTT} ms / ${RATE} Mbit/s;" \
 	"$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); streamfs $(sfs_version)"
 
@@ -229,7 +241,9 @@ log_lines() { wc -l <"$NGX/access.log" 2>/dev/null || echo 0; }
 
 # run_case CASE RUN: one boot of CASE, appended to RES
 run_case() {
-	local c=$1 r=$2 tag=$1.$2 from out net="" ver=- url=$FAR_URL opts=() http line from_log msg
+	local c=$1 r=$2 tag=$1.$2 from out net="" ver=- url opts=() http line from_log msg
+	[ "$c" = local ] || [ "$c" = sfs-lo ] || link_check
+	url=$FAR_URL
 	from=$(log_lines)
 	case $c in
 	local)
@@ -279,6 +293,10 @@ run_case() {
 		http=$(http_count "$from" "$(kv ready_epoch "$out")")
 	fi
 	line="case=$c run=$r $out $http net_bytes=${net:--} verify=$ver"
+	# a link that died during the boot makes it no measurement of the link
+	if [ "$c" != local ] && [ "$c" != sfs-lo ] && ! link_ok; then
+		line="case=$c run=$r result=link-died ${out#result=* }"
+	fi
 	echo "$line" >>"$RES"
 	log "$line"
 }
