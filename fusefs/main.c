@@ -591,14 +591,21 @@ static int sfs_mount_main(int argc, char **argv)
 			fprintf(stderr, "streamfs: -o prefetch needs a writable overlay\n");
 			goto out_events;
 		}
+		/* A trace only speeds a boot up: one that cannot be read, does
+		 * not parse, or is of another image (stale) is refused with a
+		 * message and the mount goes on without it, never blocking the
+		 * boot it was meant to help. */
 		r = prefetch_load(o.prefetch, &trace_text, &trace_len);
-		if (r < 0) {
+		if (r < 0)
 			fprintf(stderr, "streamfs: cannot read the trace %s: %s\n", o.prefetch,
 				strerror(-r));
-			goto out_events;
+		else if (prefetch_check(m.ctl.prefetch, trace_text, trace_len) < 0)
+			r = -EINVAL;
+		if (r < 0) {
+			fprintf(stderr, "streamfs: the trace is not used; mounting without it\n");
+			free(trace_text);
+			trace_text = NULL;
 		}
-		if (prefetch_check(m.ctl.prefetch, trace_text, trace_len) < 0)
-			goto out_events;
 	}
 
 	/* Kernel caching of attributes is safe: nothing else changes them. */
