@@ -28,7 +28,7 @@ UNIT_BINS := $(UNIT_SRCS:tests/%.c=$(BUILD)/tests/%)
 HELPER_SRCS := $(wildcard tests/helpers/*.c)
 HELPER_BINS := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
 
-.PHONY: all check check-unit check-shell check-asan check-long check-valgrind clean install uninstall demo bench bench-boot linkem-test format format-check fuzz
+.PHONY: all check check-unit check-shell check-asan check-long check-valgrind clean install uninstall demo bench bench-boot bench-nbd linkem-test format format-check fuzz
 
 all: streamfs
 
@@ -112,6 +112,10 @@ bench: streamfs $(BUILD)/bench/linkem
 # A real guest booting from disk over the emulated link (issue #14's figures).
 bench-boot: streamfs $(BUILD)/bench/linkem
 	LINKEM=$(CURDIR)/$(BUILD)/bench/linkem bench/boot.sh
+
+# Streaming from an NBD export against nbdcopy and qemu-storage-daemon (issue #15).
+bench-nbd: streamfs $(BUILD)/bench/linkem
+	LINKEM=$(CURDIR)/$(BUILD)/bench/linkem bench/nbd.sh
 
 linkem-test: $(BUILD)/bench/linkem
 	LINKEM=$(CURDIR)/$(BUILD)/bench/linkem bench/linkem-test.sh
