@@ -478,9 +478,9 @@ int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data,
 
 	*data = true;
 	*pnum = len;
-	if (!s->ops->extent || off >= size)
+	if (!s->ops->data_run || off >= size)
 		return 0;
-	if (s->ops->extent(s, off, SFS_MIN(len, size - off), data, pnum) < 0 || *pnum == 0 ||
+	if (s->ops->data_run(s, off, SFS_MIN(len, size - off), data, pnum) < 0 || *pnum == 0 ||
 	    *pnum > len) {
 		*data = true; /* unknown: treat as data, which is always correct */
 		*pnum = len;

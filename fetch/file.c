@@ -327,6 +327,6 @@ const struct fetch_ops fetch_file_ops = {
     .pwrite = file_pwrite,
     .flush = file_flush,
     .truncate = file_truncate,
-    .extent = file_extent,
+    .data_run = file_extent,
     .prefetch = file_prefetch,
 };

@@ -1075,5 +1075,5 @@ const struct fetch_ops fetch_nbd_ops = {
     .pwrite = NULL,
     .flush = NULL,
     .truncate = NULL,
-    .extent = nbdsrc_extent,
+    .data_run = nbdsrc_extent,
 };

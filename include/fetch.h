@@ -99,8 +99,8 @@ struct fetch_ops {
 	int (*truncate)(struct fetch_source *s, uint64_t size);
 	/* Is [off, ...) data or a hole? Sets *data and the run length *pnum
 	 * (<= len). Optional (NULL: all data); local files use SEEK_DATA. */
-	int (*extent)(struct fetch_source *s, uint64_t off, uint64_t len, bool *data,
-		      uint64_t *pnum);
+	int (*data_run)(struct fetch_source *s, uint64_t off, uint64_t len, bool *data,
+			uint64_t *pnum);
 	/* Hint: [off, off+len) will be read soon; start fetching it without
 	 * waiting. Optional (local files: POSIX_FADV_WILLNEED). */
 	void (*prefetch)(struct fetch_source *s, uint64_t off, uint64_t len);
@@ -205,7 +205,7 @@ void fetch_prefetch(struct fetch_source *s, uint64_t off, uint64_t len);
  * with a new mtime counts as another version: conservative); "" if none.
  * Writes at most len bytes into buf and returns buf. */
 const char *fetch_validator(struct fetch_source *s, char *buf, size_t len);
-/* Data or hole at off (see fetch_ops.extent); "all data" when unknown. */
+/* Data or hole at off (see fetch_ops.data_run); "all data" when unknown. */
 int fetch_extent(struct fetch_source *s, uint64_t off, uint64_t len, bool *data, uint64_t *pnum);
 
 /* Set the I/O class of the calling thread's reads (thread-local; a thread
