@@ -23,9 +23,9 @@ san=("-fsanitize=address,undefined" -fno-sanitize-recover=undefined)
 sanitized() { grep -q __asan_init "$1" 2>/dev/null; }
 # shellcheck disable=SC2207 # pkg-config output is split on purpose
 cflags=(-O1 -g -std=gnu11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -pthread -I"$ROOT/include"
-	-I"$ROOT/fusefs" $(pkg-config --cflags fuse3))
+	$(pkg-config --cflags fuse3 libnbd))
 # shellcheck disable=SC2207
-libs=($(pkg-config --libs fuse3 libcurl zlib) -pthread)
+libs=($(pkg-config --libs fuse3 libcurl zlib libnbd) -pthread) # the Makefile's PKGS
 if [ -n "$FUZZ_REPLAY" ] && sanitized "$FUZZ_REPLAY/replay-qcow2"; then
 	info "using sanitized replay binaries from $FUZZ_REPLAY"
 else
