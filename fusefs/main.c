@@ -406,6 +406,172 @@ static void sfs_server_ready(void)
 		sfs_error("cannot tell the supervisor we serve: %s", strerror(errno));
 }
 
+/* Check the mount options that need no image; -1 after a message. */
+static int sfs_check_opts(struct sfs_opts *o, bool *cor, uint64_t *speed)
+{
+	if (o->verbose)
+		sfs_log_level = SFS_LOG_DEBUG;
+	if (o->copy_on_read) {
+		if (strcmp(o->copy_on_read, "on") == 0)
+			*cor = true;
+		else if (strcmp(o->copy_on_read, "off") == 0)
+			*cor = false;
+		else {
+			fprintf(stderr, "streamfs: copy_on_read must be on or off\n");
+			return -1;
+		}
+	}
+	if (o->speed && sfs_parse_size(o->speed, speed) < 0) {
+		fprintf(stderr, "streamfs: invalid speed '%s'\n", o->speed);
+		return -1;
+	}
+	if (o->on_error && strcmp(o->on_error, "report") != 0 && strcmp(o->on_error, "stop") != 0) {
+		fprintf(stderr, "streamfs: on_error must be report or stop\n");
+		return -1;
+	}
+	if (o->stream_depth > STREAM_MAX_DEPTH) {
+		fprintf(stderr, "streamfs: stream_depth must be 1 to %d (0: measured)\n",
+			STREAM_MAX_DEPTH);
+		return -1;
+	}
+	if (o->ro && o->stream) {
+		fprintf(stderr, "streamfs: -o stream needs a writable overlay (drop -o ro)\n");
+		return -1;
+	}
+	return 0;
+}
+
+/* Open the overlay's chain into *out, add the -o mirror servers to its
+ * first http(s) image, and refuse images inside the mountpoint. 0, or the
+ * exit status after a message. */
+static int sfs_open_chain(const struct sfs_opts *o, const char *overlay, const char *mnt,
+			  struct image **out)
+{
+	struct image *top;
+	int r;
+
+	r = image_open_chain(overlay, o->format, o->ro ? 0 : IMAGE_RDWR, o->backing, out);
+	top = *out;
+	if (r < 0) {
+		fprintf(stderr, "streamfs: cannot open %s: %s\n", overlay, strerror(-r));
+		return EXIT_IMAGE;
+	}
+	if (o->nmirrors) {
+		/* Mirrors serve the first http(s) image of the chain: the
+		 * overlay's backing when it is a URL, else the URL below the
+		 * local images. */
+		struct image *l = top;
+
+		while (l && fetch_get_mirrors(l->file, NULL, 0) == 0)
+			l = l->backing;
+		if (!l) {
+			fprintf(stderr,
+				"streamfs: -o mirror: no http(s) image in the chain of %s\n",
+				overlay);
+			image_close_chain(top);
+			return EXIT_USAGE;
+		}
+		for (unsigned i = 0; i < o->nmirrors; i++) {
+			r = fetch_add_mirror(l->file, o->mirrors[i]);
+			if (r < 0) {
+				char *shown = fetch_display_uri(o->mirrors[i]);
+
+				fprintf(stderr, "streamfs: -o mirror=%s refused (see above)\n",
+					shown ? shown : "URL");
+				free(shown);
+				image_close_chain(top);
+				return EXIT_IMAGE;
+			}
+		}
+	}
+	for (struct image *l = top; l; l = l->backing) {
+		char real[PATH_MAX];
+		if (!realpath(l->filename, real)) /* not a local file */
+			continue;
+		if (sfs_path_inside(real, mnt)) {
+			fprintf(stderr, "streamfs: %s lies inside the mountpoint %s\n", real, mnt);
+			image_close_chain(top);
+			return EXIT_USAGE;
+		}
+	}
+	return 0;
+}
+
+/* Read and check the -o prefetch trace into *text (NULL when it is not
+ * used). -1 only for a usage error: a bad trace is not used, with a message. */
+static int sfs_load_trace(const struct sfs_opts *o, struct prefetch *pf, char **text, size_t *len)
+{
+	int r;
+
+	if (o->ro) {
+		fprintf(stderr, "streamfs: -o prefetch needs a writable overlay\n");
+		return -1;
+	}
+	/* A trace only speeds a boot up: one that cannot be read, does
+	 * not parse, or is of another image (stale) is refused with a
+	 * message and the mount goes on without it, never blocking the
+	 * boot it was meant to help. */
+	r = prefetch_load(o->prefetch, text, len);
+	if (r < 0)
+		fprintf(stderr, "streamfs: cannot read the trace %s: %s\n", o->prefetch,
+			strerror(-r));
+	else if (prefetch_check(pf, *text, *len) < 0)
+		r = -EINVAL;
+	if (r < 0) {
+		fprintf(stderr, "streamfs: the trace is not used; mounting without it\n");
+		free(*text);
+		*text = NULL;
+	}
+	return 0;
+}
+
+/* Configure the stream job, start the trace replay and, with -o stream,
+ * the job; failures are logged (the mount serves on). */
+static void sfs_start_job(const struct sfs_opts *o, struct sfs_mount *m, uint64_t speed,
+			  const char *base, const char *trace_text, size_t trace_len)
+{
+	int r;
+
+	stream_set_depth(m->ctl.job, o->stream_depth);
+	stream_set_prefetch(m->ctl.job, m->ctl.prefetch);
+	if (trace_text && prefetch_replay(m->ctl.prefetch, trace_text, trace_len) < 0)
+		sfs_error("%s: the trace is not replayed", o->prefetch);
+	if (!o->ro) {
+		struct stream_params sp = {.speed = speed, .speed_set = true, .base = base};
+		sp.on_error = o->on_error && strcmp(o->on_error, "stop") == 0
+				  ? STREAM_ON_ERROR_STOP
+				  : STREAM_ON_ERROR_REPORT;
+		if (o->stream) {
+			r = stream_start(m->ctl.job, &sp);
+			if (r < 0)
+				sfs_error("cannot start the stream job: %s", strerror(-r));
+		} else {
+			stream_set_speed(m->ctl.job, speed);
+		}
+	}
+}
+
+static void sfs_free_opts(struct sfs_opts *o)
+{
+	free(o->overlay);
+	free(o->mountpoint);
+	free(o->copy_on_read);
+	free(o->speed);
+	free(o->base);
+	free(o->on_error);
+	free(o->backing);
+	free(o->format);
+	free(o->cacert);
+	free(o->http_auth_file);
+	free(o->pidfile);
+	free(o->prefetch);
+	free(o->uid);
+	free(o->gid);
+	free(o->mode);
+	for (unsigned i = 0; i < o->nmirrors; i++)
+		free(o->mirrors[i]);
+}
+
 static int sfs_mount_main(int argc, char **argv)
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
@@ -441,35 +607,8 @@ static int sfs_mount_main(int argc, char **argv)
 		sfs_usage(stderr);
 		goto out;
 	}
-	if (o.verbose)
-		sfs_log_level = SFS_LOG_DEBUG;
-	if (o.copy_on_read) {
-		if (strcmp(o.copy_on_read, "on") == 0)
-			cor = true;
-		else if (strcmp(o.copy_on_read, "off") == 0)
-			cor = false;
-		else {
-			fprintf(stderr, "streamfs: copy_on_read must be on or off\n");
-			goto out;
-		}
-	}
-	if (o.speed && sfs_parse_size(o.speed, &speed) < 0) {
-		fprintf(stderr, "streamfs: invalid speed '%s'\n", o.speed);
+	if (sfs_check_opts(&o, &cor, &speed) < 0)
 		goto out;
-	}
-	if (o.on_error && strcmp(o.on_error, "report") != 0 && strcmp(o.on_error, "stop") != 0) {
-		fprintf(stderr, "streamfs: on_error must be report or stop\n");
-		goto out;
-	}
-	if (o.stream_depth > STREAM_MAX_DEPTH) {
-		fprintf(stderr, "streamfs: stream_depth must be 1 to %d (0: measured)\n",
-			STREAM_MAX_DEPTH);
-		goto out;
-	}
-	if (o.ro && o.stream) {
-		fprintf(stderr, "streamfs: -o stream needs a writable overlay (drop -o ro)\n");
-		goto out;
-	}
 	if (!realpath(o.overlay, overlay)) {
 		fprintf(stderr, "streamfs: %s: %s\n", o.overlay, strerror(errno));
 		ret = EXIT_IMAGE;
@@ -504,52 +643,10 @@ static int sfs_mount_main(int argc, char **argv)
 	fo.verbose = o.verbose;
 	fetch_set_options(&fo);
 
-	r = image_open_chain(overlay, o.format, o.ro ? 0 : IMAGE_RDWR, o.backing, &top);
-	if (r < 0) {
-		fprintf(stderr, "streamfs: cannot open %s: %s\n", overlay, strerror(-r));
-		ret = EXIT_IMAGE;
+	r = sfs_open_chain(&o, overlay, mnt, &top);
+	if (r > 0) {
+		ret = r;
 		goto out;
-	}
-	if (o.nmirrors) {
-		/* Mirrors serve the first http(s) image of the chain: the
-		 * overlay's backing when it is a URL, else the URL below the
-		 * local images. */
-		struct image *l = top;
-
-		while (l && fetch_get_mirrors(l->file, NULL, 0) == 0)
-			l = l->backing;
-		if (!l) {
-			fprintf(stderr,
-				"streamfs: -o mirror: no http(s) image in the chain of %s\n",
-				overlay);
-			image_close_chain(top);
-			ret = EXIT_USAGE;
-			goto out;
-		}
-		for (unsigned i = 0; i < o.nmirrors; i++) {
-			r = fetch_add_mirror(l->file, o.mirrors[i]);
-			if (r < 0) {
-				char *shown = fetch_display_uri(o.mirrors[i]);
-
-				fprintf(stderr, "streamfs: -o mirror=%s refused (see above)\n",
-					shown ? shown : "URL");
-				free(shown);
-				image_close_chain(top);
-				ret = EXIT_IMAGE;
-				goto out;
-			}
-		}
-	}
-	for (struct image *l = top; l; l = l->backing) {
-		char real[PATH_MAX];
-		if (!realpath(l->filename, real)) /* not a local file */
-			continue;
-		if (sfs_path_inside(real, mnt)) {
-			fprintf(stderr, "streamfs: %s lies inside the mountpoint %s\n", real, mnt);
-			image_close_chain(top);
-			ret = EXIT_USAGE;
-			goto out;
-		}
 	}
 	r = disk_new(top, cor, o.ro, &disk);
 	if (r < 0) {
@@ -586,27 +683,8 @@ static int sfs_mount_main(int argc, char **argv)
 	r = prefetch_new(disk, m.ctl.events, &m.ctl.prefetch);
 	if (r < 0)
 		goto out_events;
-	if (o.prefetch) {
-		if (o.ro) {
-			fprintf(stderr, "streamfs: -o prefetch needs a writable overlay\n");
-			goto out_events;
-		}
-		/* A trace only speeds a boot up: one that cannot be read, does
-		 * not parse, or is of another image (stale) is refused with a
-		 * message and the mount goes on without it, never blocking the
-		 * boot it was meant to help. */
-		r = prefetch_load(o.prefetch, &trace_text, &trace_len);
-		if (r < 0)
-			fprintf(stderr, "streamfs: cannot read the trace %s: %s\n", o.prefetch,
-				strerror(-r));
-		else if (prefetch_check(m.ctl.prefetch, trace_text, trace_len) < 0)
-			r = -EINVAL;
-		if (r < 0) {
-			fprintf(stderr, "streamfs: the trace is not used; mounting without it\n");
-			free(trace_text);
-			trace_text = NULL;
-		}
-	}
+	if (o.prefetch && sfs_load_trace(&o, m.ctl.prefetch, &trace_text, &trace_len) < 0)
+		goto out_events;
 
 	/* Kernel caching of attributes is safe: nothing else changes them. */
 	fuse_opt_add_arg(&args, "-odefault_permissions");
@@ -688,23 +766,7 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_MOUNT;
 		goto out_signals;
 	}
-	stream_set_depth(m.ctl.job, o.stream_depth);
-	stream_set_prefetch(m.ctl.job, m.ctl.prefetch);
-	if (trace_text && prefetch_replay(m.ctl.prefetch, trace_text, trace_len) < 0)
-		sfs_error("%s: the trace is not replayed", o.prefetch);
-	if (!o.ro) {
-		struct stream_params sp = {.speed = speed, .speed_set = true, .base = base};
-		sp.on_error = o.on_error && strcmp(o.on_error, "stop") == 0
-				  ? STREAM_ON_ERROR_STOP
-				  : STREAM_ON_ERROR_REPORT;
-		if (o.stream) {
-			r = stream_start(m.ctl.job, &sp);
-			if (r < 0)
-				sfs_error("cannot start the stream job: %s", strerror(-r));
-		} else {
-			stream_set_speed(m.ctl.job, speed);
-		}
-	}
+	sfs_start_job(&o, &m, speed, base, trace_text, trace_len);
 	if (geteuid() == 0 || o.readahead_kb)
 		sfs_set_readahead(mnt, o.readahead_kb ? o.readahead_kb : 1024);
 
@@ -735,25 +797,9 @@ out_disk:
 			ret = EXIT_IMAGE;
 	}
 out:
-	free(o.overlay);
-	free(o.mountpoint);
-	free(o.copy_on_read);
-	free(o.speed);
-	free(o.base);
-	free(o.on_error);
-	free(o.backing);
-	free(o.format);
-	free(o.cacert);
-	free(o.http_auth_file);
-	free(o.pidfile);
-	free(o.prefetch);
+	sfs_free_opts(&o);
 	free(trace_text);
-	free(o.uid);
-	free(o.gid);
-	free(o.mode);
 	free(base);
-	for (unsigned i = 0; i < o.nmirrors; i++)
-		free(o.mirrors[i]);
 	fuse_opt_free_args(&args);
 	return ret;
 }
