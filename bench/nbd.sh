@@ -74,8 +74,10 @@ while "BLOCK_JOB_COMPLETED" not in f.readline():
 PY
 	sync
 	el "$t0"
-	kill "$(cat qsd.pid)"
-	while kill -0 "$(cat qsd.pid)" 2>/dev/null; do sleep 0.05; done
+	local qp
+	qp=$(cat qsd.pid)
+	kill "$qp"
+	while kill -0 "$qp" 2>/dev/null; do sleep 0.05; done
 	qemu-img compare -q -f qcow2 -F raw q.qcow2 src.raw || echo "qsd: DATA MISMATCH" >&2
 }
 
@@ -99,5 +101,6 @@ for link in $LINKS; do
 	done
 	ma=$(median "${a[@]}") mb=$(median "${b[@]}") mc=$(median "${c[@]}")
 	echo "| $name | $ma | $mb | $mc | $(echo "scale=2; $mb / $ma" | bc) | $(echo "scale=2; $mb / $mc" | bc) |"
-	[ "$rtt" != 0 ] && WAN_DIR=$W/wan "$ROOT/bench/wan.sh" down >/dev/null
+	if [ "$rtt" != 0 ]; then WAN_DIR=$W/wan "$ROOT/bench/wan.sh" down >/dev/null; fi
 done
+exit 0
