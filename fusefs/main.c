@@ -775,8 +775,15 @@ static int sfs_mount_main(int argc, char **argv)
 	fuse_loop_cfg_set_idle_threads(lc, 4);
 	r = fuse_loop_mt(fuse, lc);
 	/* libfuse returns the number of the signal that ended the loop: a
-	 * SIGTERM/SIGINT/SIGHUP stop is as clean as an unmount. */
-	ret = r == 0 || r == SIGTERM || r == SIGINT || r == SIGHUP ? 0 : EXIT_MOUNT;
+	 * SIGTERM/SIGINT/SIGHUP stop is as clean as an unmount. So is a
+	 * connection that went away under a reader (-ENODEV, -ECONNABORTED:
+	 * a lazy unmount whose last open file just closed). */
+	ret = r == 0 || r == SIGTERM || r == SIGINT || r == SIGHUP || r == -ENODEV ||
+		      r == -ECONNABORTED
+		  ? 0
+		  : EXIT_MOUNT;
+	if (ret)
+		sfs_error("the FUSE loop ended with %d (%s)", r, strerror(r < 0 ? -r : r));
 	fuse_loop_cfg_destroy(lc);
 
 	stream_free(m.ctl.job);

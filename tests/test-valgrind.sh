@@ -46,7 +46,7 @@ exec 8<&- 9<&-
 wait_gone $vpid 60 || fail "daemon still running 60 s after the last file closed"
 rc=0
 wait $vpid || rc=$?
-[ $rc -eq 0 ] || fail "daemon exit $rc under valgrind: $(head -40 "$T/vg.log")"
+[ $rc -eq 0 ] || fail "daemon exit $rc under valgrind: $(tail -5 "$T/daemon.err") $(head -40 "$T/vg.log")"
 [ ! -s "$T/vg.log" ] || fail "valgrind reports: $(head -40 "$T/vg.log")"
 qcheck "$T/ovl"
 info "valgrind: no errors, no leaks (stream, pause/resume, guest I/O, control files, lazy unmount with control files open)"
