@@ -740,7 +740,10 @@ static int sfs_mount_main(int argc, char **argv)
 			};
 
 			/* Opened only to report errors to the terminal: the
-			 * servers open their own. Nothing was served: no flush. */
+			 * servers open their own. Nothing was served: no flush.
+			 * The recorder points into the disk: free it first. */
+			prefetch_free(m.ctl.prefetch);
+			m.ctl.prefetch = NULL;
 			disk_close(disk);
 			disk = NULL;
 			r = sfs_supervise(&so);
