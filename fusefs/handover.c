@@ -390,8 +390,13 @@ int sfs_handover_attach(struct fuse_session *se, int fd, const void *init, size_
 	struct ho_req *r = &ho.synth[0];
 	int ret;
 
-	if (init_len < sizeof(struct fuse_in_header) + 16 ||
-	    ((const struct fuse_in_header *)init)->opcode != FUSE_INIT)
+	struct fuse_in_header ih;
+
+	/* init is a byte buffer, not aligned for the header: copy it out. */
+	if (init_len < sizeof(ih) + 16)
+		return -EINVAL;
+	memcpy(&ih, init, sizeof(ih));
+	if (ih.opcode != FUSE_INIT)
 		return -EINVAL;
 	ho.fd = fd;
 	ho.forward_init = forward_init;
@@ -402,7 +407,7 @@ int sfs_handover_attach(struct fuse_session *se, int fd, const void *init, size_
 		return -ENOMEM;
 	memcpy(r->buf, init, init_len);
 	r->len = init_len;
-	r->unique = ((const struct fuse_in_header *)init)->unique;
+	r->unique = ih.unique;
 	r->kind = HO_INIT;
 	ho.nsynth = 1;
 	/* The fixed numbering: see the comment at the top. */

@@ -351,7 +351,7 @@ struct sfs_server_env {
 	int fd;	       /* the FUSE connection; -1: we are not a server */
 	int sup_fd;    /* one byte when we serve */
 	int ledger_fd; /* the disk_ledger shared with the supervisor, -1: none */
-	unsigned char init[4096];
+	unsigned char init[4096] __attribute__((aligned(8))); /* a fuse_in_header first */
 	size_t init_len;
 	bool forward_init, resend;
 };
@@ -748,8 +748,14 @@ static int sfs_mount_main(int argc, char **argv)
 			disk = NULL;
 			r = sfs_supervise(&so);
 			ret = r < 0 ? EXIT_MOUNT : 0;
-			if (r == 1)
-				goto out_fuse; /* closing the connection aborts it */
+			if (r == 1) {
+				/* The server died and cannot be replaced: end as a
+				 * daemon without failover would, leaving the mount
+				 * dead (ENOTCONN). No unmount, so libfuse's copy of
+				 * the mountpoint is not freed: exit here rather than
+				 * run the teardown (and leak checks) around it. */
+				_exit(ret);
+			}
 			goto out_unmount;
 		}
 	}

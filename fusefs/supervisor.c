@@ -42,7 +42,7 @@
 struct sup {
 	const struct sfs_sup_opts *o;
 	char exe[PATH_MAX];
-	unsigned char init[4096];
+	unsigned char init[4096] __attribute__((aligned(8))); /* a fuse_in_header first */
 	size_t init_len;
 	bool has_resend, init_done, upgrading, stopping, eio;
 	bool dead; /* the server crashed and cannot be replaced: leave the mount dead */
