@@ -253,7 +253,6 @@ int disk_new(struct image *top, bool copy_on_read, bool read_only, struct disk *
 	d->top = top;
 	d->read_only = read_only || top->read_only;
 	d->copy_on_read = copy_on_read && !d->read_only && top->drv->alloc_write;
-	d->ledger = &d->own_ledger;
 	pthread_rwlock_init(&d->chain_lock, NULL);
 	pthread_mutex_init(&d->flush_lock, NULL);
 	*out = d;
@@ -266,8 +265,13 @@ int disk_close(struct disk *d)
 
 	if (!d)
 		return 0;
-	/* One flush, by the close, whose error is ours to return. */
+	/* A journal is emptied by a last flush through the disk, so that a
+	 * server ended on purpose (an upgrade) leaves nothing to replay; the
+	 * close flushes again, and its error is ours to return. */
+	if (d->journal)
+		disk_flush(d);
 	r = image_close_chain(d->top);
+	journal_close(d->journal);
 	rangelock_free(d->locks);
 	pthread_mutex_destroy(&d->ra->lock);
 	free(d->ra);
@@ -534,7 +538,6 @@ static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uin
 			if (r < 0)
 				return r;
 			atomic_store(&d->dirty, true);
-			atomic_fetch_add(&d->ledger->written, 1); /* before the ack */
 		}
 		pos = rend;
 	}
@@ -547,8 +550,25 @@ static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uin
 typedef int (*disk_update_fn)(struct disk *d, const void *arg, uint64_t off, uint64_t len,
 			      uint64_t a, uint64_t alen);
 
+/* Under failover, keep a done guest update in the journal before it is
+ * acknowledged (journal.h), still under its range lock: updates of the
+ * same clusters are then kept in the order they were applied. A journal
+ * without room for it gets a flush instead, which makes this update (done
+ * already) and every earlier one durable. */
+static int disk_journal_note(struct disk *d, enum journal_kind kind, uint64_t off, uint64_t len,
+			     const void *data)
+{
+	int r = journal_append(d->journal, kind, off, len, data);
+
+	if (r == -ENOSPC) {
+		atomic_fetch_add(&d->stats.journal_flushes, 1);
+		r = disk_flush(d);
+	}
+	return r;
+}
+
 static int disk_guest_update(struct disk *d, uint64_t off, uint64_t len, int past_end,
-			     disk_update_fn fn, const void *arg)
+			     disk_update_fn fn, const void *arg, enum journal_kind kind)
 {
 	struct image *top = d->top;
 	uint32_t cs = top->cluster_size;
@@ -572,6 +592,8 @@ static int disk_guest_update(struct disk *d, uint64_t off, uint64_t len, int pas
 		r = slot;
 	} else {
 		r = fn(d, arg, off, len, a, alen);
+		if (r == 0 && d->journal)
+			r = disk_journal_note(d, kind, off, len, arg);
 		rangelock_unlock(d->locks, slot);
 	}
 	pthread_rwlock_unlock(&d->chain_lock);
@@ -591,7 +613,7 @@ static int disk_write_fn(struct disk *d, const void *buf, uint64_t off, uint64_t
 
 int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
 {
-	int r = disk_guest_update(d, off, len, -ENOSPC, disk_write_fn, buf);
+	int r = disk_guest_update(d, off, len, -ENOSPC, disk_write_fn, buf, JOURNAL_WRITE);
 
 	if (r == 0)
 		atomic_fetch_add(&d->stats.guest_written, len);
@@ -669,37 +691,37 @@ static int disk_zero_fn(struct disk *d, const void *unused, uint64_t off, uint64
 		r = disk_zero_clusters_locked(d, ca, cb, zbuf);
 	if (r == 0 && cb < end)
 		r = disk_write_locked(d, zbuf, end - cb, cb, cb, cs);
-	if (r == 0)
-		atomic_fetch_add(&d->ledger->written, 1); /* zero clusters are allocations too */
 	free(zbuf);
 	return r;
 }
 
 int disk_zero(struct disk *d, uint64_t off, uint64_t len)
 {
-	return disk_guest_update(d, off, len, -EINVAL, disk_zero_fn, NULL);
+	return disk_guest_update(d, off, len, -EINVAL, disk_zero_fn, NULL, JOURNAL_ZERO);
 }
 
 int disk_flush(struct disk *d)
 {
-	uint64_t g0;
+	uint64_t mark = 0;
 	int r;
 
 	if (d->read_only)
 		return 0;
 	pthread_mutex_lock(&d->flush_lock);
 	atomic_store(&d->dirty, false);
-	g0 = atomic_load(&d->ledger->written);
+	/* Updates journaled before the mark were applied before it: the
+	 * flush below covers them. */
+	if (d->journal)
+		mark = journal_mark(d->journal);
 	r = d->top->drv->flush(d->top);
 	if (r < 0) {
 		atomic_store(&d->dirty, true);
 	} else {
-		/* Writes up to g0 are durable now (later ones may be too). */
-		if (atomic_load(&d->ledger->flushed) < g0)
-			atomic_store(&d->ledger->flushed, g0);
+		if (d->journal)
+			journal_release(d->journal, mark);
 		if (atomic_exchange(&d->lost, false)) {
 			sfs_error("%s: reporting the loss of writes a crashed server had "
-				  "acknowledged but not flushed to this flush (EIO)",
+				  "acknowledged to this flush (EIO)",
 				  d->top->display);
 			r = -EIO;
 		}
@@ -708,19 +730,43 @@ int disk_flush(struct disk *d)
 	return r;
 }
 
-void disk_set_ledger(struct disk *d, struct disk_ledger *l)
+static int disk_replay_one(void *opaque, enum journal_kind kind, uint64_t off, uint64_t len,
+			   const void *data)
 {
-	uint64_t w = atomic_load(&l->written), f = atomic_load(&l->flushed);
+	struct disk *d = opaque;
 
-	if (w != f) {
-		sfs_warn("%s: the previous server died with %llu allocating write(s) not flushed; "
-			 "they are lost, and the guest's next flush fails with EIO",
-			 d->top->display, (unsigned long long)(w - f));
-		atomic_store(&d->lost, true);
-		/* Counted once: the flush that reports them covers them. */
-		atomic_store(&l->flushed, w);
+	return kind == JOURNAL_WRITE ? disk_write(d, data, (size_t)len, off)
+				     : disk_zero(d, off, len);
+}
+
+int disk_set_journal(struct disk *d, struct journal *j)
+{
+	uint64_t used = journal_used(j);
+	int r = 0;
+
+	if (used) {
+		/* Applied, not journaled again (d->journal is still NULL):
+		 * the records stay until this server's first flush covers
+		 * them, so a crash before it replays them again, in order,
+		 * which gives the same bytes. No flush here: it would hold
+		 * the restart up for an fdatasync. */
+		r = journal_replay(j, disk_replay_one, d);
+		if (r == 0) {
+			sfs_warn("%s: replayed %llu bytes of writes the previous server had "
+				 "acknowledged but not flushed",
+				 d->top->display, (unsigned long long)used);
+			atomic_fetch_add(&d->stats.journal_replayed, used);
+		} else {
+			sfs_error("%s: cannot replay the writes the previous server had "
+				  "acknowledged (%s): they are lost, and the guest's next flush "
+				  "fails with EIO",
+				  d->top->display, strerror(-r));
+			atomic_store(&d->lost, true);
+			journal_reset(j);
+		}
 	}
-	d->ledger = l;
+	d->journal = j;
+	return r;
 }
 
 /* Populate one run of at most bufsize bytes starting at pos (cluster-

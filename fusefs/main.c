@@ -350,13 +350,13 @@ static char *sfs_resolve_base(struct disk *disk, const char *name)
 struct sfs_server_env {
 	int fd;	       /* the FUSE connection; -1: we are not a server */
 	int sup_fd;    /* one byte when we serve */
-	int ledger_fd; /* the disk_ledger shared with the supervisor, -1: none */
+	int journal_fd; /* the write journal shared with the supervisor, -1: none */
 	unsigned char init[4096] __attribute__((aligned(8))); /* a fuse_in_header first */
 	size_t init_len;
 	bool forward_init, resend;
 };
 
-static struct sfs_server_env sfs_srv = {.fd = -1, .sup_fd = -1, .ledger_fd = -1};
+static struct sfs_server_env sfs_srv = {.fd = -1, .sup_fd = -1, .journal_fd = -1};
 
 static int sfs_env_int(const char *name)
 {
@@ -374,7 +374,7 @@ static bool sfs_server_env(void)
 	if (sfs_srv.fd < 0 || !hex)
 		return false;
 	sfs_srv.sup_fd = sfs_env_int("STREAMFS_SUP_FD");
-	sfs_srv.ledger_fd = sfs_env_int("STREAMFS_LEDGER_FD");
+	sfs_srv.journal_fd = sfs_env_int("STREAMFS_JOURNAL_FD");
 	for (; hex[0] && hex[1] && sfs_srv.init_len < sizeof(sfs_srv.init); hex += 2) {
 		unsigned b;
 
@@ -396,7 +396,7 @@ static bool sfs_server_env(void)
 	unsetenv("STREAMFS_FUSE_INIT");
 	unsetenv("STREAMFS_FUSE_FD");
 	unsetenv("STREAMFS_SUP_FD");
-	unsetenv("STREAMFS_LEDGER_FD");
+	unsetenv("STREAMFS_JOURNAL_FD");
 	return true;
 }
 
@@ -654,16 +654,20 @@ static int sfs_mount_main(int argc, char **argv)
 		ret = EXIT_IMAGE;
 		goto out;
 	}
-	if (sfs_srv.ledger_fd >= 0) {
-		/* A failover server: keep the ledger where the next one finds it. */
-		void *l = mmap(NULL, sizeof(struct disk_ledger), PROT_READ | PROT_WRITE, MAP_SHARED,
-			       sfs_srv.ledger_fd, 0);
+	if (sfs_srv.journal_fd >= 0 && !o.ro) {
+		/* A failover server: replay what a dead one acknowledged, and
+		 * journal where the next one finds it (include/journal.h). */
+		void *mem = mmap(NULL, JOURNAL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
+				 sfs_srv.journal_fd, 0);
+		struct journal *jr = NULL;
 
-		if (l == MAP_FAILED)
-			sfs_error("ledger: %s: unflushed writes lost in a crash go unreported",
-				  strerror(errno));
-		else if (!o.ro)
-			disk_set_ledger(disk, l);
+		r = mem == MAP_FAILED ? -errno : journal_open(mem, JOURNAL_SIZE, &jr);
+		if (r < 0)
+			sfs_error("write journal: %s: a crash of this server loses the writes it "
+				  "acknowledged since the guest's last flush",
+				  strerror(-r));
+		else
+			disk_set_journal(disk, jr);
 	}
 	if (o.base && !(base = sfs_resolve_base(disk, o.base)))
 		goto out_disk;

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "fusefs.h"
+#include "journal.h"
 #include "util.h"
 
 #define SUP_FUSE_HAS_RESEND (1u << (39 - 32)) /* flags2 bit of FUSE_HAS_RESEND */
@@ -48,7 +49,7 @@ struct sup {
 	bool dead; /* the server crashed and cannot be replaced: leave the mount dead */
 	pid_t server;
 	int status_r, status_w; /* the server writes one byte when it serves */
-	int ledger_fd;		/* memfd: the servers' disk_ledger (include/disk.h) */
+	int journal_fd;		/* memfd: the servers' write journal (include/journal.h) */
 	unsigned restarts, quick;
 	time_t last_restart;
 	uint64_t started_ns, ready_ns, died_ns;
@@ -109,8 +110,8 @@ static int sup_start(struct sup *s)
 	setenv("STREAMFS_FUSE_FD", num, 1);
 	snprintf(num, sizeof(num), "%d", s->status_w);
 	setenv("STREAMFS_SUP_FD", num, 1);
-	snprintf(num, sizeof(num), "%d", s->ledger_fd);
-	setenv("STREAMFS_LEDGER_FD", num, 1);
+	snprintf(num, sizeof(num), "%d", s->journal_fd);
+	setenv("STREAMFS_JOURNAL_FD", num, 1);
 	setenv("STREAMFS_FUSE_INIT_FWD", s->init_done ? "0" : "1", 1);
 	setenv("STREAMFS_RESEND", s->has_resend && s->restarts ? "1" : "0", 1);
 	snprintf(num, sizeof(num), "%u", s->restarts);
@@ -130,7 +131,7 @@ static int sup_start(struct sup *s)
 			_exit(EXIT_FAILURE);
 		fcntl(s->o->fd, F_SETFD, 0);
 		fcntl(s->status_w, F_SETFD, 0);
-		fcntl(s->ledger_fd, F_SETFD, 0);
+		fcntl(s->journal_fd, F_SETFD, 0);
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		execv(s->exe, s->o->argv);
@@ -244,12 +245,13 @@ int sfs_supervise(const struct sfs_sup_opts *o)
 		return -errno;
 	s.status_r = p[0];
 	s.status_w = p[1];
-	/* The durability ledger outlives each server: a new one learns whether
-	 * the dead one left acknowledged writes unflushed (they are lost). */
-	s.ledger_fd = memfd_create("streamfs-ledger", MFD_CLOEXEC);
-	if (s.ledger_fd < 0 || ftruncate(s.ledger_fd, sizeof(struct disk_ledger)) < 0) {
+	/* The write journal outlives each server: a new one replays what the
+	 * dead one acknowledged but had not flushed. Sparse: it costs memory
+	 * only while writes are journaled. */
+	s.journal_fd = memfd_create("streamfs-journal", MFD_CLOEXEC);
+	if (s.journal_fd < 0 || ftruncate(s.journal_fd, JOURNAL_SIZE) < 0) {
 		r = -errno;
-		sfs_error("supervisor: ledger memfd: %s", strerror(-r));
+		sfs_error("supervisor: journal memfd: %s", strerror(-r));
 		goto out;
 	}
 	r = sup_read_init(&s);

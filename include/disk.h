@@ -42,6 +42,7 @@
 #include <stdint.h>
 
 #include "image.h"
+#include "journal.h"
 
 struct rangelock;
 
@@ -59,22 +60,11 @@ struct disk_stats {
 	_Atomic uint64_t net_bytes_closed; /* HTTP bytes fetched by layers since closed */
 	_Atomic uint64_t readahead_bytes;  /* bytes copied ahead of sequential guest reads */
 	_Atomic uint64_t readahead_hits;   /* guest reads (count) served from read-ahead data */
+	_Atomic uint64_t journal_replayed; /* bytes of a dead server's journal replayed */
+	_Atomic uint64_t journal_flushes;  /* flushes made because the journal was full */
 };
 
 struct disk_ra;
-
-/* The durability ledger: guest writes that allocated in the overlay, and
- * how many of them the last successful flush covered. An allocation is
- * durable only after a flush (the drivers' metadata caches are write-back),
- * so a server process that dies loses the unflushed ones. Crash failover
- * keeps the ledger in memory shared with the supervisor: the next server
- * sees written != flushed and fails the guest's next flush with EIO once,
- * as a disk that lost its volatile cache would, instead of letting a
- * flush resent by the kernel report success for lost data. */
-struct disk_ledger {
-	_Atomic uint64_t written;
-	_Atomic uint64_t flushed;
-};
 
 struct disk {
 	struct image *top;	 /* the writable overlay (or read-only with -o ro) */
@@ -92,8 +82,8 @@ struct disk {
 	 * requests and cleared after; runs on the reading thread. */
 	void (*read_observer)(void *opaque, uint64_t off, uint64_t len, bool miss);
 	void *read_observer_opaque;
-	struct disk_ledger own_ledger, *ledger; /* ledger: own_ledger unless shared */
-	_Atomic bool lost;			/* unflushed writes were lost: fail a flush */
+	struct journal *journal; /* failover: acknowledged updates since the last flush */
+	_Atomic bool lost;	 /* acknowledged writes were lost: fail a flush */
 };
 
 /* Wrap an open chain. Takes ownership of top. */
@@ -110,13 +100,14 @@ int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off);
  * written; the backing is hidden, so the stream job skips them. -EINVAL past
  * the size, -EROFS when read-only. */
 int disk_zero(struct disk *d, uint64_t off, uint64_t len);
-/* Durable barrier (guest fsync). -EIO once after disk_set_ledger() found
- * writes a dead server had acknowledged but not flushed. */
+/* Durable barrier (guest fsync). -EIO once after disk_set_journal() could
+ * not replay writes a dead server had acknowledged. */
 int disk_flush(struct disk *d);
-/* Keep the ledger in l (shared memory that outlives this process); if it
- * shows unflushed allocating writes of a previous process, the next flush
- * fails with EIO. Call before serving. */
-void disk_set_ledger(struct disk *d, struct disk_ledger *l);
+/* Crash failover (journal.h): replay what j holds (a dead server's
+ * acknowledged updates; kept until the next flush), then journal every
+ * guest update until a flush covers it. Takes ownership of j. Call before serving; returns
+ * the replay's error (then the next flush fails with EIO). */
+int disk_set_journal(struct disk *d, struct journal *j);
 
 /* Copy everything in [off, off+len) that lives above 'base' (NULL = the
  * whole chain) into the overlay; zero regions above base become zero
