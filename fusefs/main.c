@@ -348,8 +348,8 @@ static char *sfs_resolve_base(struct disk *disk, const char *name)
 /* A server started by the supervisor (fusefs/supervisor.c): what it gave
  * us by environment. */
 struct sfs_server_env {
-	int fd;	       /* the FUSE connection; -1: we are not a server */
-	int sup_fd;    /* one byte when we serve */
+	int fd;		/* the FUSE connection; -1: we are not a server */
+	int sup_fd;	/* one byte when we serve */
 	int journal_fd; /* the write journal shared with the supervisor, -1: none */
 	unsigned char init[4096] __attribute__((aligned(8))); /* a fuse_in_header first */
 	size_t init_len;

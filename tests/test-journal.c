@@ -28,8 +28,8 @@
 #include "journal.h"
 #include "util.h"
 
-#define TJ_MEM (1u << 20) /* journal memory in the tests: 1 MiB */
-#define TJ_CS  4096u
+#define TJ_MEM	(1u << 20) /* journal memory in the tests: 1 MiB */
+#define TJ_CS	4096u
 #define TJ_SIZE (64u * TJ_CS)
 
 static void *tj_map(size_t len)
@@ -216,8 +216,10 @@ static void tj_assert_reads(struct disk *d, const uint8_t *model)
 static void test_disk_journal_replays_after_crash(void **state)
 {
 	const char *fmt = *state;
-	struct image_create_opts co = {.size = TJ_SIZE, .cluster_size = TJ_CS,
-				       .backing_name = "mem:base", .backing_fmt = "raw"};
+	struct image_create_opts co = {.size = TJ_SIZE,
+				       .cluster_size = TJ_CS,
+				       .backing_name = "mem:base",
+				       .backing_fmt = "raw"};
 	uint8_t *base = malloc(TJ_SIZE), *model = malloc(TJ_SIZE), *got = malloc(TJ_SIZE);
 	void *m = tj_map(TJ_MEM);
 	struct journal *j;
