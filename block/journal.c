@@ -52,7 +52,7 @@ struct journal {
 
 #define SPAN(start, end) (((uint64_t)(start) << 32) | (uint64_t)(end))
 #define SPAN_START(s)	 ((s) >> 32)
-#define SPAN_END(s)	 ((s) & 0xffffffffu)
+#define SPAN_END(s)	 ((s)&0xffffffffu)
 
 int journal_open(void *mem, size_t len, struct journal **out)
 {
@@ -116,15 +116,16 @@ int journal_replay(struct journal *j, journal_fn fn, void *opaque)
 				return -EBADMSG;
 			memcpy(&rec, j->area + pos, sizeof(rec));
 			if (rec.magic != JOURNAL_REC_MAGIC ||
-			    (rec.kind != JOURNAL_WRITE && rec.kind != JOURNAL_ZERO) || rec.len == 0 ||
-			    (rec.kind == JOURNAL_WRITE && rec.len > j->size))
+			    (rec.kind != JOURNAL_WRITE && rec.kind != JOURNAL_ZERO) ||
+			    rec.len == 0 || (rec.kind == JOURNAL_WRITE && rec.len > j->size))
 				return -EBADMSG;
 			n = journal_rec_bytes(rec.kind, rec.len);
 			if (n > end - pos)
 				return -EBADMSG;
 			if (pass == 1) {
 				r = fn(opaque, rec.kind, rec.off, rec.len,
-				       rec.kind == JOURNAL_WRITE ? j->area + pos + sizeof(rec) : NULL);
+				       rec.kind == JOURNAL_WRITE ? j->area + pos + sizeof(rec)
+								 : NULL);
 				if (r < 0)
 					return r;
 			}
