@@ -22,6 +22,7 @@
  * cost megabytes each, and a read-ahead already pays a round trip.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -112,6 +113,25 @@ static uint8_t *disk_bounce(size_t len)
  * that starts past the expected offset starts a stream of its own, which
  * continues from there if the pattern holds.) */
 #define DISK_RA_SLACK (64u << 10)
+/* First windows. A booting guest reads many short runs (a file or two of
+ * 100 KiB, an inode table block) near each other but rarely contiguous, so
+ * most of its misses start no stream and the doubling above never starts:
+ * each costs a round trip, where QEMU's http driver, which reads 256 KiB
+ * past every miss, often finds the next read already there. So a miss
+ * that starts a stream also reads a first window past its end, when the
+ * backing link makes that cheap next to a round trip: its transfer takes
+ * at most a quarter of the RTT (measured: fetch_net_totals, the transfer
+ * rate of recent large requests). Local and loopback backings get none.
+ * Whether it pays is measured too: the last DISK_RA_SPEC first windows are
+ * remembered, a guest read that lands in one is a hit, and when fewer than
+ * a quarter hit (random reads) first windows stop, but for one miss in
+ * DISK_RA_PROBE that keeps the measure current. */
+#define DISK_RA_FIRST	      (256u << 10)
+#define DISK_RA_SPEC	      16
+#define DISK_RA_PROBE	      16
+#define DISK_RA_FIRST_MIN_RTT 0.002	  /* s: below it a round trip is not worth saving */
+#define DISK_RA_LINK_NS	      1000000000u /* how often the link's figures are looked at */
+
 /* Misses of one guest read separated by allocated runs shorter than this
  * are fetched in one backing request: re-reading the gap costs less than a
  * round trip on any link where round trips matter. */
@@ -126,18 +146,96 @@ struct disk_ra_stream {
 	uint64_t id;   /* tick of creation: tells a reused slot */
 };
 
+struct disk_ra_spec {
+	uint64_t start, end; /* a first window read ahead */
+	bool hit;	     /* a guest read landed in it since */
+};
+
 struct disk_ra {
 	pthread_mutex_t lock;
 	uint64_t tick;
 	struct disk_ra_stream s[DISK_RA_STREAMS];
+	/* First windows: protected by lock. */
+	uint64_t first;	  /* bytes, 0: none (see First windows) */
+	uint64_t link_ns; /* when first was last derived from the link */
+	bool link_fixed;  /* disk_ra_set_link() gave the link: keep it */
+	struct disk_ra_spec spec[DISK_RA_SPEC];
+	unsigned spec_next;
+	unsigned issued, hits; /* first windows read / hit, halved at 64 */
+	unsigned fresh;	       /* misses that started a stream */
 };
 
 /* What disk_ra_note() found out about one guest read. */
 struct disk_ra_ticket {
-	int slot; /* the stream it moves forward; -1: none */
+	int slot; /* the stream it moves forward or started; -1: none */
 	uint64_t id;
 	bool in_ra; /* it lies in the stream's read-ahead data */
+	bool fresh; /* it started the stream */
 };
+
+/* The first window a link with this round trip and transfer rate gets. */
+static uint64_t disk_ra_first_for(double rtt_s, double rate)
+{
+	double w;
+
+	if (isnan(rtt_s) || isnan(rate) || rtt_s < DISK_RA_FIRST_MIN_RTT)
+		return 0;
+	w = rtt_s * rate / 4;
+	return w >= DISK_RA_FIRST ? DISK_RA_FIRST : w >= DISK_RA_MIN ? DISK_RA_MIN : 0;
+}
+
+/* Refresh ra->first from the network's figures, at most once a
+ * DISK_RA_LINK_NS. Takes ra->lock. */
+static void disk_ra_look_at_link(struct disk_ra *ra)
+{
+	struct fetch_net_stats n;
+	uint64_t now = sfs_now_ns();
+	bool due;
+
+	pthread_mutex_lock(&ra->lock);
+	due = !ra->link_fixed && now - ra->link_ns >= DISK_RA_LINK_NS;
+	if (due)
+		ra->link_ns = now;
+	pthread_mutex_unlock(&ra->lock);
+	if (!due)
+		return;
+	fetch_net_totals(&n);
+	pthread_mutex_lock(&ra->lock);
+	if (!ra->link_fixed)
+		ra->first = disk_ra_first_for(n.rtt_s, n.xfer_rate_bytes_per_s);
+	pthread_mutex_unlock(&ra->lock);
+}
+
+void disk_ra_set_link(struct disk *d, double rtt_s, double rate)
+{
+	pthread_mutex_lock(&d->ra->lock);
+	d->ra->link_fixed = true;
+	d->ra->first = disk_ra_first_for(rtt_s, rate);
+	pthread_mutex_unlock(&d->ra->lock);
+}
+
+uint64_t disk_ra_first_window(struct disk *d)
+{
+	uint64_t w;
+
+	pthread_mutex_lock(&d->ra->lock);
+	w = d->ra->first && (d->ra->issued < 8 || d->ra->hits * 4 >= d->ra->issued) ? d->ra->first
+										    : 0;
+	pthread_mutex_unlock(&d->ra->lock);
+	return w;
+}
+
+/* Should this miss, which started a stream, read a first window? Counts
+ * the miss. Called with ra->lock held. */
+static bool disk_ra_first_pays(struct disk_ra *ra)
+{
+	if (!ra->first)
+		return false;
+	ra->fresh++;
+	if (ra->issued < 8 || ra->hits * 4 >= ra->issued)
+		return true;
+	return ra->fresh % DISK_RA_PROBE == 0;
+}
 
 /* Record the guest read [off, end) in the stream table. */
 static void disk_ra_note(struct disk_ra *ra, uint64_t off, uint64_t end, struct disk_ra_ticket *t)
@@ -149,6 +247,14 @@ static void disk_ra_note(struct disk_ra *ra, uint64_t off, uint64_t end, struct 
 	t->in_ra = false;
 	pthread_mutex_lock(&ra->lock);
 	ra->tick++;
+	for (i = 0; i < DISK_RA_SPEC; i++) {
+		struct disk_ra_spec *w = &ra->spec[i];
+
+		if (!w->hit && off < w->end && end > w->start) {
+			w->hit = true;
+			ra->hits++;
+		}
+	}
 	for (i = 0; i < DISK_RA_STREAMS; i++) {
 		struct disk_ra_stream *c = &ra->s[i];
 
@@ -168,6 +274,9 @@ static void disk_ra_note(struct disk_ra *ra, uint64_t off, uint64_t end, struct 
 	} else {
 		s = &ra->s[lru];
 		*s = (struct disk_ra_stream){.next = end, .id = ra->tick};
+		t->slot = lru;
+		t->id = s->id;
+		t->fresh = true;
 	}
 	s->used = ra->tick;
 	pthread_mutex_unlock(&ra->lock);
@@ -186,10 +295,23 @@ static uint64_t disk_ra_claim(struct disk_ra *ra, const struct disk_ra_ticket *t
 	s = &ra->s[t->slot];
 	/* Not when another read of the stream has claimed this part. */
 	if (s->id == t->id && from > s->ra_end) {
-		w = s->window ? SFS_MIN(2 * s->window, (uint64_t)DISK_RA_MAX) : DISK_RA_MIN;
-		s->window = w;
-		s->ra_start = from;
-		s->ra_end = from + w;
+		if (!t->fresh)
+			w = s->window ? SFS_MIN(2 * s->window, (uint64_t)DISK_RA_MAX) : DISK_RA_MIN;
+		else if (disk_ra_first_pays(ra))
+			w = ra->first;
+		if (w && t->fresh) {
+			ra->spec[ra->spec_next] = (struct disk_ra_spec){from, from + w, false};
+			ra->spec_next = (ra->spec_next + 1) % DISK_RA_SPEC;
+			if (++ra->issued >= 64) {
+				ra->issued /= 2;
+				ra->hits /= 2;
+			}
+		}
+		if (w) {
+			s->window = w;
+			s->ra_start = from;
+			s->ra_end = from + w;
+		}
 	}
 	pthread_mutex_unlock(&ra->lock);
 	return w;
@@ -369,6 +491,8 @@ static int disk_cor(struct disk *d, uint8_t *buf, size_t len, uint64_t off,
 	int slot, r;
 
 	/* Not once the overlay was found full: it could not keep the data. */
+	if (t && t->fresh)
+		disk_ra_look_at_link(d->ra);
 	if (t && !atomic_load(&d->stats.cor_skipped))
 		want = disk_ra_claim(d->ra, t, a + alen);
 	if (want)

@@ -244,6 +244,7 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_u64(b, "bytes_not_copied_overlay_full", atomic_load(&ds->cor_skipped));
 	cb_u64(b, "bytes_read_ahead", atomic_load(&ds->readahead_bytes));
 	cb_u64(b, "readahead_hits", atomic_load(&ds->readahead_hits));
+	cb_u64(b, "readahead_first_window", disk_ra_first_window(c->disk));
 	cb_u64(b, "guest_bytes_read", atomic_load(&ds->guest_read));
 	cb_u64(b, "guest_bytes_written", atomic_load(&ds->guest_written));
 	pthread_rwlock_unlock(&c->disk->chain_lock);

@@ -546,6 +546,7 @@ static void fetch_net_clear(struct fetch_net_stats *out)
 {
 	memset(out, 0, sizeof(*out));
 	out->latency_p50_s = out->latency_p99_s = out->rtt_s = out->rate_bytes_per_s = NAN;
+	out->xfer_rate_bytes_per_s = NAN;
 }
 
 int fetch_net_stats(struct fetch_source *s, struct fetch_net_stats *out)
@@ -614,5 +615,7 @@ void fetch_net_totals(struct fetch_net_stats *out)
 		out->latency_p99_s = fetch_net_max(out->latency_p99_s, k.latency_p99_s);
 		out->rtt_s = fetch_net_min(out->rtt_s, k.rtt_s);
 		out->rate_bytes_per_s = fetch_net_sum(out->rate_bytes_per_s, k.rate_bytes_per_s);
+		out->xfer_rate_bytes_per_s =
+		    fetch_net_max(out->xfer_rate_bytes_per_s, k.xfer_rate_bytes_per_s);
 	}
 }

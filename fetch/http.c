@@ -101,7 +101,13 @@
  *    removes both;
  *  - link rate: bytes of the requests that ended in the last
  *    HTTP_RATE_WINDOW_NS, over the time since the earliest of them began
- *    (all classes; 0 when idle).
+ *    (all classes; 0 when idle);
+ *  - transfer rate: the median, over recent requests of at least
+ *    HTTP_XFER_MIN_BYTES, of bytes over the time from first to last byte
+ *    (at least 1 ms). Unlike the link rate it does not fall when requests
+ *    are few and latency-bound (a booting guest): it is what one more
+ *    request's extra bytes cost, which block/disk.c weighs against a
+ *    round trip.
  *
  * Logging: with the verbose option every request is logged at info level
  * (method, range, status, bytes, time); STREAMFS_HTTP_DEBUG=1 logs the same
@@ -182,6 +188,7 @@
 #define HTTP_VALIDATOR_MAX	     256	  /* in bytes, ETag / Last-Modified */
 #define HTTP_AUTH_FILE_MAX	     8192	  /* in bytes */
 #define HTTP_NET_SAMPLES	     256	  /* recent requests kept for latency/RTT/rate */
+#define HTTP_XFER_MIN_BYTES	     (64u << 10)  /* requests that tell the transfer rate */
 #define HTTP_RATE_WINDOW_NS	     (5ULL * 1000000000)     /* in ns: the link rate's window */
 #define HTTP_MAX_ENDPOINTS	     (1 + FETCH_MAX_MIRRORS) /* the source's URL and its mirrors */
 #define HTTP_DOWN_MIN_MS	     5000  /* a failed server is left alone this long first */
@@ -1205,9 +1212,9 @@ static double http_quantile_s(const uint64_t *v, unsigned n, unsigned percent)
 /* Fill out from n (fields the caller zeroed, NAN for unknown). */
 static void http_net_read(struct http_net *n, struct fetch_net_stats *out)
 {
-	uint64_t lat[HTTP_NET_SAMPLES], now, rtt = UINT64_MAX;
+	uint64_t lat[HTTP_NET_SAMPLES], xfer[HTTP_NET_SAMPLES], now, rtt = UINT64_MAX;
 	uint64_t win_bytes = 0, win_start = UINT64_MAX;
-	unsigned len;
+	unsigned len, nx = 0;
 
 	for (int c = 0; c < FETCH_NCLASSES; c++) {
 		out->in_flight[c] = atomic_load(&n->in_flight[c]);
@@ -1230,6 +1237,9 @@ static void http_net_read(struct http_net *n, struct fetch_net_stats *out)
 
 		lat[i] = smp->end_ns - smp->start_ns;
 		rtt = SFS_MIN(rtt, smp->ttfb_ns);
+		if (smp->bytes >= HTTP_XFER_MIN_BYTES && smp->ttfb_ns < lat[i])
+			xfer[nx++] = (uint64_t)((double)smp->bytes * 1e9 /
+						(double)SFS_MAX(lat[i] - smp->ttfb_ns, 1000000));
 		if (now - smp->end_ns <= HTTP_RATE_WINDOW_NS) {
 			win_bytes += smp->bytes;
 			win_start = SFS_MIN(win_start, smp->start_ns);
@@ -1244,6 +1254,10 @@ static void http_net_read(struct http_net *n, struct fetch_net_stats *out)
 	out->latency_p99_s = http_quantile_s(lat, len, 99);
 	if (rtt != UINT64_MAX)
 		out->rtt_s = (double)rtt / 1e9;
+	if (nx) {
+		qsort(xfer, nx, sizeof(xfer[0]), http_cmp_u64);
+		out->xfer_rate_bytes_per_s = (double)xfer[nx / 2];
+	}
 	out->rate_bytes_per_s = 0;
 	if (win_bytes) {
 		/* Over the time the bytes took to come, at most the window; a

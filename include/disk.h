@@ -100,6 +100,12 @@ int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off);
  * written; the backing is hidden, so the stream job skips them. -EINVAL past
  * the size, -EROFS when read-only. */
 int disk_zero(struct disk *d, uint64_t off, uint64_t len);
+/* Read-ahead: the first window a miss that starts a read stream reads
+ * past itself now (0: none; see block/disk.c), and, for tests and callers
+ * that know better than the network statistics, the backing link's round
+ * trip (s) and transfer rate (bytes/s) it is derived from. */
+uint64_t disk_ra_first_window(struct disk *d);
+void disk_ra_set_link(struct disk *d, double rtt_s, double rate);
 /* Durable barrier (guest fsync). -EIO once after disk_set_journal() could
  * not replay writes a dead server had acknowledged. */
 int disk_flush(struct disk *d);

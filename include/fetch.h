@@ -62,6 +62,7 @@ struct fetch_net_stats {
 	double latency_p99_s;		    /* 99th percentile of the same */
 	double rtt_s;			    /* round-trip time: see fetch/http.c */
 	double rate_bytes_per_s;	    /* bytes/s received over the recent seconds */
+	double xfer_rate_bytes_per_s;	    /* median body rate of recent large requests */
 };
 
 /* The state of one server of a source (fetch_get_mirrors). */

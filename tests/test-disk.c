@@ -1621,6 +1621,56 @@ static void test_disk_ra_random_reads_do_not_read_ahead(void **state)
 	free(base);
 }
 
+/* A far link (80 ms, 62.5 MB/s): a miss that starts no stream reads a
+ * first window of 256 KiB past itself, so nearby reads that are not
+ * contiguous (a booting guest's files) find their data there. */
+static void test_disk_ra_first_window_nearby_reads(void **state)
+{
+	uint8_t *base, buf[8192];
+	struct disk *d = td_setup_ra(td_fmt(state), true, TD_RA_SIZE, &base);
+	uint64_t n = 0;
+
+	assert_int_equal(disk_ra_first_window(d), 0); /* memory backing: no link */
+	disk_ra_set_link(d, 0.080, 62.5e6);
+	assert_int_equal(disk_ra_first_window(d), 256u << 10);
+	/* 8 KiB every 96 KiB: never the offset a stream expects next. */
+	for (uint64_t off = 0; off + sizeof(buf) <= 4u << 20; off += 96u << 10, n++) {
+		assert_int_equal(disk_read(d, buf, sizeof(buf), off), 0);
+		assert_memory_equal(buf, base + off, sizeof(buf));
+	}
+	/* One miss in three reads: the two after it were read ahead. */
+	assert_in_range(td_backing_reads(d), n / 3, n / 3 + 2);
+	assert_int_equal(disk_ra_first_window(d), 256u << 10);
+	td_assert_disk(d, base);
+	assert_int_equal(disk_close(d), 0);
+	td_assert_reopen(TD_OVL, base, TD_RA_SIZE, TD_BASE_URI);
+	free(base);
+}
+
+/* The same link, random reads: first windows stop paying and stop, but
+ * for a probe now and then. */
+static void test_disk_ra_first_window_stops_for_random_reads(void **state)
+{
+	uint64_t size = 64u << 20, nclust = size / TD_CS, bytes;
+	uint8_t *base, buf[4096];
+	struct disk *d = td_setup_ra(td_fmt(state), true, size, &base);
+
+	disk_ra_set_link(d, 0.080, 62.5e6);
+	for (uint64_t i = 1; i <= 300; i++) {
+		uint64_t off = (i * 4937 % nclust) * TD_CS;
+
+		assert_int_equal(disk_read(d, buf, sizeof(buf), off), 0);
+		assert_memory_equal(buf, base + off, sizeof(buf));
+	}
+	assert_int_equal(disk_ra_first_window(d), 0);
+	/* 8 to learn, then one in 16: at most about 27 windows of 256 KiB. */
+	bytes = atomic_load(&d->top->backing->file->stats.bytes_read);
+	assert_true(bytes <= 300 * TD_CS + 30 * (256u << 10));
+	assert_true(bytes >= 300 * TD_CS + 8 * (128u << 10));
+	assert_int_equal(disk_close(d), 0);
+	free(base);
+}
+
 static void test_disk_ra_off_without_copy_on_read(void **state)
 {
 	uint8_t *base;
@@ -1852,6 +1902,8 @@ int main(void)
 	    TD_BOTH(test_disk_flush_failure_keeps_dirty),
 	    TD_BOTH(test_disk_ra_sequential_reads_ramp_up),
 	    TD_BOTH(test_disk_ra_random_reads_do_not_read_ahead),
+	    TD_BOTH(test_disk_ra_first_window_nearby_reads),
+	    TD_BOTH(test_disk_ra_first_window_stops_for_random_reads),
 	    TD_BOTH(test_disk_ra_off_without_copy_on_read),
 	    TD_BOTH(test_disk_ra_two_interleaved_streams),
 	    TD_BOTH(test_disk_ra_clamped_at_image_end),
