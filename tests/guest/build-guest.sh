@@ -19,6 +19,11 @@
 #   STREAMFS-GUEST-DONE              root remounted read-only
 # then powers off. sfs.hold=1 on the command line skips the writes and the
 # power-off (the guest idles, for benchmarks that time the boot only).
+# sfs.soak=N first runs N rounds of: write 1 MiB of random bytes to a new
+# file /soak.<i> with O_DIRECT, wait 0.4 s, sync, drop the page cache, read
+# it and /data back, printing
+#   STREAMFS-GUEST-SOAK <i> ok|BAD <md5 of /data>
+# and then STREAMFS-GUEST-ERRORS <n>: kernel log lines about I/O errors.
 # Under TCG (no KVM) it boots in seconds; root is needed only if busybox or
 # e2fsprogs must be installed first (setup.sh installs them).
 set -euo pipefail
@@ -135,17 +140,36 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-nonce=none hold=
+nonce=none hold= soak=0
 for a in $(cat /proc/cmdline); do
 	case $a in
 	sfs.nonce=*) nonce=${a#sfs.nonce=} ;;
 	sfs.hold=1) hold=1 ;;
+	sfs.soak=*) soak=${a#sfs.soak=} ;;
 	esac
 done
 echo "STREAMFS-GUEST-READY"
 echo "STREAMFS-GUEST-READ $(md5sum /data | cut -d' ' -f1)"
 if [ -n "$hold" ]; then
 	while :; do sleep 3600; done
+fi
+i=0
+while [ "$i" -lt "$soak" ]; do
+	i=$((i + 1))
+	# O_DIRECT into a new file (new blocks: allocating writes in an
+	# overlay), acknowledged some time before the flush (sync).
+	dd if=/dev/urandom of=/soak.$i bs=64k count=16 oflag=direct 2>/dev/null
+	a=$(md5sum </soak.$i | cut -c1-32)
+	sleep 0.4
+	sync
+	echo 3 >/proc/sys/vm/drop_caches
+	b=$(md5sum </soak.$i | cut -c1-32)
+	c=$(md5sum </data | cut -c1-32)
+	if [ "$a" = "$b" ]; then r=ok; else r=BAD; fi
+	echo "STREAMFS-GUEST-SOAK $i $r $c"
+done
+if [ "$soak" -gt 0 ]; then
+	echo "STREAMFS-GUEST-ERRORS $(dmesg | grep -ciE 'I/O error|EXT4-fs (error|warning)|Buffer I/O|blk_update_request|critical medium')"
 fi
 echo "$nonce" >/written
 dd if=/dev/urandom of=/scratch bs=1M count=4 2>/dev/null
