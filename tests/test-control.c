@@ -707,6 +707,7 @@ static const char *ct_status_keys[] = {
     "net_rate_bytes_per_s",
     "bytes_read_ahead",
     "readahead_hits",
+    "readahead_first_window",
     "trace_ranges",
     "trace_clusters_dropped",
     "prefetch",
@@ -720,6 +721,9 @@ static const char *ct_status_keys[] = {
     "supervisor_pid",
     "restarts",
     "last_restart",
+    "journal_bytes",
+    "journal_replayed_bytes",
+    "journal_flushes",
 };
 
 /* Every line is "key: value" with a documented key, each key once. */
