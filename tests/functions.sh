@@ -203,6 +203,21 @@ qcheck() {
 }
 
 # qcheck_crash IMAGE: after a crash, leaks are allowed (exit 3), corruption not.
+# new_server OLD_PID: under crash failover, print the server pid in $T/pid
+# once it differs from OLD_PID and is alive (5 s at most; else fail 1).
+new_server() {
+	local old=$1 p i
+	for ((i = 0; i < 500; i++)); do
+		p=$(cat "$T/pid" 2>/dev/null) || true
+		if [ -n "$p" ] && [ "$p" != "$old" ] && alive "$p"; then
+			echo "$p"
+			return 0
+		fi
+		sleep 0.01
+	done
+	return 1
+}
+
 qcheck_crash() {
 	local out rc=0
 	out=$(qemu-img check -f "$FMT" "$1" 2>&1) || rc=$?

@@ -19,20 +19,6 @@ seed=${SEED:-$RANDOM}
 RANDOM=$seed
 info "seed $seed, $kills kills"
 
-# The pid in $T/pid once it differs from $1 and answers through the mount.
-new_server() {
-	local old=$1 p i
-	for ((i = 0; i < 500; i++)); do
-		p=$(cat "$T/pid" 2>/dev/null) || true
-		if [ -n "$p" ] && [ "$p" != "$old" ] && alive "$p"; then
-			echo "$p"
-			return 0
-		fi
-		sleep 0.01
-	done
-	return 1
-}
-
 getx() { python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], sys.argv[2]).decode())' "$@"; }
 
 mkbacking "$T/base.raw" 64

@@ -50,20 +50,6 @@ wait_console() {
 		fail "no '$1' on the console in $2 s: $(tail -5 "$T/console.log" 2>/dev/null) $(tail -3 "$T/qemu.log")"
 }
 
-# The pid in $T/pid once it differs from $1 and is alive.
-new_server() {
-	local old=$1 p i
-	for ((i = 0; i < 500; i++)); do
-		p=$(cat "$T/pid" 2>/dev/null) || true
-		if [ -n "$p" ] && [ "$p" != "$old" ] && alive "$p"; then
-			echo "$p"
-			return 0
-		fi
-		sleep 0.01
-	done
-	return 1
-}
-
 wait_console "STREAMFS-GUEST-SOAK 1 " 300
 pid=$SFS_PID
 up_at=$((kills / 2 + 1))
