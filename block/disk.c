@@ -422,6 +422,59 @@ static int disk_fill(struct disk *d, const struct extent *ext, void *buf, size_t
 	return image_read_extent(d->top, ext, buf, len, off);
 }
 
+/* Under failover (journal.h) the journal has no room: flush instead,
+ * which makes every allocation done so far durable, this one included. A
+ * replay only notes that a flush is due at its end: a flush now would drop
+ * records it has not applied yet. */
+static int disk_journal_full(struct disk *d)
+{
+	if (d->journal_replaying) {
+		d->journal_flush_due = true;
+		return 0;
+	}
+	atomic_fetch_add(&d->stats.journal_flushes, 1);
+	return disk_flush(d);
+}
+
+/* Journal where [pos, pos+len) of the top, just allocated, now lives.
+ * Called under the range lock that covers it, before the operation that
+ * allocated is acknowledged. */
+static int disk_journal_map(struct disk *d, uint64_t pos, uint64_t len)
+{
+	struct image *top = d->top;
+	uint64_t end = SFS_MIN(pos + len, top->size);
+
+	while (pos < end) {
+		struct extent ext;
+		int r = disk_map(top, pos, end - pos, &ext);
+
+		if (r < 0)
+			return r;
+		if (ext.type == EXT_DATA) {
+			r = journal_append(d->journal, JOURNAL_MAP, pos, ext.len, ext.host_off);
+			if (r == -ENOSPC)
+				return disk_journal_full(d);
+			if (r < 0)
+				return r;
+		}
+		pos += ext.len;
+	}
+	return 0;
+}
+
+/* Every allocation in the top goes through here (guest writes and
+ * zeroing, copy-on-read, read-ahead, populate): the driver writes the data
+ * to the overlay file, then the journal learns where it went. */
+static int disk_alloc_write(struct disk *d, uint64_t pos, const void *buf, uint64_t len)
+{
+	struct image *top = d->top;
+	int r = top->drv->alloc_write(top, pos, buf, len);
+
+	if (r == 0 && d->journal)
+		r = disk_journal_map(d, pos, len);
+	return r;
+}
+
 /* Under the range lock on the cluster-aligned [a, a+alen), which the caller
  * has already filled in bounce[] with the chain's data: allocate every run
  * still unallocated in the top; runs that became allocated meanwhile are
@@ -450,7 +503,7 @@ static int disk_commit_locked(struct disk *d, uint8_t *bounce, uint64_t a, uint6
 			/* Extend to whole clusters: the run may end mid-cluster
 			 * only at the image end. */
 			uint64_t wlen = SFS_ALIGN_UP(ext.len, top->cluster_size);
-			r = top->drv->alloc_write(top, pos, bounce + (pos - a), wlen);
+			r = disk_alloc_write(d, pos, bounce + (pos - a), wlen);
 			if (best_effort && (r == -ENOSPC || r == -EDQUOT)) {
 				if (atomic_fetch_add(&d->stats.cor_skipped, ext.len) == 0)
 					sfs_warn(
@@ -658,7 +711,7 @@ static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uin
 					return r;
 			}
 			memcpy(bounce + (wa - pos), buf + (wa - off), (size_t)(wb - wa));
-			r = top->drv->alloc_write(top, pos, bounce, clen);
+			r = disk_alloc_write(d, pos, bounce, clen);
 			if (r < 0)
 				return r;
 			atomic_store(&d->dirty, true);
@@ -673,23 +726,6 @@ static int disk_write_locked(struct disk *d, const uint8_t *buf, size_t len, uin
  * [a, a+alen), counted as guest I/O for the job's yielding. */
 typedef int (*disk_update_fn)(struct disk *d, const void *arg, uint64_t off, uint64_t len,
 			      uint64_t a, uint64_t alen);
-
-/* Under failover, keep a done guest update in the journal before it is
- * acknowledged (journal.h), still under its range lock: updates of the
- * same clusters are then kept in the order they were applied. A journal
- * without room for it gets a flush instead, which makes this update (done
- * already) and every earlier one durable. */
-static int disk_journal_note(struct disk *d, enum journal_kind kind, uint64_t off, uint64_t len,
-			     const void *data)
-{
-	int r = journal_append(d->journal, kind, off, len, data);
-
-	if (r == -ENOSPC) {
-		atomic_fetch_add(&d->stats.journal_flushes, 1);
-		r = disk_flush(d);
-	}
-	return r;
-}
 
 static int disk_guest_update(struct disk *d, uint64_t off, uint64_t len, int past_end,
 			     disk_update_fn fn, const void *arg, enum journal_kind kind)
@@ -716,8 +752,11 @@ static int disk_guest_update(struct disk *d, uint64_t off, uint64_t len, int pas
 		r = slot;
 	} else {
 		r = fn(d, arg, off, len, a, alen);
-		if (r == 0 && d->journal)
-			r = disk_journal_note(d, kind, off, len, arg);
+		if (r == 0 && d->journal && kind == JOURNAL_ZERO) {
+			r = journal_append(d->journal, JOURNAL_ZERO, off, len, 0);
+			if (r == -ENOSPC)
+				r = disk_journal_full(d);
+		}
 		rangelock_unlock(d->locks, slot);
 	}
 	pthread_rwlock_unlock(&d->chain_lock);
@@ -737,7 +776,7 @@ static int disk_write_fn(struct disk *d, const void *buf, uint64_t off, uint64_t
 
 int disk_write(struct disk *d, const void *buf, size_t len, uint64_t off)
 {
-	int r = disk_guest_update(d, off, len, -ENOSPC, disk_write_fn, buf, JOURNAL_WRITE);
+	int r = disk_guest_update(d, off, len, -ENOSPC, disk_write_fn, buf, JOURNAL_MAP);
 
 	if (r == 0)
 		atomic_fetch_add(&d->stats.guest_written, len);
@@ -759,7 +798,7 @@ static int disk_zero_run(struct disk *d, uint64_t pos, uint64_t zlen, const uint
 		for (uint64_t done = 0; r == 0 && done < zlen;) {
 			uint64_t c = SFS_MIN((uint64_t)zbuflen, zlen - done);
 
-			r = top->drv->alloc_write(top, pos + done, zbuf, c);
+			r = disk_alloc_write(d, pos + done, zbuf, c);
 			done += c;
 		}
 	}
@@ -854,13 +893,69 @@ int disk_flush(struct disk *d)
 	return r;
 }
 
+/* Replay a zeroing: only where the top does not hold data now. Data there
+ * was zeroed in place and is in the file already (with any later writes,
+ * which zeroing again would destroy); the rest was a metadata change the
+ * dead server lost. */
+static int disk_replay_zero(struct disk *d, uint64_t off, uint64_t len)
+{
+	uint64_t end = off + len;
+
+	while (off < end) {
+		struct extent ext;
+		int r = disk_map(d->top, off, end - off, &ext);
+
+		if (r == 0 && ext.type != EXT_DATA)
+			r = disk_zero(d, off, ext.len);
+		if (r < 0)
+			return r;
+		off += ext.len;
+	}
+	return 0;
+}
+
+/* Replay an allocation: the run's bytes are still at host in the file
+ * (allocators only append; in-place writes after the allocation went there
+ * too), so copy them into the disk again. */
+static int disk_replay_map(struct disk *d, uint64_t off, uint64_t len, uint64_t host)
+{
+	struct image *top = d->top;
+	uint64_t done = 0, hend;
+	size_t cap = 1u << 20;
+	uint8_t *buf;
+	int r = 0;
+
+	if (!sfs_add_ok(host, len, &hend) || hend > fetch_size(top->file) ||
+	    host % top->cluster_size || off % top->cluster_size)
+		return -EBADMSG;
+	buf = malloc(cap);
+	if (!buf)
+		return -ENOMEM;
+	while (r == 0 && done < len) {
+		size_t n = (size_t)SFS_MIN((uint64_t)cap, len - done);
+
+		r = fetch_pread(top->file, buf, n, host + done);
+		if (r == 0)
+			r = disk_write(d, buf, n, off + done);
+		done += n;
+	}
+	free(buf);
+	return r;
+}
+
 static int disk_replay_one(void *opaque, enum journal_kind kind, uint64_t off, uint64_t len,
-			   const void *data)
+			   uint64_t host)
 {
 	struct disk *d = opaque;
+	uint64_t end;
 
-	return kind == JOURNAL_WRITE ? disk_write(d, data, (size_t)len, off)
-				     : disk_zero(d, off, len);
+	if (!sfs_add_ok(off, len, &end) || end > SFS_ALIGN_UP(d->top->size, d->top->cluster_size))
+		return -EBADMSG;
+	len = SFS_MIN(end, d->top->size) - off; /* a last partial cluster */
+	if (len == 0)
+		return 0;
+	return kind == JOURNAL_MAP ? disk_replay_map(d, off, len, host)
+				   : disk_replay_zero(d, off, len);
 }
 
 int disk_set_journal(struct disk *d, struct journal *j)
@@ -868,18 +963,23 @@ int disk_set_journal(struct disk *d, struct journal *j)
 	uint64_t used = journal_used(j);
 	int r = 0;
 
+	/* Journal from the start: the replay's own allocations are recorded
+	 * after the old records, so a crash of this server before its first
+	 * flush replays both, in order. The old records stay until that
+	 * flush. */
+	d->journal = j;
 	if (used) {
-		/* Applied, not journaled again (d->journal is still NULL):
-		 * the records stay until this server's first flush covers
-		 * them, so a crash before it replays them again, in order,
-		 * which gives the same bytes. No flush here: it would hold
-		 * the restart up for an fdatasync. */
+		d->journal_replaying = true;
 		r = journal_replay(j, disk_replay_one, d);
+		d->journal_replaying = false;
+		if (r == 0 && d->journal_flush_due)
+			r = disk_flush(d);
 		if (r == 0) {
-			sfs_warn("%s: replayed %llu bytes of writes the previous server had "
-				 "acknowledged but not flushed",
-				 d->top->display, (unsigned long long)used);
-			atomic_fetch_add(&d->stats.journal_replayed, used);
+			sfs_warn(
+			    "%s: replayed %llu record(s) of allocations the previous server had "
+			    "acknowledged but not flushed",
+			    d->top->display, (unsigned long long)(used / 32));
+			atomic_fetch_add(&d->stats.journal_replayed, used / 32);
 		} else {
 			sfs_error("%s: cannot replay the writes the previous server had "
 				  "acknowledged (%s): they are lost, and the guest's next flush "
@@ -889,7 +989,6 @@ int disk_set_journal(struct disk *d, struct journal *j)
 			journal_reset(j);
 		}
 	}
-	d->journal = j;
 	return r;
 }
 

@@ -1,8 +1,7 @@
-/* streamfs: the failover write journal (see journal.h).
+/* streamfs: the failover allocation journal (see journal.h).
  *
  * LAYOUT: the first page is the header, the records follow it back to
- * back, each a struct journal_rec and, for a write, its data padded to 8
- * bytes. The live records are [start, end) of the record area; both live
+ * back, each a struct journal_rec. The live records are [start, end) of the record area; both live
  * in one 64-bit word, span = start << 32 | end, so a single store commits
  * an append (end moves past a record written beyond it) or a release
  * (start moves, or both go back to 0). A server killed at any instruction
@@ -10,10 +9,7 @@
  * it.
  *
  * THREAD MODEL: appends, marks and releases take j->lock (a process-local
- * mutex: only one server uses the memory at a time). The copy of a write's
- * data happens under it; writes are at most FUSE's max_write, and the
- * alternative (reserving space, then copying unlocked) would let a record
- * be committed before an earlier one is complete.
+ * mutex: only one server uses the memory at a time); a record is 32 bytes.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -39,8 +35,9 @@ struct journal_hdr {
 struct journal_rec {
 	uint32_t magic;
 	uint32_t kind;
-	uint64_t off;
-	uint64_t len; /* bytes of the guest range (and of data, for a write) */
+	uint64_t off;  /* guest offset */
+	uint64_t len;  /* bytes */
+	uint64_t host; /* JOURNAL_MAP: file offset of the run */
 };
 
 struct journal {
@@ -94,11 +91,6 @@ uint64_t journal_used(struct journal *j)
 	return SPAN_END(s) > SPAN_START(s) ? SPAN_END(s) - SPAN_START(s) : 0;
 }
 
-static uint64_t journal_rec_bytes(enum journal_kind kind, uint64_t len)
-{
-	return sizeof(struct journal_rec) + (kind == JOURNAL_WRITE ? SFS_ALIGN_UP(len, 8) : 0);
-}
-
 int journal_replay(struct journal *j, journal_fn fn, void *opaque)
 {
 	uint64_t s = atomic_load(&j->hdr->span), start = SPAN_START(s), end = SPAN_END(s);
@@ -116,16 +108,11 @@ int journal_replay(struct journal *j, journal_fn fn, void *opaque)
 				return -EBADMSG;
 			memcpy(&rec, j->area + pos, sizeof(rec));
 			if (rec.magic != JOURNAL_REC_MAGIC ||
-			    (rec.kind != JOURNAL_WRITE && rec.kind != JOURNAL_ZERO) ||
-			    rec.len == 0 || (rec.kind == JOURNAL_WRITE && rec.len > j->size))
+			    (rec.kind != JOURNAL_MAP && rec.kind != JOURNAL_ZERO) || rec.len == 0)
 				return -EBADMSG;
-			n = journal_rec_bytes(rec.kind, rec.len);
-			if (n > end - pos)
-				return -EBADMSG;
+			n = sizeof(rec);
 			if (pass == 1) {
-				r = fn(opaque, rec.kind, rec.off, rec.len,
-				       rec.kind == JOURNAL_WRITE ? j->area + pos + sizeof(rec)
-								 : NULL);
+				r = fn(opaque, rec.kind, rec.off, rec.len, rec.host);
 				if (r < 0)
 					return r;
 			}
@@ -136,28 +123,25 @@ int journal_replay(struct journal *j, journal_fn fn, void *opaque)
 }
 
 int journal_append(struct journal *j, enum journal_kind kind, uint64_t off, uint64_t len,
-		   const void *data)
+		   uint64_t host)
 {
-	struct journal_rec rec = {.magic = JOURNAL_REC_MAGIC, .kind = kind, .off = off, .len = len};
-	uint64_t n, s, end;
+	struct journal_rec rec = {
+	    .magic = JOURNAL_REC_MAGIC, .kind = kind, .off = off, .len = len, .host = host};
+	uint64_t s, end;
 
 	if (len == 0)
 		return 0;
-	if (kind == JOURNAL_WRITE && len > j->size)
-		return -ENOSPC;
-	n = journal_rec_bytes(kind, len);
 	pthread_mutex_lock(&j->lock);
 	s = atomic_load(&j->hdr->span);
 	end = SPAN_END(s);
-	if (n > j->size - end) {
+	if (sizeof(rec) > j->size - end) {
 		pthread_mutex_unlock(&j->lock);
 		return -ENOSPC;
 	}
 	memcpy(j->area + end, &rec, sizeof(rec));
-	if (kind == JOURNAL_WRITE)
-		memcpy(j->area + end + sizeof(rec), data, len);
 	/* Release: the record is complete before the span covers it. */
-	atomic_store_explicit(&j->hdr->span, SPAN(SPAN_START(s), end + n), memory_order_release);
+	atomic_store_explicit(&j->hdr->span, SPAN(SPAN_START(s), end + sizeof(rec)),
+			      memory_order_release);
 	pthread_mutex_unlock(&j->lock);
 	return 0;
 }

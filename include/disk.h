@@ -60,7 +60,7 @@ struct disk_stats {
 	_Atomic uint64_t net_bytes_closed; /* HTTP bytes fetched by layers since closed */
 	_Atomic uint64_t readahead_bytes;  /* bytes copied ahead of sequential guest reads */
 	_Atomic uint64_t readahead_hits;   /* guest reads (count) served from read-ahead data */
-	_Atomic uint64_t journal_replayed; /* bytes of a dead server's journal replayed */
+	_Atomic uint64_t journal_replayed; /* records of a dead server's journal replayed */
 	_Atomic uint64_t journal_flushes;  /* flushes made because the journal was full */
 };
 
@@ -82,7 +82,9 @@ struct disk {
 	 * requests and cleared after; runs on the reading thread. */
 	void (*read_observer)(void *opaque, uint64_t off, uint64_t len, bool miss);
 	void *read_observer_opaque;
-	struct journal *journal; /* failover: acknowledged updates since the last flush */
+	struct journal *journal; /* failover: allocations since the last flush */
+	bool journal_replaying;	 /* disk_set_journal() is replaying: no flush on full */
+	bool journal_flush_due;	 /* ... and the journal filled up meanwhile */
 	_Atomic bool lost;	 /* acknowledged writes were lost: fail a flush */
 };
 
@@ -110,9 +112,9 @@ void disk_ra_set_link(struct disk *d, double rtt_s, double rate);
  * not replay writes a dead server had acknowledged. */
 int disk_flush(struct disk *d);
 /* Crash failover (journal.h): replay what j holds (a dead server's
- * acknowledged updates; kept until the next flush), then journal every
- * guest update until a flush covers it. Takes ownership of j. Call before serving; returns
- * the replay's error (then the next flush fails with EIO). */
+ * allocations and zeroings; kept until the next flush), then journal every
+ * allocation and zeroing until a flush covers it. Takes ownership of j. Call before serving;
+ * returns the replay's error (then the next flush fails with EIO). */
 int disk_set_journal(struct disk *d, struct journal *j);
 
 /* Copy everything in [off, off+len) that lives above 'base' (NULL = the

@@ -722,7 +722,7 @@ static const char *ct_status_keys[] = {
     "restarts",
     "last_restart",
     "journal_bytes",
-    "journal_replayed_bytes",
+    "journal_replayed_records",
     "journal_flushes",
 };
 

@@ -162,7 +162,7 @@ SFS_PID=$(new_server "$old_pid") || fail "no new server after the kill"
 touch "$T/lost.killed"
 wait $LP || fail "journaled writer: $(cat "$T/lost.out")"
 grep -q "fsync: ok" "$T/lost.out" || fail "fsync after a kill: $(cat "$T/lost.out")"
-grep -q "^journal_replayed_bytes: [1-9]" "$T/mnt/control/status" || fail "nothing replayed"
+grep -q "^journal_replayed_records: [1-9]" "$T/mnt/control/status" || fail "nothing replayed"
 [ "$(dd if="$T/mnt/disk" bs=64k skip=$((off >> 16)) count=1 iflag=direct status=none | tr -d M | wc -c)" = 0 ] ||
 	fail "the acknowledged write is not there after the kill"
 sfs_umount "$T/mnt"

@@ -1,13 +1,14 @@
-/* streamfs: unit tests for the failover write journal (block/journal.c)
- * and its use by the disk (disk_set_journal, block/disk.c).
+/* streamfs: unit tests for the failover allocation journal
+ * (block/journal.c) and its use by the disk (disk_set_journal,
+ * block/disk.c).
  *
  * The journal alone: records come back in order, a flush's mark releases
  * exactly what came before it, a full journal says ENOSPC, and damaged
  * memory (header or records) is refused before anything is applied.
  *
  * With the disk, a server crash is simulated in one process: a disk with
- * a journal takes writes and zeroings without a flush and is then
- * abandoned (its write-back metadata never reaches the overlay, as when
+ * a journal takes writes, zeroings and copy-on-read without a flush and is
+ * then abandoned (its write-back metadata never reaches the overlay, as when
  * the process is killed); a second disk opened on the same overlay bytes
  * first shows that the writes are really lost without the journal, then
  * replays the journal and must read exactly what the guest was told.
@@ -43,12 +44,11 @@ static void *tj_map(size_t len)
 struct tj_seen {
 	unsigned n;
 	enum journal_kind kind[16];
-	uint64_t off[16], len[16];
-	uint8_t first[16];
+	uint64_t off[16], len[16], host[16];
 };
 
 static int tj_collect(void *opaque, enum journal_kind kind, uint64_t off, uint64_t len,
-		      const void *data)
+		      uint64_t host)
 {
 	struct tj_seen *s = opaque;
 
@@ -56,7 +56,7 @@ static int tj_collect(void *opaque, enum journal_kind kind, uint64_t off, uint64
 	s->kind[s->n] = kind;
 	s->off[s->n] = off;
 	s->len[s->n] = len;
-	s->first[s->n] = data ? *(const uint8_t *)data : 0;
+	s->host[s->n] = host;
 	s->n++;
 	return 0;
 }
@@ -66,33 +66,30 @@ static void test_journal_order_mark_release(void **state)
 	void *m = tj_map(TJ_MEM);
 	struct journal *j;
 	struct tj_seen s = {0};
-	uint8_t a[100], b[7];
 	uint64_t mark;
 
-	memset(a, 'a', sizeof(a));
-	memset(b, 'b', sizeof(b));
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
 	assert_int_equal(journal_used(j), 0);
-	assert_int_equal(journal_append(j, JOURNAL_WRITE, 4096, sizeof(a), a), 0);
-	assert_int_equal(journal_append(j, JOURNAL_ZERO, 0, 1 << 20, NULL), 0);
+	assert_int_equal(journal_append(j, JOURNAL_MAP, 4096, 65536, 1 << 20), 0);
+	assert_int_equal(journal_append(j, JOURNAL_ZERO, 0, 1 << 20, 0), 0);
 	mark = journal_mark(j);
-	assert_int_equal(journal_append(j, JOURNAL_WRITE, 5, sizeof(b), b), 0);
+	assert_int_equal(journal_append(j, JOURNAL_MAP, 5 << 16, 1 << 16, 3 << 20), 0);
 	assert_int_equal(journal_replay(j, tj_collect, &s), 0);
 	assert_int_equal(s.n, 3);
-	assert_int_equal(s.kind[0], JOURNAL_WRITE);
+	assert_int_equal(s.kind[0], JOURNAL_MAP);
 	assert_int_equal(s.off[0], 4096);
-	assert_int_equal(s.len[0], 100);
-	assert_int_equal(s.first[0], 'a');
+	assert_int_equal(s.len[0], 65536);
+	assert_int_equal(s.host[0], 1 << 20);
 	assert_int_equal(s.kind[1], JOURNAL_ZERO);
 	assert_int_equal(s.len[1], 1 << 20);
-	assert_int_equal(s.first[2], 'b');
+	assert_int_equal(s.host[2], 3 << 20);
 
 	/* A flush covered the first two: only the third is left. */
 	journal_release(j, mark);
 	memset(&s, 0, sizeof(s));
 	assert_int_equal(journal_replay(j, tj_collect, &s), 0);
 	assert_int_equal(s.n, 1);
-	assert_int_equal(s.off[0], 5);
+	assert_int_equal(s.off[0], 5 << 16);
 	/* The next process finds the same records in the same memory. */
 	journal_close(j);
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
@@ -111,25 +108,21 @@ static void test_journal_full_is_enospc(void **state)
 {
 	void *m = tj_map(TJ_MEM);
 	struct journal *j;
-	uint8_t *big = calloc(1, 256 << 10);
-	int n = 0, r;
+	unsigned n = 0;
+	int r;
 
-	assert_non_null(big);
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
-	while ((r = journal_append(j, JOURNAL_WRITE, 0, 256 << 10, big)) == 0)
+	while ((r = journal_append(j, JOURNAL_MAP, 0, 4096, 4096)) == 0)
 		n++;
 	assert_int_equal(r, -ENOSPC);
-	assert_int_equal(n, 3); /* 1 MiB - a page of header: three records fit */
-	/* Larger than the whole journal: never fits. */
+	assert_int_equal(n, (TJ_MEM - 4096) / 32); /* 32 bytes a record */
 	journal_reset(j);
-	assert_int_equal(journal_append(j, JOURNAL_WRITE, 0, TJ_MEM, big), -ENOSPC);
+	assert_int_equal(journal_append(j, JOURNAL_ZERO, 0, 1ull << 40, 0), 0);
 	journal_close(j);
-	free(big);
 	munmap(m, TJ_MEM);
 }
 
-static int tj_never(void *opaque, enum journal_kind kind, uint64_t off, uint64_t len,
-		    const void *data)
+static int tj_never(void *opaque, enum journal_kind kind, uint64_t off, uint64_t len, uint64_t host)
 {
 	fail_msg("a damaged journal applied a record");
 	return 0;
@@ -139,17 +132,16 @@ static void test_journal_damage_refused(void **state)
 {
 	uint8_t *m = tj_map(TJ_MEM);
 	struct journal *j;
-	uint8_t d[64] = {1};
 
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
-	assert_int_equal(journal_append(j, JOURNAL_WRITE, 0, sizeof(d), d), 0);
-	assert_int_equal(journal_append(j, JOURNAL_WRITE, 64, sizeof(d), d), 0);
+	assert_int_equal(journal_append(j, JOURNAL_MAP, 0, 4096, 4096), 0);
+	assert_int_equal(journal_append(j, JOURNAL_MAP, 4096, 4096, 8192), 0);
 	journal_close(j);
 	/* Another size than the one it was made with. */
 	assert_int_equal(journal_open(m, TJ_MEM / 2, &j), -EINVAL);
-	/* The second record's length runs past the span: nothing applied,
-	 * not even the intact first record. */
-	m[4096 + 24 + 64 + 16] = 0xff;
+	/* The second record's kind is unknown: nothing applied, not even
+	 * the intact first record. */
+	m[4096 + 32 + 4] = 9;
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
 	assert_int_equal(journal_replay(j, tj_never, NULL), -EBADMSG);
 	journal_close(j);
@@ -161,13 +153,13 @@ static void test_journal_damage_refused(void **state)
 
 /* ---- with the disk ---- */
 
-static struct disk *tj_open(struct journal *j)
+static struct disk *tj_open(struct journal *j, bool cor)
 {
 	struct image *top = NULL;
 	struct disk *d = NULL;
 
 	assert_int_equal(image_open_chain("mem:ovl", NULL, IMAGE_RDWR, NULL, &top), 0);
-	assert_int_equal(disk_new(top, false, false, &d), 0);
+	assert_int_equal(disk_new(top, cor, false, &d), 0);
 	if (j)
 		assert_int_equal(disk_set_journal(d, j), 0);
 	return d;
@@ -201,6 +193,12 @@ static void tj_updates(struct disk *d, uint8_t *model)
 	tj_fill(buf, TJ_CS, 4);
 	assert_int_equal(disk_write(d, buf, TJ_CS, 21 * TJ_CS), 0);
 	memcpy(model + 21 * TJ_CS, buf, TJ_CS);
+	/* Copy-on-read allocates cluster 30; a write then lands in place. */
+	assert_int_equal(disk_read(d, buf, 100, 30 * TJ_CS + 50), 0);
+	assert_memory_equal(buf, model + 30 * TJ_CS + 50, 100);
+	tj_fill(buf, 200, 5);
+	assert_int_equal(disk_write(d, buf, 200, 30 * TJ_CS + 1000), 0);
+	memcpy(model + 30 * TJ_CS + 1000, buf, 200);
 }
 
 static void tj_assert_reads(struct disk *d, const uint8_t *model)
@@ -233,7 +231,7 @@ static void test_disk_journal_replays_after_crash(void **state)
 	assert_int_equal(image_create("mem:ovl", fmt, &co), 0);
 
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
-	dead = tj_open(j);
+	dead = tj_open(j, true);
 	tj_updates(dead, model);
 	assert_true(journal_used(j) > 0);
 	tj_assert_reads(dead, model);
@@ -241,28 +239,33 @@ static void test_disk_journal_replays_after_crash(void **state)
 
 	/* Without the journal the acknowledged writes are gone (this is why
 	 * it exists): the overlay's file shows the backing there. */
-	blind = tj_open(NULL);
+	blind = tj_open(NULL, false);
 	assert_int_equal(disk_read(blind, got, TJ_SIZE, 0), 0);
 	assert_memory_not_equal(got + 4 * TJ_CS, model + 4 * TJ_CS, 2 * TJ_CS);
 	assert_memory_equal(got + 4 * TJ_CS, base + 4 * TJ_CS, 2 * TJ_CS);
+	assert_memory_equal(got + 30 * TJ_CS + 1000, base + 30 * TJ_CS + 1000, 200);
 	disk_close(blind); /* it wrote nothing */
 
 	/* The next server replays and keeps the records until its first
-	 * flush; dying before it, the one after replays them again. */
+	 * flush; it writes in place into a cluster its replay allocated, and
+	 * dies too: the one after replays both servers' records. */
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
-	d = tj_open(j);
+	d = tj_open(j, true);
 	assert_true(atomic_load(&d->stats.journal_replayed) > 0);
 	assert_true(journal_used(j) > 0);
 	tj_assert_reads(d, model);
+	tj_fill(got, 300, 7);
+	assert_int_equal(disk_write(d, got, 300, 4 * TJ_CS + 2000), 0);
+	memcpy(model + 4 * TJ_CS + 2000, got, 300);
 	assert_int_equal(journal_open(m, TJ_MEM, &j), 0);
-	dead2 = tj_open(j);
+	dead2 = tj_open(j, true);
 	tj_assert_reads(dead2, model);
 	assert_int_equal(disk_flush(dead2), 0);
 	assert_int_equal(journal_used(j), 0);
 	assert_int_equal(disk_close(dead2), 0);
 
 	/* Durable: a plain open (no journal) sees the same bytes. */
-	blind = tj_open(NULL);
+	blind = tj_open(NULL, false);
 	tj_assert_reads(blind, model);
 	disk_close(blind);
 	disk_close(dead); /* only now: their stale metadata no longer matters */
@@ -280,7 +283,7 @@ static void test_disk_journal_full_flushes(void **state)
 {
 	const char *fmt = *state;
 	struct image_create_opts co = {.size = TJ_SIZE, .cluster_size = TJ_CS};
-	size_t jlen = 4096 + 3 * (TJ_CS + 64); /* three one-cluster writes */
+	size_t jlen = 4096 + 3 * 32; /* three allocations */
 	uint8_t *model = calloc(1, TJ_SIZE), buf[TJ_CS];
 	void *m = tj_map(jlen);
 	struct journal *j;
@@ -290,7 +293,7 @@ static void test_disk_journal_full_flushes(void **state)
 	fetch_mem_reset();
 	assert_int_equal(image_create("mem:ovl", fmt, &co), 0);
 	assert_int_equal(journal_open(m, jlen, &j), 0);
-	dead = tj_open(j);
+	dead = tj_open(j, false);
 	for (unsigned i = 0; i < 10; i++) {
 		tj_fill(buf, TJ_CS, (uint8_t)(i + 10));
 		assert_int_equal(disk_write(dead, buf, TJ_CS, (uint64_t)i * 3 * TJ_CS), 0);
@@ -298,7 +301,7 @@ static void test_disk_journal_full_flushes(void **state)
 	}
 	assert_true(atomic_load(&dead->stats.journal_flushes) >= 2);
 	assert_int_equal(journal_open(m, jlen, &j), 0);
-	d = tj_open(j);
+	d = tj_open(j, false);
 	tj_assert_reads(d, model);
 	disk_close(d);
 	disk_close(dead);
