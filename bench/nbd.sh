@@ -7,6 +7,7 @@
 # on loopback and through bench/linkem (NBD_LINKS="RTT_MS:RATE_MBIT ...").
 # Medians of NBD_RUNS (3). Every streamfs and qsd overlay is compared with
 # the source (qemu-img compare). Usage: make bench-nbd, or bench/nbd.sh.
+# NBD_SFS_OPTS="-o stream_depth=2": extra streamfs mount options.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 S=${STREAMFS:-$ROOT/streamfs}
@@ -40,7 +41,8 @@ sfs_run() {
 	rm -f ov.qcow2
 	mkdir -p mnt
 	"$S" create -f qcow2 -b "$1" -F raw ov.qcow2 >/dev/null || return 1
-	"$S" ov.qcow2 mnt || return 1
+	# shellcheck disable=SC2086 # NBD_SFS_OPTS: words of extra mount options
+	"$S" ov.qcow2 mnt ${NBD_SFS_OPTS:-} || return 1
 	local t0
 	t0=$(now)
 	echo start >mnt/control/stream

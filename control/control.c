@@ -258,7 +258,7 @@ static void control_render_status(struct control_buf *b, struct control_ctx *c)
 	cb_u64(b, "restarts", c->restarts);
 	cb_printf(b, "last_restart: %lld\n", c->last_restart);
 	cb_u64(b, "journal_bytes", c->disk->journal ? journal_used(c->disk->journal) : 0);
-	cb_u64(b, "journal_replayed_bytes", atomic_load(&ds->journal_replayed));
+	cb_u64(b, "journal_replayed_records", atomic_load(&ds->journal_replayed));
 	cb_u64(b, "journal_flushes", atomic_load(&ds->journal_flushes));
 }
 
