@@ -40,7 +40,21 @@ struct sfs_mount {
 	struct sfs_xattr *disk_xattrs; /* user.* and trusted.* of /disk, in memory */
 	unsigned disk_nxattrs;
 	size_t disk_xattr_bytes; /* names + values, bounded by SFS_XATTR_MAX_BYTES */
+	void *attrs_shm;	 /* failover: a copy for the next server (attrs.c), or NULL */
 };
+
+/* Extended attributes of /disk: at most this many, names and values
+ * together at most this many bytes (then ENOSPC). */
+#define SFS_XATTR_MAX	    64
+#define SFS_XATTR_MAX_BYTES (256u << 10)
+
+/* The attributes of /disk across crash failover (fusefs/attrs.c): the
+ * shared memory they need (created by the supervisor), starting from what
+ * it holds (-EINVAL/-EBADMSG: unusable, m untouched), and saving them after
+ * a change (called with attr_lock held; nothing without shared memory). */
+#define SFS_ATTRS_SHM_SIZE (1u << 20)
+int sfs_attrs_attach(struct sfs_mount *m, void *shm, size_t len);
+void sfs_attrs_save(struct sfs_mount *m);
 
 /* The FUSE operations table (fusefs/ops.c). */
 extern const struct fuse_operations sfs_fuse_ops;

@@ -351,12 +351,13 @@ struct sfs_server_env {
 	int fd;		/* the FUSE connection; -1: we are not a server */
 	int sup_fd;	/* one byte when we serve */
 	int journal_fd; /* the write journal shared with the supervisor, -1: none */
+	int attrs_fd;	/* /disk's attributes shared with it (attrs.c), -1: none */
 	unsigned char init[4096] __attribute__((aligned(8))); /* a fuse_in_header first */
 	size_t init_len;
 	bool forward_init, resend;
 };
 
-static struct sfs_server_env sfs_srv = {.fd = -1, .sup_fd = -1, .journal_fd = -1};
+static struct sfs_server_env sfs_srv = {.fd = -1, .sup_fd = -1, .journal_fd = -1, .attrs_fd = -1};
 
 static int sfs_env_int(const char *name)
 {
@@ -375,6 +376,7 @@ static bool sfs_server_env(void)
 		return false;
 	sfs_srv.sup_fd = sfs_env_int("STREAMFS_SUP_FD");
 	sfs_srv.journal_fd = sfs_env_int("STREAMFS_JOURNAL_FD");
+	sfs_srv.attrs_fd = sfs_env_int("STREAMFS_ATTRS_FD");
 	for (; hex[0] && hex[1] && sfs_srv.init_len < sizeof(sfs_srv.init); hex += 2) {
 		unsigned b;
 
@@ -397,6 +399,7 @@ static bool sfs_server_env(void)
 	unsetenv("STREAMFS_FUSE_FD");
 	unsetenv("STREAMFS_SUP_FD");
 	unsetenv("STREAMFS_JOURNAL_FD");
+	unsetenv("STREAMFS_ATTRS_FD");
 	return true;
 }
 
@@ -677,6 +680,19 @@ static int sfs_mount_main(int argc, char **argv)
 	m.ctl.last_restart = (long long)sfs_failover.last_restart;
 	m.mountpoint = mnt;
 	pthread_mutex_init(&m.attr_lock, NULL);
+	if (sfs_srv.attrs_fd >= 0) {
+		/* A failover server: /disk's owner, mode and xattrs as the
+		 * previous server left them (libvirt's labels on a running
+		 * guest), and a copy of every change for the next one. */
+		void *shm = mmap(NULL, SFS_ATTRS_SHM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
+				 sfs_srv.attrs_fd, 0);
+
+		r = shm == MAP_FAILED ? -errno : sfs_attrs_attach(&m, shm, SFS_ATTRS_SHM_SIZE);
+		if (r < 0)
+			sfs_error("the attributes of disk: %s: a restart of this server resets "
+				  "them to the mount options",
+				  strerror(-r));
+	}
 	m.ctl.events = events_new();
 	if (!m.ctl.events)
 		goto out_disk;

@@ -624,6 +624,7 @@ static int sfs_chmod(const char *path, mode_t mode, struct fuse_file_info *fi)
 	pthread_mutex_lock(&m->attr_lock);
 	m->disk_mode = mode & 07777;
 	m->disk_ctime = time(NULL);
+	sfs_attrs_save(m);
 	pthread_mutex_unlock(&m->attr_lock);
 	return 0;
 }
@@ -644,6 +645,7 @@ static int sfs_chown(const char *path, uid_t uid, gid_t gid, struct fuse_file_in
 	 * set-user/group-ID bits (the kernel passes us the new mode for root). */
 	m->disk_mode &= ~(mode_t)(S_ISUID | S_ISGID);
 	m->disk_ctime = time(NULL);
+	sfs_attrs_save(m);
 	pthread_mutex_unlock(&m->attr_lock);
 	return 0;
 }
@@ -659,9 +661,6 @@ static int sfs_chown(const char *path, uid_t uid, gid_t gid, struct fuse_file_in
  * on a filesystem without them. Bounded: SFS_XATTR_MAX entries and
  * SFS_XATTR_MAX_BYTES of names and values (then ENOSPC).
  */
-#define SFS_XATTR_MAX	    64
-#define SFS_XATTR_MAX_BYTES (256u << 10)
-
 static bool sfs_xattr_name_ok(const char *name)
 {
 	return strncmp(name, "user.", 5) == 0 || strncmp(name, "trusted.", 8) == 0;
@@ -728,8 +727,10 @@ static int sfs_setxattr(const char *path, const char *name, const char *value, s
 			}
 		}
 	}
-	if (r == 0)
+	if (r == 0) {
 		m->disk_ctime = time(NULL);
+		sfs_attrs_save(m);
+	}
 	pthread_mutex_unlock(&m->attr_lock);
 	free(v);
 	return r;
@@ -833,6 +834,7 @@ static int sfs_removexattr(const char *path, const char *name)
 		free(x->value);
 		*x = m->disk_xattrs[--m->disk_nxattrs];
 		m->disk_ctime = time(NULL);
+		sfs_attrs_save(m);
 	}
 	pthread_mutex_unlock(&m->attr_lock);
 	return r;

@@ -50,6 +50,7 @@ struct sup {
 	pid_t server;
 	int status_r, status_w; /* the server writes one byte when it serves */
 	int journal_fd;		/* memfd: the servers' write journal (include/journal.h) */
+	int attrs_fd;		/* memfd: /disk's attributes (fusefs/attrs.c) */
 	unsigned restarts, quick;
 	time_t last_restart;
 	uint64_t started_ns, ready_ns, died_ns;
@@ -112,6 +113,8 @@ static int sup_start(struct sup *s)
 	setenv("STREAMFS_SUP_FD", num, 1);
 	snprintf(num, sizeof(num), "%d", s->journal_fd);
 	setenv("STREAMFS_JOURNAL_FD", num, 1);
+	snprintf(num, sizeof(num), "%d", s->attrs_fd);
+	setenv("STREAMFS_ATTRS_FD", num, 1);
 	setenv("STREAMFS_FUSE_INIT_FWD", s->init_done ? "0" : "1", 1);
 	setenv("STREAMFS_RESEND", s->has_resend && s->restarts ? "1" : "0", 1);
 	snprintf(num, sizeof(num), "%u", s->restarts);
@@ -132,6 +135,7 @@ static int sup_start(struct sup *s)
 		fcntl(s->o->fd, F_SETFD, 0);
 		fcntl(s->status_w, F_SETFD, 0);
 		fcntl(s->journal_fd, F_SETFD, 0);
+		fcntl(s->attrs_fd, F_SETFD, 0);
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		execv(s->exe, s->o->argv);
@@ -229,7 +233,7 @@ static bool sup_server_gone(struct sup *s, int st)
 
 int sfs_supervise(const struct sfs_sup_opts *o)
 {
-	struct sup s = {.o = o};
+	struct sup s = {.o = o, .journal_fd = -1, .attrs_fd = -1};
 	unsigned char *eio_buf = NULL;
 	sigset_t set;
 	int sfd = -1, p[2], r;
@@ -252,6 +256,13 @@ int sfs_supervise(const struct sfs_sup_opts *o)
 	if (s.journal_fd < 0 || ftruncate(s.journal_fd, JOURNAL_SIZE) < 0) {
 		r = -errno;
 		sfs_error("supervisor: journal memfd: %s", strerror(-r));
+		goto out;
+	}
+	/* So do /disk's owner, mode and xattrs (libvirt's labels). */
+	s.attrs_fd = memfd_create("streamfs-attrs", MFD_CLOEXEC);
+	if (s.attrs_fd < 0 || ftruncate(s.attrs_fd, SFS_ATTRS_SHM_SIZE) < 0) {
+		r = -errno;
+		sfs_error("supervisor: attributes memfd: %s", strerror(-r));
 		goto out;
 	}
 	r = sup_read_init(&s);
@@ -366,5 +377,9 @@ out:
 		close(sfd);
 	close(p[0]);
 	close(p[1]);
+	if (s.journal_fd >= 0)
+		close(s.journal_fd);
+	if (s.attrs_fd >= 0)
+		close(s.attrs_fd);
 	return r;
 }

@@ -79,6 +79,19 @@ alive "$sup" || fail "the supervisor died"
 grep -q "^restarts: $kills$" "$T/mnt/control/status" ||
 	fail "control/status: $(grep -E '^(restarts|last_restart|supervisor_pid):' "$T/mnt/control/status")"
 [ "$(field "$T/mnt" supervisor_pid)" = "$sup" ] || fail "supervisor_pid $(field "$T/mnt" supervisor_pid)"
+# /disk's owner, mode and xattrs outlive the server (libvirt labels a
+# running guest's disk and restores the owner from trusted.* at shutdown).
+chown 4242:4243 "$T/mnt/disk"
+chmod 0640 "$T/mnt/disk"
+python3 -c 'import os,sys; os.setxattr(sys.argv[1], "trusted.libvirt.security.dac", b"+0:+0"); os.setxattr(sys.argv[1], "user.note", b"x" * 3000)' "$T/mnt/disk"
+kill -9 "$pid"
+pid=$(new_server "$pid") || fail "no new server after the attribute kill"
+# --cached=never: a getattr from the new server, not the kernel's cache.
+[ "$(stat --cached=never -c '%u:%g %a' "$T/mnt/disk")" = "4242:4243 640" ] ||
+	fail "disk attributes after a restart: $(stat --cached=never -c '%u:%g %a' "$T/mnt/disk")"
+[ "$(getx "$T/mnt/disk" trusted.libvirt.security.dac)" = "+0:+0" ] ||
+	fail "trusted.* xattr lost in a restart"
+[ "$(getx "$T/mnt/disk" user.note | wc -c)" = 3001 ] || fail "user.* xattr lost in a restart"
 SFS_PID=$pid
 sfs_umount "$T/mnt"
 wait_gone "$sup" 10 || fail "supervisor $sup still runs after unmount"
