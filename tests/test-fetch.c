@@ -18,6 +18,7 @@
 
 #include "fetch.h"
 #include "util.h"
+#include "test-capture.h"
 
 /* ---- helpers ---- */
 
@@ -31,27 +32,6 @@ static void test_resolves(const char *parent, const char *name, const char *want
 	if (strcmp(r, want) != 0)
 		fail_msg("'%s' + '%s' gave '%s', not '%s'", parent, name, r, want);
 	free(r);
-}
-
-/* Everything sfs_log prints while running fn(arg) with stderr captured. */
-static void test_capture(void (*fn)(void *), void *arg, char *log, size_t size)
-{
-	FILE *tmp = tmpfile();
-	int saved = dup(2);
-	size_t n;
-
-	assert_non_null(tmp);
-	assert_true(saved >= 0);
-	fflush(stderr);
-	assert_true(dup2(fileno(tmp), 2) >= 0);
-	fn(arg);
-	fflush(stderr);
-	dup2(saved, 2);
-	close(saved);
-	rewind(tmp);
-	n = fread(log, 1, size - 1, tmp);
-	log[n] = '\0';
-	fclose(tmp);
 }
 
 static uint64_t test_rand(void)

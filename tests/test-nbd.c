@@ -34,6 +34,7 @@
 
 #include "fetch.h"
 #include "util.h"
+#include "test-capture.h"
 
 #define TEST_MIB	(1024 * 1024)
 #define TEST_SIZE	(8 * TEST_MIB)
@@ -73,27 +74,6 @@ static void test_need(bool have, const char *what)
 	if (getenv("CI"))
 		fail_msg("%s is not installed (CI is set: not skipping)", what);
 	skip();
-}
-
-/* Everything sfs_log prints while running fn(arg) with stderr captured. */
-static void test_capture(void (*fn)(void *), void *arg, char *log, size_t size)
-{
-	FILE *tmp = tmpfile();
-	int saved = dup(2);
-	size_t n;
-
-	assert_non_null(tmp);
-	assert_true(saved >= 0);
-	fflush(stderr);
-	assert_true(dup2(fileno(tmp), 2) >= 0);
-	fn(arg);
-	fflush(stderr);
-	dup2(saved, 2);
-	close(saved);
-	rewind(tmp);
-	n = fread(log, 1, size - 1, tmp);
-	log[n] = '\0';
-	fclose(tmp);
 }
 
 /* needle must be in log; show the log when it is not. */
