@@ -54,7 +54,10 @@ wait_console "STREAMFS-GUEST-SOAK 1 " 300
 pid=$SFS_PID
 up_at=$((kills / 2 + 1))
 for ((k = 1; k <= kills + 1; k++)); do
-	sleep "$((RANDOM % 2)).$((RANDOM % 10))"
+	# 0.8-1.2 s: the new server must have served for SUP_STABLE_MS (500 ms)
+	# or five kills in a row would be a crash loop by design.
+	sleep 0.8
+	sleep "0.$((RANDOM % 5))"
 	grep -q "STREAMFS-GUEST-ERRORS" "$T/console.log" && fail "the guest finished its rounds before event $k: raise sfs.soak"
 	if [ $k -eq $up_at ]; then
 		"$T/bin/streamfs" upgrade "$T/mnt" >"$T/upgrade.out" 2>&1 ||
