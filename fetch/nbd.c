@@ -481,6 +481,7 @@ static void nbdsrc_conn_connected(struct nbdsrc_conn *c, int r, struct nbd_handl
 		nbd_close(h);
 		pthread_mutex_lock(&p->lock);
 		r = -ESHUTDOWN;
+		why = "closing"; /* a successful connect left it unset */
 	}
 	if (r == 0) {
 		c->h = h;
@@ -512,7 +513,7 @@ static void *nbdsrc_conn_thread(void *opaque)
 {
 	struct nbdsrc_conn *c = opaque;
 	struct nbdsrc_priv *p = c->p;
-	char why[160];
+	char why[160] = "";
 
 	pthread_mutex_lock(&p->lock);
 	while (!atomic_load(&p->quit)) {

@@ -442,15 +442,20 @@ static void test_nbd_tcp(void **state)
 	fetch_close(s);
 }
 
-/* In a child: read the whole source and compare; exit 0 if right. */
+/* In a child: read the whole source and compare; exit 0 if right. The
+ * child ends by exec'ing true or false: the state it inherited (the
+ * parent's NBD handles and its I/O threads' memory, which the child must
+ * not tear down) is then not counted as leaked by valgrind's leak check
+ * at its exit (make check-valgrind). */
 static void test_child_reads(struct fetch_source *s)
 {
 	uint8_t *buf = malloc(TEST_SIZE);
+	int ok =
+	    buf && fetch_pread(s, buf, TEST_SIZE, 0) == 0 && memcmp(buf, test_data, TEST_SIZE) == 0;
 
-	_exit(buf && fetch_pread(s, buf, TEST_SIZE, 0) == 0 &&
-		      memcmp(buf, test_data, TEST_SIZE) == 0
-		  ? 0
-		  : 1);
+	fetch_close(s);
+	execl(ok ? "/bin/true" : "/bin/false", ok ? "true" : "false", (char *)NULL);
+	_exit(ok ? 0 : 1);
 }
 
 /* The daemon forks after opening the chain, with or without reads before
