@@ -442,8 +442,11 @@ static int do_verify(const char *disk, const char *logpath, const char *backing,
 	while (fgets(line, sizeof(line), lf)) {
 		unsigned long long s, o, l;
 
-		if (line[0] == 'B' && nw)
-			return fprintf(stderr, "verify: one writer session per log\n"), 2;
+		if (line[0] == 'B' && nw) {
+			fprintf(stderr, "verify: one writer session per log\n");
+			free(w);
+			return 2;
+		}
 		if (line[0] == 'S') {
 			syncs++;
 		} else if (sscanf(line, "W %llu %llu %llu", &s, &o, &l) == 3) {
@@ -461,8 +464,13 @@ static int do_verify(const char *disk, const char *logpath, const char *backing,
 	last = malloc(nsec * sizeof(*last));
 	win = malloc((nw + 1) * sizeof(*win));
 	got = malloc(1 << 20);
-	if (!last || !win || !got)
+	if (!last || !win || !got) {
+		free(w);
+		free(win);
+		free(last);
+		free(got);
 		return 2;
+	}
 	memset(last, 0xff, nsec * sizeof(*last));
 	for (size_t i = 0; i < nw; i++) {
 		if (w[i].syncs_before < d) /* durable */
@@ -475,10 +483,12 @@ static int do_verify(const char *disk, const char *logpath, const char *backing,
 	for (uint64_t pos = 0; pos < nsec * SECTOR; pos += 1 << 20) {
 		size_t n = nsec * SECTOR - pos < (1 << 20) ? nsec * SECTOR - pos : (1 << 20);
 
-		if (pread(dfd, got, n, (off_t)pos) != (ssize_t)n)
-			return fprintf(stderr, "verify: read error at %llu: %s\n",
-				       (unsigned long long)pos, strerror(errno)),
-			       1;
+		if (pread(dfd, got, n, (off_t)pos) != (ssize_t)n) {
+			fprintf(stderr, "verify: read error at %llu: %s\n", (unsigned long long)pos,
+				strerror(errno));
+			bad++; /* every table is freed below, as on success */
+			break;
+		}
 		for (size_t o = 0; o < n; o += SECTOR) {
 			uint64_t s = (pos + o) / SECTOR;
 			int ok;
