@@ -350,7 +350,7 @@ static char *sfs_resolve_base(struct disk *disk, const char *name)
 struct sfs_server_env {
 	int fd;		/* the FUSE connection; -1: we are not a server */
 	int sup_fd;	/* one byte when we serve */
-	int journal_fd; /* the write journal shared with the supervisor, -1: none */
+	int journal_fd; /* the allocation journal shared with the supervisor, -1: none */
 	int attrs_fd;	/* /disk's attributes shared with it (attrs.c), -1: none */
 	unsigned char init[4096] __attribute__((aligned(8))); /* a fuse_in_header first */
 	size_t init_len;
@@ -666,7 +666,7 @@ static int sfs_mount_main(int argc, char **argv)
 
 		r = mem == MAP_FAILED ? -errno : journal_open(mem, JOURNAL_SIZE, &jr);
 		if (r < 0)
-			sfs_error("write journal: %s: a crash of this server loses the writes it "
+			sfs_error("allocation journal: %s: a crash of this server loses the writes it "
 				  "acknowledged since the guest's last flush",
 				  strerror(-r));
 		else

@@ -49,7 +49,7 @@ struct sup {
 	bool dead; /* the server crashed and cannot be replaced: leave the mount dead */
 	pid_t server;
 	int status_r, status_w; /* the server writes one byte when it serves */
-	int journal_fd;		/* memfd: the servers' write journal (include/journal.h) */
+	int journal_fd;		/* memfd: the servers' allocation journal (journal.h) */
 	int attrs_fd;		/* memfd: /disk's attributes (fusefs/attrs.c) */
 	unsigned restarts, quick;
 	time_t last_restart;
@@ -249,7 +249,7 @@ int sfs_supervise(const struct sfs_sup_opts *o)
 		return -errno;
 	s.status_r = p[0];
 	s.status_w = p[1];
-	/* The write journal outlives each server: a new one replays what the
+	/* The allocation journal outlives each server: a new one replays what the
 	 * dead one acknowledged but had not flushed. Sparse: it costs memory
 	 * only while writes are journaled. */
 	s.journal_fd = memfd_create("streamfs-journal", MFD_CLOEXEC);
