@@ -666,9 +666,10 @@ static int sfs_mount_main(int argc, char **argv)
 
 		r = mem == MAP_FAILED ? -errno : journal_open(mem, JOURNAL_SIZE, &jr);
 		if (r < 0)
-			sfs_error("allocation journal: %s: a crash of this server loses the writes it "
-				  "acknowledged since the guest's last flush",
-				  strerror(-r));
+			sfs_error(
+			    "allocation journal: %s: a crash of this server loses the writes it "
+			    "acknowledged since the guest's last flush",
+			    strerror(-r));
 		else
 			disk_set_journal(disk, jr);
 	}
