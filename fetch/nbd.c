@@ -169,7 +169,11 @@ struct nbdsrc_conn {
 	/* Protected by p->lock. */
 	enum nbdsrc_conn_state state;
 	struct nbd_handle *h; /* while UP; closed only by the I/O thread */
-	unsigned users;	      /* callers inside an nbd_aio_* call on h */
+	/* h's socket, recorded before h is published: a forked child closes it
+	 * without calling libnbd on h, whose lock a parent thread may have held
+	 * at the fork (nbd_aio_get_fd there hung the child). -1: none. */
+	int fd;
+	unsigned users; /* callers inside an nbd_aio_* call on h */
 	unsigned inflight;
 	struct nbdsrc_req *reqs;  /* in flight on h */
 	unsigned fails;		  /* consecutive failed connects */
@@ -455,6 +459,7 @@ static void nbdsrc_conn_down(struct nbdsrc_conn *c, int err, const char *why)
 
 	c->state = NBDSRC_CONN_DOWN;
 	c->h = NULL;
+	c->fd = -1;
 	c->retry_ns = 0;
 	while (c->users)
 		pthread_cond_wait(&p->cond, &p->lock);
@@ -484,6 +489,7 @@ static void nbdsrc_conn_connected(struct nbdsrc_conn *c, int r, struct nbd_handl
 		why = "closing"; /* a successful connect left it unset */
 	}
 	if (r == 0) {
+		c->fd = nbd_aio_get_fd(h);
 		c->h = h;
 		c->state = NBDSRC_CONN_UP;
 		c->fails = 0;
@@ -724,12 +730,11 @@ static int nbdsrc_start_threads(struct nbdsrc_priv *p, int me)
 			struct nbdsrc_conn *c = &p->conns[i];
 
 			if (c->h) {
-				int fd = nbd_aio_get_fd(c->h);
-
-				if (fd >= 0)
-					close(fd);
+				if (c->fd >= 0)
+					close(c->fd);
 				c->h = NULL; /* leaked: freeing it would touch the socket */
 			}
+			c->fd = -1;
 			if (c->wake[0] >= 0)
 				close(c->wake[0]);
 			if (c->wake[1] >= 0)
@@ -756,6 +761,7 @@ static int nbdsrc_start_threads(struct nbdsrc_priv *p, int me)
 			if (c->h) {
 				nbd_close(c->h);
 				c->h = NULL;
+				c->fd = -1;
 			}
 			c->state = NBDSRC_CONN_DOWN;
 			continue;
@@ -1043,12 +1049,14 @@ static int nbdsrc_open(struct fetch_source *s, int flags)
 
 		c->p = p;
 		c->wake[0] = c->wake[1] = -1;
+		c->fd = -1;
 		/* The extra connections of multi-conn connect in the
 		 * background once the threads run; reads use the first
 		 * meanwhile. */
 		c->state = i == 0 ? NBDSRC_CONN_UP : NBDSRC_CONN_CONNECTING;
 		atomic_init(&c->last_ns, sfs_now_ns());
 	}
+	p->conns[0].fd = nbd_aio_get_fd(h);
 	p->conns[0].h = h;
 	atomic_init(&p->pid, 0); /* the threads start with the first request */
 	s->size = p->size;
