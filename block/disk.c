@@ -214,13 +214,19 @@ void disk_ra_set_link(struct disk *d, double rtt_s, double rate)
 	pthread_mutex_unlock(&d->ra->lock);
 }
 
+/* Do recent first windows pay (or are there too few to tell)? Called with
+ * ra->lock held. */
+static bool disk_ra_first_paying(const struct disk_ra *ra)
+{
+	return ra->issued < 8 || ra->hits * 4 >= ra->issued;
+}
+
 uint64_t disk_ra_first_window(struct disk *d)
 {
 	uint64_t w;
 
 	pthread_mutex_lock(&d->ra->lock);
-	w = d->ra->first && (d->ra->issued < 8 || d->ra->hits * 4 >= d->ra->issued) ? d->ra->first
-										    : 0;
+	w = disk_ra_first_paying(d->ra) ? d->ra->first : 0;
 	pthread_mutex_unlock(&d->ra->lock);
 	return w;
 }
@@ -232,9 +238,7 @@ static bool disk_ra_first_pays(struct disk_ra *ra)
 	if (!ra->first)
 		return false;
 	ra->fresh++;
-	if (ra->issued < 8 || ra->hits * 4 >= ra->issued)
-		return true;
-	return ra->fresh % DISK_RA_PROBE == 0;
+	return disk_ra_first_paying(ra) || ra->fresh % DISK_RA_PROBE == 0;
 }
 
 /* Record the guest read [off, end) in the stream table. */
